@@ -1,0 +1,83 @@
+"""TE definitions of lowbit's linear kernels: ``Y[M, N] = X[M, K] @ dequant(W)``, dequant fused.
+
+One definition per weight format; each PrimFunc carries ``lowbit.kernel`` (the format) so that the
+target's schedule rules (``lowbit.targets.<family>``) can find and schedule it. ``M`` is symbolic for
+prefill and 1 for decode: the same definition yields the GEMM and the GEMV kernel, told apart by
+the rule. Weights stay in their packed form in memory; the float value of a weight only ever exists
+in registers (GEMV) or in a small per-tile buffer (GEMM).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from tvm import te, tirx
+
+from .packing import INT4_PER_WORD
+
+KERNEL_ATTR = "lowbit.kernel"  # the weight format tag; marks a PrimFunc as a lowbit linear kernel
+GEMV_ATTR = "lowbit.gemv"  # True when M == 1 (decode)
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearFormat:
+    """How a linear layer's weight is stored.
+
+    kind: ``f32`` (float codes), ``int8`` (int8 codes, one scale per output channel) or ``int4``
+    (codes packed 8 per uint32 along K, one scale [and zero point] per ``group_size`` inputs).
+    tile: output channels per column tile; every weight tensor is stored as
+    ``[ceil(N / tile), K', tile]`` (see :func:`lowbit.codegen.packing.to_column_tiles`).
+    """
+
+    kind: str
+    tile: int
+    group_size: int = 0
+    has_zeros: bool = False
+
+    @property
+    def tag(self) -> str:
+        if self.kind == "int4":
+            return f"int4_g{self.group_size}{'_asym' if self.has_zeros else ''}_t{self.tile}"
+        return f"{self.kind}_t{self.tile}"
+
+
+def linear_kernel(fmt: LinearFormat, m, n: int, k: int, dtype: str = "float32") -> tirx.PrimFunc:
+    """The PrimFunc ``(X, *weights) -> Y`` for ``fmt``; ``m`` is an int or a ``tirx.Var``."""
+    t = fmt.tile
+    tiles = -(-n // t)
+    x = te.placeholder((m, k), dtype, name="X")
+    if fmt.kind in ("f32", "int8"):
+        w = te.placeholder((tiles, k, t), dtype if fmt.kind == "f32" else "int8", name="W")
+        inputs = [w]
+        if fmt.kind == "f32":
+            def _dequant(kk, nn):
+                return w[nn // t, kk, nn % t]
+        else:
+            scale = te.placeholder((tiles, t), dtype, name="scale")
+            inputs.append(scale)
+
+            def _dequant(kk, nn):
+                return w[nn // t, kk, nn % t].astype(dtype) * scale[nn // t, nn % t]
+    elif fmt.kind == "int4":
+        groups = -(-k // fmt.group_size)  # the last group may be partial
+        w = te.placeholder((tiles, k // INT4_PER_WORD, t), "uint32", name="W")
+        scale = te.placeholder((tiles, groups, t), dtype, name="scale")
+        inputs = [w, scale]
+        if fmt.has_zeros:
+            zero = te.placeholder((tiles, groups, t), dtype, name="zero")
+            inputs.append(zero)
+
+        def _dequant(kk, nn):
+            word = w[nn // t, kk // INT4_PER_WORD, nn % t]
+            shift = ((kk % INT4_PER_WORD) * 4).astype("uint32")
+            code = ((word >> shift) & tirx.const(0xF, "uint32")).astype(dtype)
+            g = kk // fmt.group_size
+            z = zero[nn // t, g, nn % t] if fmt.has_zeros else tirx.const(8.0, dtype)
+            return (code - z) * scale[nn // t, g, nn % t]
+    else:
+        raise ValueError(f"unknown linear format {fmt.kind!r}")
+    dequant = te.compute((k, n), _dequant, name="dequant")
+    r = te.reduce_axis((0, k), name="k")
+    y = te.compute((m, n), lambda i, j: te.sum(x[i, r] * dequant[r, j], axis=r), name="matmul")
+    func = te.create_prim_func([x, *inputs, y])
+    return func.with_attrs({KERNEL_ATTR: fmt.tag, GEMV_ATTR: isinstance(m, int) and m == 1})

@@ -1,0 +1,51 @@
+"""Bit layouts of packed weights, shared by the quantization passes and the kernels.
+
+Weights are stored *k-major*: a linear layer ``y = x @ W.T`` with ``W[N, K]`` keeps its codes as
+``[K', N]`` so that a kernel vectorizes across output channels (contiguous ``N``) and never needs a
+horizontal reduction. int4 codes are unsigned nibbles (0..15) packed 8 per ``uint32`` along ``K``:
+code ``k`` of a word sits in bits ``4 * (k % 8)``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+INT4_PER_WORD = 8
+
+
+def pack_int4(codes: np.ndarray) -> np.ndarray:
+    """``[K, N]`` codes in 0..15 -> ``[K // 8, N]`` uint32 (code ``k`` at bits ``4 * (k % 8)``)."""
+    k, n = codes.shape
+    if k % INT4_PER_WORD:
+        raise ValueError(f"int4 packing needs K divisible by {INT4_PER_WORD}, got K={k}")
+    if codes.min(initial=0) < 0 or codes.max(initial=0) > 15:
+        raise ValueError("int4 codes must lie in 0..15")
+    nibbles = codes.astype(np.uint32).reshape(k // INT4_PER_WORD, INT4_PER_WORD, n)
+    shifts = (4 * np.arange(INT4_PER_WORD, dtype=np.uint32))[None, :, None]
+    return np.bitwise_or.reduce(nibbles << shifts, axis=1).astype(np.uint32)
+
+
+def unpack_int4(words: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`pack_int4`: ``[K // 8, N]`` uint32 -> ``[K, N]`` uint8 codes."""
+    kw, n = words.shape
+    shifts = (4 * np.arange(INT4_PER_WORD, dtype=np.uint32))[None, :, None]
+    return ((words[:, None, :] >> shifts) & 0xF).astype(np.uint8).reshape(kw * INT4_PER_WORD, n)
+
+
+def to_column_tiles(matrix: np.ndarray, tile: int) -> np.ndarray:
+    """``[R, N]`` -> ``[ceil(N / tile), R, tile]``: each tile of ``tile`` output channels contiguous.
+
+    A GEMV then streams each tile's rows front to back instead of striding across the matrix.
+    Columns past ``N`` are zero padding.
+    """
+    rows, n = matrix.shape
+    tiles = -(-n // tile)
+    padded = np.zeros((rows, tiles * tile), matrix.dtype)
+    padded[:, :n] = matrix
+    return np.ascontiguousarray(padded.reshape(rows, tiles, tile).transpose(1, 0, 2))
+
+
+def from_column_tiles(tiled: np.ndarray, n: int) -> np.ndarray:
+    """Inverse of :func:`to_column_tiles` for the first ``n`` columns."""
+    tiles, rows, tile = tiled.shape
+    return tiled.transpose(1, 0, 2).reshape(rows, tiles * tile)[:, :n]

@@ -1,0 +1,125 @@
+"""The ``lowbit`` command: compile, run, inspect, targets.
+
+Errors lowbit can explain print one message to stderr and exit with code 2; ``--debug`` shows the
+traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import LowbitError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lowbit", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compile", help="compile a model into an artifact directory")
+    c.add_argument("model", help="registered name (smollm2-135m), HF folder, .gguf or .onnx file")
+    c.add_argument("-r", "--recipe", default="w4a16-rtn-g128", help="recipe name or .toml file")
+    c.add_argument("-t", "--target", default="host", help="target name (see `lowbit targets`)")
+    c.add_argument("-o", "--output", help="artifact directory (default out/<model>-<recipe>)")
+    c.add_argument("--max-context", type=int, help="longest sequence the artifact accepts")
+    c.add_argument("--json", action="store_true", help="print one JSON object")
+
+    r = sub.add_parser("run", help="generate text from an artifact")
+    r.add_argument("artifact")
+    r.add_argument("--prompt", required=True)
+    r.add_argument("--max-new-tokens", type=int, default=32)
+    r.add_argument("--temperature", type=float, default=0.0)
+    r.add_argument("--top-p", type=float, default=1.0)
+    r.add_argument("--seed", type=int)
+    r.add_argument("--json", action="store_true")
+
+    i = sub.add_parser("inspect", help="print an artifact's manifest")
+    i.add_argument("artifact")
+    i.add_argument("--json", action="store_true")
+
+    t = sub.add_parser("targets", help="list the registered targets")
+    t.add_argument("--json", action="store_true")
+    return parser
+
+
+def _compile(args) -> dict:
+    from .api import compile as compile_model
+
+    return compile_model(args.model, args.recipe, args.target, args.output, args.max_context).as_dict()
+
+
+def _run(args) -> dict:
+    from .api import load
+
+    gen = load(args.artifact).generate(args.prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    return {"text": gen.text, "prompt_tokens": gen.prompt_tokens, "new_tokens": gen.new_tokens,
+            "prefill_tokens_per_s": round(gen.prefill_tokens_per_s, 2),
+            "decode_tokens_per_s": round(gen.decode_tokens_per_s, 2)}
+
+
+def _inspect(args) -> dict:
+    from .artifact import read_manifest
+
+    return read_manifest(args.artifact)
+
+
+def _targets(_args) -> list:
+    from lowbit.targets import get_target, list_targets
+
+    host = get_target("host").name
+    return [dict(t.as_dict(), host=t.name == host) for t in list_targets()]
+
+
+def _print_human(command: str, result, args) -> None:
+    if command == "compile":
+        print(f"wrote {result['output']} ({result['recipe']}, {result['target']}, "
+              f"{result['weight_bytes'] / 1e6:.1f} MB weights, {result['seconds']:.1f} s)")
+    elif command == "run":
+        print(args.prompt + result["text"])
+        print(f"[{result['prompt_tokens']} prompt tokens at {result['prefill_tokens_per_s']} tok/s, "
+              f"{result['new_tokens']} new at {result['decode_tokens_per_s']} tok/s]", file=sys.stderr)
+    elif command == "inspect":
+        m = result
+        print(f"model    {m['model']['name']} ({m['model']['kind']})")
+        print(f"recipe   {m['recipe']['name']}")
+        print(f"target   {m['target']['name']}: {m['target']['description']}")
+        print(f"context  {m['max_context']} tokens, KV cache {m['kv_cache']}")
+        print(f"weights  {m['weight_bytes'] / 1e6:.1f} MB")
+        formats: dict[str, int] = {}
+        for fmt in m["layers"].values():
+            formats[fmt.split(":")[0]] = formats.get(fmt.split(":")[0], 0) + 1
+        print("layers   " + ", ".join(f"{n} x {f}" for f, n in sorted(formats.items())))
+        for name, entry in m["files"].items():
+            print(f"file     {name:<24} {entry['bytes']:>12} bytes  sha256 {entry['sha256'][:16]}")
+    else:
+        for t in result:
+            mark = "*" if t["host"] else " "
+            runs = "runs here" if t["runs_here"] else "cross-compile"
+            print(f"{mark} {t['name']:<12} {t['family']:<5} {runs:<14} {t['description']}")
+        print("* = what `-t host` picks on this machine")
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    handlers = {"compile": _compile, "run": _run, "inspect": _inspect, "targets": _targets}
+    try:
+        result = handlers[args.command](args)
+    except LowbitError as exc:
+        if args.debug:
+            raise
+        print(f"lowbit: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("lowbit: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps(result))
+    else:
+        _print_human(args.command, result, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""torch.export of a Hugging Face causal LM into Relax, with the KV cache as explicit inputs/outputs.
+
+The model is wrapped so that its signature is the one ONNX decoder exports use
+(``input_ids, past_key_values.{i}.key, past_key_values.{i}.value`` -> ``logits, present.{i}.*``),
+exported once with a dynamic sequence length and a dynamic past length, imported with TVM's
+``from_exported_program``, and specialized into ``prefill`` / ``decode`` (see :mod:`model_ir`).
+"""
+
+from __future__ import annotations
+
+import torch
+from tvm import relax
+from tvm.relax.frontend.torch import from_exported_program
+
+from .errors import LowbitError
+from .model_ir import KVLayout, ModelIR, sync_params, make_entry_module, rename_params
+from .unsupported import check_exported_ops
+
+
+def _same_tensor(node, importer):
+    """``Tensor.to(device)``: lowbit compiles for one device, so a device move is the identity."""
+    return importer.env[node.args[0]]
+
+
+def _attention(node, importer):
+    """``scaled_dot_product_attention`` as matmul / softmax / matmul on ``[batch, heads, seq, dim]``.
+
+    TVM's converter accepts float masks only and drops ``scale``; transformers passes a boolean
+    mask and the model's own scale. Written out, the two matmuls are ordinary Relax ops that the
+    rest of the pipeline (calibration, KV-cache passes, schedules) sees like any other.
+    """
+    bb = importer.block_builder
+    query, key, value = (importer.env[a] for a in node.args[:3])
+    mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+    is_causal = node.args[5] if len(node.args) > 5 else node.kwargs.get("is_causal", False)
+    scale = node.kwargs.get("scale", node.args[6] if len(node.args) > 6 else None)
+    if (node.args[4] if len(node.args) > 4 else node.kwargs.get("dropout_p", 0.0)) != 0.0:
+        raise LowbitError(f"node {node.name}: attention dropout must be 0 at inference")
+    dtype = str(query.ty.dtype)
+    head_dim = query.ty.shape[-1]
+    if scale is None:
+        scale = 1.0 / float(head_dim) ** 0.5
+    scores = bb.emit(relax.op.matmul(query, relax.op.permute_dims(key, [0, 1, 3, 2])))
+    scores = bb.emit(relax.op.multiply(scores, relax.const(float(scale), dtype)))
+    if mask is not None:
+        bias = importer.env[mask]
+        if str(bias.ty.dtype) == "bool":
+            bias = bb.emit(relax.op.where(bias, relax.const(0.0, dtype), relax.const(_MASKED, dtype)))
+        scores = bb.emit(relax.op.add(scores, bias))
+    if is_causal:  # torch aligns the causal mask top-left
+        q_len, kv_len = query.ty.shape[2], key.ty.shape[2]
+        allowed = bb.emit(relax.op.tril(relax.op.ones(relax.ShapeExpr([q_len, kv_len]), "bool")))
+        scores = bb.emit(relax.op.where(allowed, scores, relax.const(_MASKED, dtype)))
+    probs = bb.emit(relax.op.nn.softmax(scores, axis=-1))
+    return bb.emit(relax.op.matmul(probs, value))
+
+
+_MASKED = -3.0e38  # finite, so a fully masked row gives zeros instead of NaN
+
+
+EXTRA_CONVERTERS = {
+    "to.device": _same_tensor,
+    "scaled_dot_product_attention.default": _attention,
+}
+
+
+class _ExplicitCacheLM(torch.nn.Module):
+    """``forward(input_ids, *past) -> (logits, *present)`` around a transformers causal LM."""
+
+    def __init__(self, model, num_layers: int):
+        super().__init__()
+        self.lm = model
+        self.num_layers = num_layers
+
+    def forward(self, input_ids, *past):
+        from transformers.cache_utils import DynamicCache
+
+        cache = DynamicCache(config=self.lm.config)
+        past_len = past[0].shape[2]
+        for i, layer in enumerate(cache.layers):
+            key, value = past[2 * i], past[2 * i + 1]
+            torch._check(key.shape[2] == past_len)
+            torch._check(value.shape[2] == past_len)
+            layer.dtype, layer.device = key.dtype, key.device
+            layer.keys, layer.values, layer.is_initialized = key, value, True
+        positions = torch.arange(past_len, past_len + input_ids.shape[1]).unsqueeze(0)
+        out = self.lm(input_ids=input_ids, past_key_values=cache, position_ids=positions, use_cache=True)
+        present = []
+        for layer in out.past_key_values.layers:
+            present += [layer.keys, layer.values]
+        return (out.logits, *present)
+
+
+def kv_layout_of(config) -> KVLayout:
+    text = config.get_text_config(decoder=True)
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return KVLayout(
+        num_layers=text.num_hidden_layers,
+        num_kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+        head_dim=head_dim,
+    )
+
+
+def import_torch_model(model, max_context: int | None = None) -> ModelIR:
+    """Export ``model`` (a transformers causal LM in float32) and import it into Relax."""
+    config = model.config
+    kv = kv_layout_of(config)
+    text = config.get_text_config(decoder=True)
+    context = max_context or getattr(text, "max_position_embeddings", 2048)
+    wrapper = _ExplicitCacheLM(model, kv.num_layers).eval()
+
+    example_ids = torch.zeros((1, 4), dtype=torch.long)
+    example_past = [torch.zeros((1, kv.num_kv_heads, 3, kv.head_dim)) for _ in range(2 * kv.num_layers)]
+    seq = torch.export.Dim("seq", min=1, max=context - 1)
+    past = torch.export.Dim("past", min=0, max=context - 1)
+    dynamic = {"input_ids": {1: seq}, "past": tuple({2: past} for _ in example_past)}
+    try:
+        with torch.no_grad():
+            program = torch.export.export(wrapper, (example_ids, *example_past), dynamic_shapes=dynamic)
+    except Exception as exc:  # torch raises many types here; all mean "this model does not export"
+        raise LowbitError(
+            f"torch.export failed for {type(model).__name__}: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+        ) from exc
+    check_exported_ops(program, EXTRA_CONVERTERS)
+    signature = program.graph_signature
+    placeholder_to_fqn = {**signature.inputs_to_parameters, **signature.inputs_to_buffers}
+    num_input = 1 + 2 * kv.num_layers
+
+    def import_once():
+        # The un-decomposed graph keeps linear/sdpa whole and imports ~40x faster than a decomposed one.
+        mod = from_exported_program(
+            program, keep_params_as_input=True, run_ep_decomposition=False, custom_convert_map=EXTRA_CONVERTERS
+        )
+        mod, detached = relax.frontend.detach_params(mod)
+        main = mod["main"]
+        names = [placeholder_to_fqn.get(v.name, v.name).removeprefix("lm.") for v in main.params[num_input:]]
+        return rename_params(main, names), dict(zip(names, detached["main"]))
+
+    # Two imports, so that prefill and decode share no variables (Relax requires it).
+    prefill, weights = import_once()
+    decode, _ = import_once()
+    params = {n: t.numpy() for n, t in weights.items()}
+    mod = make_entry_module(prefill, decode, num_input)
+    mod, params = sync_params(mod, params)
+    return ModelIR(
+        mod=mod,
+        params=params,
+        input_names=["input_ids"] + _kv_names("past_key_values", kv.num_layers),
+        output_names=["logits"] + _kv_names("present", kv.num_layers),
+        kv=kv,
+        vocab_size=text.vocab_size,
+        max_context=context,
+    )
+
+
+def _kv_names(prefix: str, num_layers: int) -> list[str]:
+    return [f"{prefix}.{i}.{part}" for i in range(num_layers) for part in ("key", "value")]

@@ -1,0 +1,102 @@
+"""The one thing both frontends produce and every pass consumes: Relax functions plus named params.
+
+``mod`` holds two Relax functions with the same signature and the same weights:
+
+* ``prefill``: ``input_ids[1, seq]`` with ``seq`` symbolic, for the prompt;
+* ``decode``: the same function specialized to ``seq = 1``, for one generated token.
+
+Each function takes the model inputs first (``num_input`` attribute) and then one parameter per
+weight, named like the weight (``model.layers.0.mlp.up_proj.weight``). The KV cache is explicit:
+``past_key_values.{i}.key/value`` in, ``present.{i}.key/value`` out, ``[1, kv_heads, len, head_dim]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import tvm
+from tvm import relax
+
+ENTRY_FUNCTIONS = ("prefill", "decode")
+
+
+@dataclasses.dataclass(frozen=True)
+class KVLayout:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str = "float32"
+
+
+@dataclasses.dataclass
+class ModelIR:
+    """A model in Relax: ``mod`` with entry functions, ``params`` in function-parameter order."""
+
+    mod: tvm.IRModule
+    params: dict[str, np.ndarray]
+    input_names: list[str]
+    output_names: list[str]
+    kv: KVLayout
+    vocab_size: int
+    max_context: int
+
+    def param_bytes(self) -> int:
+        return int(sum(v.nbytes for v in self.params.values()))
+
+
+@relax.expr_functor.mutator
+class _VarRenamer(relax.PyExprMutator):
+    def __init__(self, mapping):
+        super().__init__()
+        self.mapping = mapping
+
+    def visit_var_(self, var):  # noqa: D401 - TVM visitor hook
+        return self.mapping.get(var, var)
+
+
+def rename_params(func: relax.Function, names: list[str]) -> relax.Function:
+    """Give the trailing ``len(names)`` parameters of ``func`` the given names."""
+    old = list(func.params[len(func.params) - len(names):])
+    mapping = {v: relax.Var(n, v.ty) for v, n in zip(old, names)}
+    body = _VarRenamer(mapping).visit_expr(func.body)
+    params = list(func.params[: len(func.params) - len(names)]) + [mapping[v] for v in old]
+    return relax.Function(params, body, func.ret_ty, func.is_pure, func.attrs)
+
+
+def make_entry_module(prefill: relax.Function, decode: relax.Function, num_input: int) -> tvm.IRModule:
+    """Build the ``prefill`` / ``decode`` pair from two independent copies of one imported function.
+
+    The first input of each is ``input_ids[1, seq]``; ``decode`` gets ``seq`` bound to 1.
+    """
+    seq = decode.params[0].ty.shape[1]
+    decode = decode.bind_symbolic_vars({seq: 1})
+    mod = tvm.IRModule({
+        "prefill": prefill.with_attrs({"num_input": num_input, "global_symbol": "prefill"}),
+        "decode": decode.with_attrs({"num_input": num_input, "global_symbol": "decode"}),
+    })
+    return relax.transform.Normalize()(mod)
+
+
+def sync_params(mod: tvm.IRModule, params: dict[str, np.ndarray]) -> tuple[tvm.IRModule, dict]:
+    """Make every entry function take exactly the weights some entry function reads, in one order.
+
+    Passes add weights (packed codes, scales) and orphan others (a float weight that was quantized);
+    afterwards each entry function's weight parameters are ``[n for n in params if used]``, so the
+    runtime passes one list of weights to every function.
+    """
+    used: set[str] = set()
+    for name in ENTRY_FUNCTIONS:
+        used |= {v.name for v in relax.analysis.free_vars(mod[name].body)}
+    names = [n for n in params if n in used]
+    for name in ENTRY_FUNCTIONS:
+        func = mod[name]
+        n_in = int(func.attrs["num_input"])
+        by_name = {v.name: v for v in func.params[n_in:]}
+        weights = [
+            by_name[n] if n in by_name else relax.Var(n, relax.TensorType(params[n].shape, str(params[n].dtype)))
+            for n in names
+        ]
+        mod[name] = relax.Function(list(func.params[:n_in]) + weights, func.body, func.ret_ty,
+                                   func.is_pure, func.attrs)
+    return mod, {n: params[n] for n in names}

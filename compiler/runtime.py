@@ -1,0 +1,170 @@
+"""The runtime: load a verified artifact and run prefill / decode / generate; the KV cache lives here."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .artifact import LIBRARY, WEIGHTS, read_manifest
+from .errors import LowbitError
+
+
+@dataclasses.dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    new_tokens: int
+    prefill_seconds: float
+    decode_seconds: float
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        # the first new token comes from prefill; the others from decode steps
+        steps = max(self.new_tokens - 1, 0)
+        return steps / self.decode_seconds if self.decode_seconds else 0.0
+
+
+class Session:
+    """A loaded artifact with its own KV cache. Not thread-safe: one session per generation stream."""
+
+    def __init__(self, artifact_dir: str | Path):
+        import tvm
+        from safetensors.numpy import load_file
+        from tvm import relax
+
+        self.path = Path(artifact_dir)
+        self.manifest = read_manifest(self.path)  # verifies every checksum before anything loads
+        self.device = tvm.cpu()
+        self._tvm = tvm
+        library = tvm.runtime.load_module(str(self.path / LIBRARY))
+        self._vm = relax.VirtualMachine(library, self.device)
+        arrays = load_file(str(self.path / WEIGHTS))
+        try:
+            self._weights = [tvm.runtime.tensor(arrays[name], self.device) for name in self.manifest["weight_names"]]
+        except KeyError as exc:
+            raise LowbitError(f"artifact {self.path}: {WEIGHTS} lacks weight {exc.args[0]}; recompile it") from None
+        kv = self.manifest["kv_cache"]
+        self.num_layers, self.kv_heads, self.head_dim = kv["num_layers"], kv["num_kv_heads"], kv["head_dim"]
+        self.max_context = int(self.manifest["max_context"])
+        self.eos_token_ids = set(self.manifest.get("eos_token_ids", []))
+        self.tokenizer = self._load_tokenizer()
+        self.reset()
+
+    def _load_tokenizer(self):
+        path = self.path / "tokenizer.json"
+        if not path.is_file():
+            return None
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(str(path))
+
+    # -- cache -------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget the conversation: empty KV cache."""
+        empty = np.zeros((1, self.kv_heads, 0, self.head_dim), np.float32)
+        self._cache = [self._tvm.runtime.tensor(empty, self.device) for _ in range(2 * self.num_layers)]
+        self.position = 0
+
+    # -- model calls ---------------------------------------------------------------------------
+    def _run(self, entry: str, token_ids: np.ndarray) -> np.ndarray:
+        count = token_ids.shape[1]
+        if self.position + count > self.max_context:
+            raise LowbitError(
+                f"{self.position + count} tokens exceed the model's context of {self.max_context} "
+                "tokens; shorten the prompt or lower --max-new-tokens"
+            )
+        inputs = [self._tvm.runtime.tensor(token_ids.astype(np.int64), self.device)]
+        outputs = self._vm[entry](*inputs, *self._cache, *self._weights)
+        self._cache = list(outputs[1:])
+        self.position += count
+        return outputs[0].numpy()[0]
+
+    def prefill(self, token_ids) -> np.ndarray:
+        """Run the prompt through the model; returns logits ``[len(token_ids), vocab]``."""
+        ids = np.asarray(token_ids, dtype=np.int64).reshape(1, -1)
+        if ids.shape[1] == 0:
+            raise LowbitError("the prompt is empty: give at least one token")
+        return self._run("prefill", ids)
+
+    def decode(self, token_id: int) -> np.ndarray:
+        """Feed one token; returns its logits ``[vocab]``."""
+        return self._run("decode", np.array([[int(token_id)]], dtype=np.int64))[0]
+
+    # -- text ------------------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise LowbitError(f"artifact {self.path} has no tokenizer.json; pass token ids instead of text")
+        return self.tokenizer.encode(text).ids
+
+    def decode_text(self, token_ids) -> str:
+        return self.tokenizer.decode(list(token_ids)) if self.tokenizer is not None else ""
+
+    def generate(self, prompt, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int | None = None) -> Generation:
+        """Generate after ``prompt`` (text or token ids); greedy unless ``temperature > 0``."""
+        if max_new_tokens < 1:
+            raise LowbitError("max_new_tokens must be at least 1")
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise LowbitError("temperature must be >= 0 and top_p in (0, 1]")
+        ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if len(ids) + max_new_tokens > self.max_context:
+            raise LowbitError(
+                f"prompt of {len(ids)} tokens plus {max_new_tokens} new tokens exceeds the model's context "
+                f"of {self.max_context} tokens; shorten the prompt or lower --max-new-tokens"
+            )
+        rng = np.random.default_rng(seed)
+        self.reset()
+        start = time.perf_counter()
+        logits = self.prefill(ids)[-1]
+        prefill_seconds = time.perf_counter() - start
+        new: list[int] = []
+        start = time.perf_counter()
+        while True:
+            token = _sample(logits, temperature, top_p, rng)
+            new.append(token)
+            if token in self.eos_token_ids or len(new) == max_new_tokens:
+                break
+            logits = self.decode(token)
+        decode_seconds = time.perf_counter() - start
+        return Generation(self.decode_text(new), new, len(ids), len(new), prefill_seconds, decode_seconds)
+
+    def score(self, token_ids) -> tuple[float, int]:
+        """Sum of negative log-likelihoods of ``token_ids[1:]`` given their prefixes, and the count."""
+        self.reset()
+        logits = self.prefill(token_ids[:-1]).astype(np.float64)
+        logits -= logits.max(axis=-1, keepdims=True)
+        log_probs = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+        targets = np.asarray(token_ids[1:])
+        return float(-log_probs[np.arange(len(targets)), targets].sum()), len(targets)
+
+
+def _sample(logits: np.ndarray, temperature: float, top_p: float, rng) -> int:
+    if temperature == 0:
+        return int(np.argmax(logits))
+    scaled = logits.astype(np.float64) / temperature
+    probs = np.exp(scaled - scaled.max())
+    probs /= probs.sum()
+    order = np.argsort(-probs)
+    keep = np.cumsum(probs[order]) - probs[order] < top_p
+    kept = order[keep]
+    return int(rng.choice(kept, p=probs[kept] / probs[kept].sum()))
+
+
+def perplexity(session: Session, token_ids, window: int) -> tuple[float, int]:
+    """Perplexity over non-overlapping windows of ``window`` tokens (each scored from scratch)."""
+    total, count = 0.0, 0
+    for start in range(0, len(token_ids) - 1, window):
+        chunk = token_ids[start:start + window + 1]
+        if len(chunk) < 2:
+            break
+        nll, n = session.score(chunk)
+        total, count = total + nll, count + n
+    return float(np.exp(total / count)), count

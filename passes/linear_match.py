@@ -1,0 +1,46 @@
+"""Find linear layers in a Relax function: ``matmul`` whose right operand is a weight parameter.
+
+Two spellings occur: the torch frontend gives ``matmul(x, permute_dims(W))`` with ``W[N, K]``; ONNX
+exports give ``matmul(x, W)`` with a pre-transposed ``W[K, N]``. Both are recognized from the graph
+alone (the operand is a 2-D function parameter holding a weight), never from layer names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import tvm
+from tvm import relax
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearUse:
+    """A matmul that reads weight ``name``; ``transposed`` means the weight is stored ``[N, K]``."""
+
+    name: str
+    transposed: bool
+
+
+def _op_name(expr) -> str | None:
+    if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
+        return expr.op.name
+    return None
+
+
+def match_linear(call: relax.Call, var2val, weight_names: set[str]) -> LinearUse | None:
+    """Return the weight a ``relax.matmul`` call reads, or ``None`` if it is not a linear layer."""
+    if _op_name(call) != "relax.matmul":
+        return None
+    rhs = call.args[1]
+    transposed = False
+    bound = var2val.get(rhs) if isinstance(rhs, relax.Var) else None
+    if _op_name(bound) == "relax.permute_dims":
+        axes = bound.attrs.axes
+        if axes is not None and [int(a) for a in axes] != [1, 0]:
+            return None
+        rhs, transposed = bound.args[0], True
+    if not isinstance(rhs, relax.Var) or rhs.name not in weight_names:
+        return None
+    if len(rhs.ty.shape) != 2:
+        return None
+    return LinearUse(name=rhs.name, transposed=transposed)

@@ -1,0 +1,67 @@
+"""Round-to-nearest (absmax) quantization of one weight matrix: the numerics, no graph work.
+
+All functions take the weight in the model's ``[N, K]`` layout (output channels first) and return
+k-major tensors (``[K, N]`` codes, ``[K // group, N]`` scales) as :mod:`lowbit.codegen.packing` wants.
+Dequantization is ``(code - zero) * scale``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class QuantizedWeight:
+    """Integer codes with their scales (and zero points) in k-major layout.
+
+    ``codes`` are unsigned (0..2^bits-1); symmetric weights use the fixed zero point ``2^(bits-1)``
+    and carry ``zeros = None``.
+    """
+
+    codes: np.ndarray  # [K, N] uint8
+    scales: np.ndarray  # [ceil(K / group), N] float32
+    zeros: np.ndarray | None  # [ceil(K / group), N] float32, integer-valued; None if symmetric
+    bits: int
+    group_size: int
+
+    def dequantize(self) -> np.ndarray:
+        """The float weight these codes stand for, back in ``[N, K]`` layout."""
+        group_of_row = np.arange(self.codes.shape[0]) // self.group_size
+        zero = self.zeros[group_of_row] if self.zeros is not None else np.float32(2 ** (self.bits - 1))
+        weight = (self.codes.astype(np.float32) - zero) * self.scales[group_of_row]
+        return weight.T.copy()
+
+
+def quantize_rtn(weight: np.ndarray, bits: int, group_size: int | None, symmetric: bool) -> QuantizedWeight:
+    """Quantize ``weight[N, K]`` with one scale per ``group_size`` inputs (``None``: per channel).
+
+    When ``K`` is not a multiple of the group size the last group is partial (e.g. K=576 with
+    group 128 gives 4 full groups and one of 64); scales then have ``ceil(K / group)`` rows.
+    """
+    n, k = weight.shape
+    group = k if group_size is None else group_size
+    groups = -(-k // group)
+    w = np.zeros((groups * group, n), np.float32)  # zero padding changes no group's absmax/min/max
+    w[:k] = weight.T
+    w = w.reshape(groups, group, n)
+    levels = 2**bits - 1
+    if symmetric:
+        half = 2 ** (bits - 1)
+        absmax = np.abs(w).max(axis=1)
+        scales = np.where(absmax > 0, absmax / (half - 1), 1.0).astype(np.float32)
+        codes = np.clip(np.rint(w / scales[:, None, :]) + half, 0, levels)
+        zeros = None
+    else:
+        lo, hi = np.minimum(w.min(axis=1), 0), np.maximum(w.max(axis=1), 0)
+        scales = np.where(hi > lo, (hi - lo) / levels, 1.0).astype(np.float32)
+        zeros = np.clip(np.rint(-lo / scales), 0, levels).astype(np.float32)
+        codes = np.clip(np.rint(w / scales[:, None, :]) + zeros[:, None, :], 0, levels)
+    return QuantizedWeight(
+        codes=codes.reshape(groups * group, n)[:k].astype(np.uint8),
+        scales=scales,
+        zeros=zeros,
+        bits=bits,
+        group_size=group,
+    )
