@@ -42,9 +42,15 @@ class LinearFormat:
 
 
 def linear_kernel(fmt: LinearFormat, m, n: int, k: int, dtype: str = "float32") -> tirx.PrimFunc:
-    """The PrimFunc ``(X, *weights) -> Y`` for ``fmt``; ``m`` is an int or a ``tirx.Var``."""
+    """The PrimFunc ``(X, *weights) -> Y`` for ``fmt``; ``m`` is an int or a ``tirx.Var``.
+
+    ``n`` must be a whole number of column tiles (callers pad and slice): schedules then need no
+    bounds predicates on the vectorized channel loop.
+    """
     t = fmt.tile
-    tiles = -(-n // t)
+    if n % t:
+        raise ValueError(f"n={n} is not a multiple of the column tile {t}")
+    tiles = n // t
     x = te.placeholder((m, k), dtype, name="X")
     if fmt.kind in ("f32", "int8"):
         w = te.placeholder((tiles, k, t), dtype if fmt.kind == "f32" else "int8", name="W")

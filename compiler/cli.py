@@ -1,4 +1,4 @@
-"""The ``lowbit`` command: compile, run, inspect, targets.
+"""The ``lowbit`` command: compile, run, eval, inspect, targets.
 
 Errors lowbit can explain print one message to stderr and exit with code 2; ``--debug`` shows the
 traceback instead.
@@ -35,6 +35,13 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int)
     r.add_argument("--json", action="store_true")
 
+    e = sub.add_parser("eval", help="perplexity of an artifact on real text")
+    e.add_argument("artifact")
+    e.add_argument("--text", default="alice29", help="bundled text name or a UTF-8 file (default alice29)")
+    e.add_argument("--tokens", type=int, default=4096, help="evaluation tokens")
+    e.add_argument("--window", type=int, default=512, help="tokens per non-overlapping window")
+    e.add_argument("--json", action="store_true")
+
     i = sub.add_parser("inspect", help="print an artifact's manifest")
     i.add_argument("artifact")
     i.add_argument("--json", action="store_true")
@@ -59,6 +66,23 @@ def _run(args) -> dict:
             "decode_tokens_per_s": round(gen.decode_tokens_per_s, 2)}
 
 
+def _eval(args) -> dict:
+    from .api import load
+    from .datasets import read_text
+    from .runtime import perplexity
+
+    if args.tokens < 2 or args.window < 1:
+        raise LowbitError("--tokens must be at least 2 and --window at least 1")
+    session = load(args.artifact)
+    ids = session.encode(read_text(args.text))[: args.tokens + 1]
+    if len(ids) < 2:
+        raise LowbitError(f"text {args.text!r} has fewer than 2 tokens")
+    window = min(args.window, session.max_context - 1)
+    ppl, count = perplexity(session, ids, window)
+    return {"perplexity": round(ppl, 4), "tokens": count, "window": window,
+            "recipe": session.manifest["recipe"]["name"], "text": args.text}
+
+
 def _inspect(args) -> dict:
     from .artifact import read_manifest
 
@@ -80,6 +104,9 @@ def _print_human(command: str, result, args) -> None:
         print(args.prompt + result["text"])
         print(f"[{result['prompt_tokens']} prompt tokens at {result['prefill_tokens_per_s']} tok/s, "
               f"{result['new_tokens']} new at {result['decode_tokens_per_s']} tok/s]", file=sys.stderr)
+    elif command == "eval":
+        print(f"perplexity {result['perplexity']:.3f} over {result['tokens']} tokens of {result['text']} "
+              f"(windows of {result['window']}, recipe {result['recipe']})")
     elif command == "inspect":
         m = result
         print(f"model    {m['model']['name']} ({m['model']['kind']})")
@@ -103,7 +130,7 @@ def _print_human(command: str, result, args) -> None:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {"compile": _compile, "run": _run, "inspect": _inspect, "targets": _targets}
+    handlers = {"compile": _compile, "run": _run, "eval": _eval, "inspect": _inspect, "targets": _targets}
     try:
         result = handlers[args.command](args)
     except LowbitError as exc:

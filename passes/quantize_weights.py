@@ -166,6 +166,10 @@ class _LinearRewriter(relax.PyExprMutator):
         m = _product(lead)
         x2 = self.builder_.emit(relax.op.reshape(x, relax.ShapeExpr([m, packed.k])))
         args = [x2] + [self._weight_var(f"{use.name}.{s}", a) for s, a in packed.tensors.items()]
-        gv = self._kernel(packed.fmt, m, packed.n, packed.k, dtype)
-        y = self.builder_.emit(relax.call_tir(gv, args, relax.TensorType([m, packed.n], dtype)))
+        # kernels compute whole column tiles; padded output channels are sliced off
+        n_padded = -(-packed.n // packed.fmt.tile) * packed.fmt.tile
+        gv = self._kernel(packed.fmt, m, n_padded, packed.k, dtype)
+        y = self.builder_.emit(relax.call_tir(gv, args, relax.TensorType([m, n_padded], dtype)))
+        if n_padded != packed.n:
+            y = self.builder_.emit(relax.op.strided_slice(y, axes=[1], begin=[0], end=[packed.n]))
         return relax.op.reshape(y, relax.ShapeExpr([*lead, packed.n]))

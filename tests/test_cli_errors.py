@@ -1,0 +1,144 @@
+"""The ``lowbit`` command and its errors: exit code 2, a message naming the culprit, no traceback."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lowbit.compiler import LowbitError, load
+from lowbit.compiler.unsupported import check_exported_ops
+
+
+def lowbit(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "lowbit.compiler.cli", *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd, env=dict(os.environ))
+
+
+def test_targets_json_lists_registry():
+    done = lowbit("targets", "--json")
+    assert done.returncode == 0
+    targets = {t["name"]: t for t in json.loads(done.stdout)}
+    assert targets["x86-avx2"]["host"] and targets["cuda-sm90"]["family"] == "cuda"
+
+
+def test_compile_run_inspect_json(tmp_path, tiny_model_dir):
+    out = tmp_path / "art"
+    done = lowbit("compile", tiny_model_dir, "-r", "w8a16-rtn", "-t", "host", "-o", out, "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert {"output", "recipe", "target", "seconds", "weight_bytes"} <= set(result)
+    assert result["recipe"] == "w8a16-rtn" and result["target"] == "x86-avx2" and result["weight_bytes"] > 0
+
+    done = lowbit("run", out, "--prompt", "Hello there", "--max-new-tokens", "5", "--json")
+    assert done.returncode == 0, done.stderr
+    run = json.loads(done.stdout)
+    assert {"text", "prompt_tokens", "new_tokens", "prefill_tokens_per_s", "decode_tokens_per_s"} <= set(run)
+    assert run["prompt_tokens"] == 2 and 1 <= run["new_tokens"] <= 5
+
+    done = lowbit("inspect", out, "--json")
+    manifest = json.loads(done.stdout)
+    assert manifest["recipe"]["name"] == "w8a16-rtn" and "model.so" in manifest["files"]
+
+
+def test_sampling_is_seeded(tiny_artifact):
+    session = load(tiny_artifact)
+    a = session.generate("Once upon a time", 8, temperature=1.0, top_p=0.9, seed=3)
+    b = session.generate("Once upon a time", 8, temperature=1.0, top_p=0.9, seed=3)
+    assert a.token_ids == b.token_ids
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["compile", "no-such-model"], "'no-such-model' is neither a registered name (smollm2-135m)"),
+    (["compile", "/nonexistent/model.gguf"], "neither a registered name"),
+    (["compile", "smollm2-135m", "-r", "w5a16"], "unknown recipe 'w5a16'; valid recipes: fp32"),
+    (["compile", "smollm2-135m", "-t", "tpu"], "unknown target 'tpu'; valid targets: host, "),
+    (["run", "/nonexistent/artifact", "--prompt", "x"], "artifact /nonexistent/artifact does not exist"),
+])
+def test_bad_input_exits_2_naming_the_culprit(args, needle):
+    done = lowbit(*args)
+    assert done.returncode == 2
+    assert needle in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_changed_or_missing_artifact_file_is_named(tmp_path, tiny_artifact):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_artifact, copy)
+    with open(copy / "weights.safetensors", "r+b") as f:
+        f.seek(-1, 2)
+        last = f.read(1)
+        f.seek(-1, 2)
+        f.write(bytes([last[0] ^ 1]))
+    with pytest.raises(LowbitError, match="file weights.safetensors does not match its checksum"):
+        load(copy)
+    (copy / "tokenizer.json").unlink()
+    done = lowbit("run", copy, "--prompt", "x")
+    assert done.returncode == 2 and "tokenizer.json is missing" in done.stderr
+
+
+def test_prompt_longer_than_context(tiny_artifact):
+    session = load(tiny_artifact)
+    with pytest.raises(LowbitError, match="exceeds the model's context of 256 tokens"):
+        session.generate("word " * 300, max_new_tokens=4)
+
+
+def test_failed_compile_leaves_nothing(tmp_path, tiny_model_dir, monkeypatch):
+    import lowbit.codegen.build as build_module
+    from lowbit.compiler import compile as lowbit_compile
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build_module, "build", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        lowbit_compile(str(tiny_model_dir), "fp32", "host", tmp_path / "art", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupt_while_writing_leaves_nothing(tmp_path, tiny_model_dir, monkeypatch):
+    import lowbit.compiler.artifact as artifact_module
+    from lowbit.compiler import compile as lowbit_compile
+
+    def broken_save(*_args, **_kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("safetensors.numpy.save_file", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        lowbit_compile(str(tiny_model_dir), "fp32", "host", tmp_path / "art", progress=False)
+    assert list(tmp_path.iterdir()) == []
+    assert artifact_module.MANIFEST == "manifest.json"
+
+
+class _Unsupported(torch.nn.Module):
+    def forward(self, x):
+        y = torch.special.bessel_j0(x)
+        return torch.special.bessel_y0(y) + x
+
+
+def test_unsupported_torch_ops_are_all_named_with_node_and_source():
+    program = torch.export.export(_Unsupported(), (torch.ones(3),))
+    with pytest.raises(LowbitError) as info:
+        check_exported_ops(program)
+    message = str(info.value)
+    assert "2 node(s)" in message
+    assert "special_bessel_j0.default at node special_bessel_j0" in message
+    assert "special_bessel_y0.default at node special_bessel_y0" in message
+    assert "test_cli_errors.py" in message  # the source line that produced the op
+
+
+def test_eval_reports_perplexity(tiny_artifact, tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text("It was the best of times, it was the worst of times. " * 20, encoding="utf-8")
+    done = lowbit("eval", tiny_artifact, "--text", text, "--tokens", "64", "--window", "32", "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["tokens"] == 64 and result["perplexity"] > 1
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n", encoding="utf-8")
+    done = lowbit("eval", tiny_artifact, "--text", empty)
+    assert done.returncode == 2 and f"text file {empty} is empty" in done.stderr

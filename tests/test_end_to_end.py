@@ -1,0 +1,69 @@
+"""The real model through the whole stack: SmolLM2-135M compiled for the host CPU."""
+
+import numpy as np
+import pytest
+import torch
+
+from lowbit.compiler import load, perplexity
+
+from .conftest import PROMPT
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(smol_source):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(smol_source.folder / "tokenizer.json")).encode(PROMPT).ids
+
+
+@pytest.fixture(scope="module")
+def fp32_ppl(artifacts, eval_tokens):
+    return perplexity(load(artifacts("fp32")), eval_tokens, window=256)[0]
+
+
+def test_fp32_logits_match_torch(artifacts, smol_source, prompt_ids):
+    session = load(artifacts("fp32"))
+    got = session.prefill(prompt_ids)
+    with torch.no_grad():
+        want = smol_source.model(torch.tensor([prompt_ids])).logits[0].numpy()
+    rel = np.abs(got - want).max(axis=-1) / np.abs(want).max(axis=-1)
+    assert rel.max() < 1e-3, f"max relative logit error {rel.max():.2e}"
+
+
+def test_decode_with_cache_matches_full_prefill(artifacts, prompt_ids):
+    """Prefill of n-1 tokens then one decode step equals prefill of all n tokens (KV cache is right)."""
+    session = load(artifacts("fp32"))
+    full = session.prefill(prompt_ids)[-1]
+    session.reset()
+    session.prefill(prompt_ids[:-1])
+    stepped = session.decode(prompt_ids[-1])
+    assert np.abs(stepped - full).max() / np.abs(full).max() < 1e-4
+
+
+def test_w8a16_generates_paris_and_keeps_perplexity(artifacts, eval_tokens, fp32_ppl):
+    session = load(artifacts("w8a16-rtn"))
+    generation = session.generate(PROMPT, max_new_tokens=16)
+    assert "Paris" in generation.text
+    assert generation.new_tokens >= 1 and generation.decode_tokens_per_s >= 0
+    ppl, count = perplexity(session, eval_tokens, window=256)
+    assert count == len(eval_tokens) - 1
+    assert abs(ppl / fp32_ppl - 1) < 0.01, f"w8a16 ppl {ppl:.3f} vs fp32 {fp32_ppl:.3f}"
+
+
+def test_w4a16_g128_runs_with_bounded_perplexity(artifacts, eval_tokens, fp32_ppl):
+    """Plain RTN at group 128 is far from free on this model (its weights came from Q4_1, g32):
+    measured 64.2 vs 26.3 on these tokens. The bound guards that state against regressions;
+    GPTQ/AWQ (the accuracy issue) are what bring int4 within a few percent."""
+    session = load(artifacts("w4a16-rtn-g128"))
+    ppl, _ = perplexity(session, eval_tokens, window=256)
+    assert np.isfinite(ppl)
+    assert ppl / fp32_ppl < 2.6, f"w4a16-g128 ppl {ppl:.3f} vs fp32 {fp32_ppl:.3f}"
+    assert 10 < fp32_ppl < 100  # the float model itself is sane on real English
+
+
+def test_quantized_artifacts_are_smaller(artifacts):
+    sizes = {r: load(artifacts(r)).manifest["weight_bytes"] for r in ("fp32", "w8a16-rtn", "w4a16-rtn-g128")}
+    assert sizes["w8a16-rtn"] < 0.5 * sizes["fp32"]
+    assert sizes["w4a16-rtn-g128"] < sizes["w8a16-rtn"]

@@ -1,0 +1,63 @@
+"""Bit-exact round trips of the weight layouts and of RTN quantization (property tests)."""
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from lowbit.codegen.packing import from_column_tiles, pack_int4, to_column_tiles, unpack_int4
+from lowbit.passes.rtn import quantize_rtn
+
+dims = st.integers(min_value=1, max_value=12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data(), dims, dims)
+def test_int4_pack_unpack_is_bit_exact(data, words, n):
+    codes = data.draw(arrays(np.uint8, (words * 8, n), elements=st.integers(0, 15)))
+    packed = pack_int4(codes)
+    assert packed.dtype == np.uint32 and packed.shape == (words, n)
+    assert np.array_equal(unpack_int4(packed), codes)
+    # code k of a word sits in bits 4 * (k % 8)
+    assert int(packed[0, 0]) & 0xF == int(codes[0, 0])
+    assert (int(packed[0, 0]) >> 28) & 0xF == int(codes[7, 0])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data(), dims, st.integers(1, 40), st.sampled_from([4, 8, 16]))
+def test_column_tiles_round_trip(data, rows, n, tile):
+    matrix = data.draw(arrays(np.int32, (rows, n), elements=st.integers(-1000, 1000)))
+    tiled = to_column_tiles(matrix, tile)
+    assert tiled.shape == (-(-n // tile), rows, tile)
+    assert np.array_equal(from_column_tiles(tiled, n), matrix)
+    assert not tiled.transpose(1, 0, 2).reshape(rows, -1)[:, n:].any()  # padding columns are zero
+
+
+finite = st.floats(-8.0, 8.0, allow_nan=False, width=32)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data(), st.integers(1, 6), st.sampled_from([8, 16, 24, 40]), st.sampled_from([4, 8]),
+       st.sampled_from([None, 8, 16]), st.booleans())
+def test_rtn_requantize_is_bit_exact_and_error_bounded(data, n, k, bits, group, symmetric):
+    if bits == 8:
+        group = None
+    weight = data.draw(arrays(np.float32, (n, k), elements=finite))
+    q = quantize_rtn(weight, bits, group, symmetric)
+    levels = 2**bits - 1
+    assert q.codes.min() >= 0 and q.codes.max() <= levels
+    restored = q.dequantize()
+    # quantizing the dequantized weight reproduces the codes exactly
+    again = quantize_rtn(restored, bits, group, symmetric)
+    assert np.array_equal(again.codes, q.codes)
+    np.testing.assert_allclose(again.dequantize(), restored, rtol=1e-5, atol=1e-6)
+    # every element is within half a step of the original
+    step = q.scales[np.arange(k) // q.group_size].T  # [N, K]
+    assert np.all(np.abs(restored - weight) <= step / 2 * (1 + 1e-4) + 1e-6)
+
+
+def test_rtn_partial_last_group():
+    weight = np.random.default_rng(0).standard_normal((3, 576)).astype(np.float32)
+    q = quantize_rtn(weight, 4, 128, True)
+    assert q.scales.shape == (5, 3)  # 4 full groups of 128 and one of 64
+    assert np.abs(q.dequantize() - weight).max() <= q.scales.max() / 2 + 1e-6

@@ -1,0 +1,50 @@
+"""Recipe names and files, target registry."""
+
+import pytest
+
+from lowbit.compiler import LowbitError, get_recipe
+from lowbit.targets import get_target, list_targets
+
+
+def test_recipe_names_parse():
+    r = get_recipe("w4a16-rtn-g128")
+    assert (r.weights.bits, r.weights.group_size, r.weights.symmetric) == (4, 128, True)
+    assert get_recipe("w8a16-rtn").weights.group_size is None
+    assert get_recipe("w4a16-rtn-g32-asym").weights.symmetric is False
+    assert get_recipe("fp32").weights is None
+    r = get_recipe("w4a16-rtn-g64:ignore=lm_head*,model.layers.0.*")
+    assert r.is_ignored("lm_head.weight") and r.is_ignored("model.layers.0.mlp.up_proj.weight")
+    assert not r.is_ignored("model.layers.1.mlp.up_proj.weight")
+
+
+@pytest.mark.parametrize("name,needle", [
+    ("int4", "w8a16-rtn"),             # lists valid recipes
+    ("w4a16-foo", "method .foo."),
+    ("w4a16-rtn-g100", "group size 100"),
+    ("w3a16-rtn-g128", "bits 3"),
+    ("w8a16-rtn-g128", "per output channel"),
+    ("w4a16-rtn-g128:keep=3", "keep=3"),
+])
+def test_bad_recipes_name_the_problem(name, needle):
+    with pytest.raises(LowbitError, match=needle):
+        get_recipe(name)
+
+
+def test_recipe_toml(tmp_path):
+    path = tmp_path / "mine.toml"
+    path.write_text('name = "mine"\nignore = ["lm_head*"]\n[weights]\nbits = 4\ngroup_size = 64\nsymmetric = false\n')
+    r = get_recipe(str(path))
+    assert r.name == "mine" and r.weights.group_size == 64 and not r.weights.symmetric and r.ignore == ("lm_head*",)
+    path.write_text('[weights]\nbits = 4\ngroupsize = 64\n')
+    with pytest.raises(LowbitError, match=r"\[weights\] takes"):
+        get_recipe(str(path))
+
+
+def test_targets_registry():
+    names = {t.name for t in list_targets()}
+    assert {"x86-avx2", "x86-vnni", "arm-dotprod", "arm-i8mm", "cuda-sm80", "cuda-sm90"} <= names
+    host = get_target("host")
+    assert host.runs_on_this_machine() and host.family == "x86"
+    assert get_target("arm-i8mm").tvm().attrs["mtriple"] == "aarch64-linux-gnu"
+    with pytest.raises(LowbitError, match="valid targets: host, "):
+        get_target("riscv")
