@@ -2,7 +2,7 @@
 
 All functions take the weight in the model's ``[N, K]`` layout (output channels first) and return
 k-major tensors (``[K, N]`` codes, ``[K // group, N]`` scales) as :mod:`lowbit.codegen.packing` wants.
-Dequantization is ``(code - zero) * scale``.
+Dequantization is ``(code - zero) * scale``; symmetric scales may be negative (see below).
 """
 
 from __future__ import annotations
@@ -48,9 +48,11 @@ def quantize_rtn(weight: np.ndarray, bits: int, group_size: int | None, symmetri
     w = w.reshape(groups, group, n)
     levels = 2**bits - 1
     if symmetric:
+        # llama.cpp's Q4_0 rule: the largest-magnitude value maps to code 0 (-2^(bits-1)), so all
+        # 2^bits levels are used (absmax / (2^(bits-1) - 1) would waste one); its opposite clips.
         half = 2 ** (bits - 1)
-        absmax = np.abs(w).max(axis=1)
-        scales = np.where(absmax > 0, absmax / (half - 1), 1.0).astype(np.float32)
+        signed_max = np.take_along_axis(w, np.abs(w).argmax(axis=1)[:, None, :], axis=1)[:, 0, :]
+        scales = np.where(signed_max != 0, signed_max / -half, 1.0).astype(np.float32)
         codes = np.clip(np.rint(w / scales[:, None, :]) + half, 0, levels)
         zeros = None
     else:

@@ -54,12 +54,12 @@ def test_w8a16_generates_paris_and_keeps_perplexity(artifacts, eval_tokens, fp32
 
 def test_w4a16_g128_runs_with_bounded_perplexity(artifacts, eval_tokens, fp32_ppl):
     """Plain RTN at group 128 is far from free on this model (its weights came from Q4_1, g32):
-    measured 64.2 vs 26.3 on these tokens. The bound guards that state against regressions;
+    measured 48.8 vs 26.3 on these tokens. The bound guards that state against regressions;
     GPTQ/AWQ (the accuracy issue) are what bring int4 within a few percent."""
     session = load(artifacts("w4a16-rtn-g128"))
     ppl, _ = perplexity(session, eval_tokens, window=256)
     assert np.isfinite(ppl)
-    assert ppl / fp32_ppl < 2.6, f"w4a16-g128 ppl {ppl:.3f} vs fp32 {fp32_ppl:.3f}"
+    assert ppl / fp32_ppl < 2.1, f"w4a16-g128 ppl {ppl:.3f} vs fp32 {fp32_ppl:.3f}"
     assert 10 < fp32_ppl < 100  # the float model itself is sane on real English
 
 

@@ -1,0 +1,162 @@
+"""The ONNX frontend: a small random Llama exported to ONNX, compiled, and compared with onnxruntime."""
+
+from unittest import mock
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+from lowbit.compiler import compile as lowbit_compile
+from lowbit.compiler import load
+from lowbit.compiler.errors import LowbitError
+from lowbit.compiler.frontend_torch import _ExplicitCacheLM
+
+NUM_LAYERS, KV_HEADS, HEAD_DIM = 2, 2, 16
+PROMPT_IDS = [5, 17, 300, 42, 7, 511, 128]
+NEXT_ID = 99
+KV_NAMES = [f"{i}.{part}" for i in range(NUM_LAYERS) for part in ("key", "value")]
+
+
+class _OptimumStyleLM(torch.nn.Module):
+    """``forward(input_ids, attention_mask, position_ids, *past) -> (logits, *present)``, as optimum exports."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.lm = model
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):
+        from transformers.cache_utils import DynamicCache
+
+        cache = DynamicCache(config=self.lm.config)
+        for layer, key, value in zip(cache.layers, past[::2], past[1::2]):
+            layer.dtype, layer.device = key.dtype, key.device
+            layer.keys, layer.values, layer.is_initialized = key, value, True
+        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      past_key_values=cache, use_cache=True)
+        return (out.logits, *[t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)])
+
+
+def _export(model, path, optimum_style: bool):
+    """Export ``model`` with the ONNX decoder signature, ``seq`` and ``past`` dynamic."""
+    ids = torch.zeros((1, 4), dtype=torch.long)
+    if optimum_style:
+        wrapper, names = _OptimumStyleLM(model), ["input_ids", "attention_mask", "position_ids"]
+        example = [ids, torch.ones((1, 7), dtype=torch.long), torch.arange(3, 7)[None]]
+    else:
+        wrapper, names, example = _ExplicitCacheLM(model, NUM_LAYERS), ["input_ids"], [ids]
+    inputs = names + [f"past_key_values.{n}" for n in KV_NAMES]
+    outputs = ["logits"] + [f"present.{n}" for n in KV_NAMES]
+    example += [torch.zeros((1, KV_HEADS, 3, HEAD_DIM)) for _ in KV_NAMES]
+    dynamic = {"input_ids": {1: "seq"}, "attention_mask": {1: "total"}, "position_ids": {1: "seq"},
+               "logits": {1: "seq"}}
+    dynamic = {n: axes for n, axes in dynamic.items() if n in names + outputs}
+    dynamic |= {n: {2: "past"} for n in inputs[len(names):]} | {n: {2: "total"} for n in outputs[1:]}
+    # The TorchScript exporter traces shapes as tensors, which torch._check rejects; the checks only
+    # guide torch.export, so they are skipped while tracing.
+    with mock.patch.object(torch, "_check", lambda *args, **kwargs: None), torch.no_grad():
+        torch.onnx.export(wrapper.eval(), tuple(example), str(path), input_names=inputs, output_names=outputs,
+                          dynamic_axes=dynamic, dynamo=False, opset_version=17)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=NUM_LAYERS,
+                         num_attention_heads=4, num_key_value_heads=KV_HEADS, max_position_embeddings=256)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def onnx_path(tmp_path_factory, tiny_llama):
+    return _export(tiny_llama, tmp_path_factory.mktemp("onnx") / "tiny-llama.onnx", optimum_style=False)
+
+
+@pytest.fixture(scope="module")
+def optimum_onnx_path(tmp_path_factory, tiny_llama):
+    return _export(tiny_llama, tmp_path_factory.mktemp("onnx") / "tiny-llama-optimum.onnx", optimum_style=True)
+
+
+def _onnxruntime_logits(path):
+    """onnxruntime's logits for the prompt, then for one more token fed with the returned cache."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    wanted = {i.name for i in session.get_inputs()}
+
+    def run(ids, past, cache):
+        feed = {"input_ids": np.array([ids]), "attention_mask": np.ones((1, past + len(ids)), np.int64),
+                "position_ids": np.arange(past, past + len(ids))[None],
+                **{f"past_key_values.{n}": c for n, c in zip(KV_NAMES, cache)}}
+        return session.run(None, {n: v for n, v in feed.items() if n in wanted})
+
+    logits, *present = run(PROMPT_IDS, 0, [np.zeros((1, KV_HEADS, 0, HEAD_DIM), np.float32)] * len(KV_NAMES))
+    step, *_ = run([NEXT_ID], len(PROMPT_IDS), present)
+    return logits[0], step[0, 0]
+
+
+def _compiled_logits(onnx_path, recipe, out):
+    lowbit_compile(str(onnx_path), recipe=recipe, target="host", output=out, max_context=256, progress=False)
+    session = load(out)
+    return session.prefill(PROMPT_IDS), session.decode(NEXT_ID)
+
+
+def _relative_error(got, want) -> float:
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+@pytest.mark.parametrize("exported", ["onnx_path", "optimum_onnx_path"])
+def test_fp32_matches_onnxruntime(exported, request, tmp_path):
+    path = request.getfixturevalue(exported)
+    want_prefill, want_step = _onnxruntime_logits(path)
+    prefill, step = _compiled_logits(path, "fp32", tmp_path / "art")
+    assert prefill.shape == want_prefill.shape
+    assert _relative_error(prefill, want_prefill) < 1e-4
+    assert _relative_error(step, want_step) < 1e-4
+
+
+def test_w8a16_quantizes_every_linear_and_stays_close(onnx_path, tmp_path):
+    want_prefill, want_step = _onnxruntime_logits(onnx_path)
+    prefill, step = _compiled_logits(onnx_path, "w8a16-rtn", tmp_path / "art")
+    layers = load(tmp_path / "art").manifest["layers"]
+    assert len(layers) == 7 * NUM_LAYERS + 1  # q, k, v, o, gate, up, down per layer, and lm_head
+    assert _relative_error(prefill, want_prefill) < 0.1
+    assert _relative_error(step, want_step) < 0.1
+
+
+def _save(graph, path):
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("acme", 1)])
+    onnx.save(model, str(path))
+    return path
+
+
+def test_unsupported_ops_are_named_with_their_nodes(tmp_path):
+    x = helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "seq"])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "seq", 8])
+    nodes = [helper.make_node("FancyEmbed", ["input_ids"], ["h"], name="embed_fancy", domain="acme"),
+             helper.make_node("FancyAttention", ["h"], ["logits"], name="layer0_fancy", domain="acme")]
+    path = _save(helper.make_graph(nodes, "g", [x], [y]), tmp_path / "custom.onnx")
+    with pytest.raises(LowbitError) as error:
+        lowbit_compile(str(path), recipe="fp32", target="host", output=tmp_path / "art", progress=False)
+    assert "FancyEmbed at node embed_fancy" in str(error.value)
+    assert "FancyAttention at node layer0_fancy" in str(error.value)
+
+
+def test_graph_without_kv_cache_is_refused_by_name(tmp_path):
+    x = helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "seq"])
+    y = helper.make_tensor_value_info("logits", TensorProto.INT64, [1, "seq"])
+    node = helper.make_node("Identity", ["input_ids"], ["logits"], name="copy")
+    path = _save(helper.make_graph([node], "g", [x], [y]), tmp_path / "no-cache.onnx")
+    with pytest.raises(LowbitError, match="past_key_values.0.key"):
+        lowbit_compile(str(path), recipe="fp32", target="host", output=tmp_path / "art", progress=False)
+
+
+def test_unreadable_file_is_refused_by_name(tmp_path):
+    path = tmp_path / "broken.onnx"
+    path.write_bytes(b"this is not a protobuf")
+    with pytest.raises(LowbitError, match="broken.onnx is not a valid ONNX model"):
+        lowbit_compile(str(path), recipe="fp32", target="host", output=tmp_path / "art", progress=False)
