@@ -1,9 +1,21 @@
-"""lowbit's front door: compile a language model into low-bit kernels, load the artifact, generate."""
+"""lowbit's front door: compile a language model into low-bit kernels, load the artifact, generate.
 
-from .api import CompileResult, compile, load
-from .errors import LowbitError
-from .recipes import Recipe, WeightQuant, get_recipe
-from .runtime import Generation, Session, perplexity
+Names are resolved lazily, so that ``lowbit.passes`` and ``lowbit.codegen`` can import
+``lowbit.compiler.errors`` without pulling in the whole front end (and TVM, torch) first.
+"""
 
-__all__ = ["compile", "load", "CompileResult", "LowbitError", "Recipe", "WeightQuant", "get_recipe",
-           "Session", "Generation", "perplexity"]
+import importlib
+
+_EXPORTS = {
+    "compile": "api", "load": "api", "CompileResult": "api",
+    "LowbitError": "errors",
+    "Recipe": "recipes", "WeightQuant": "recipes", "get_recipe": "recipes",
+    "Session": "runtime", "Generation": "runtime", "perplexity": "runtime",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

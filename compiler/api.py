@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from .artifact import write_artifact
+from .datasets import DEFAULT_CALIB_TEXT, read_text
 from .errors import LowbitError
 from .models import DEFAULT_MODEL, HFModel, resolve_model
 from .pipeline import run_pipeline
@@ -51,8 +52,13 @@ class _Stages:
 
 def compile(model: str = DEFAULT_MODEL, recipe: str = DEFAULT_RECIPE, target: str = "host",
             output: str | Path | None = None, max_context: int | None = None,
-            progress: bool | None = None) -> CompileResult:
-    """Compile ``model`` (a name, HF folder, .gguf or .onnx) with ``recipe`` for ``target`` into ``output``."""
+            progress: bool | None = None, calib: str = DEFAULT_CALIB_TEXT, calib_samples: int = 64,
+            calib_seq_len: int = 512) -> CompileResult:
+    """Compile ``model`` (a name, HF folder, .gguf or .onnx) with ``recipe`` for ``target`` into ``output``.
+
+    Recipes that need calibration (GPTQ) read ``calib_samples`` windows of ``calib_seq_len`` tokens
+    of ``calib`` (a bundled text name or a UTF-8 file; the default is disjoint from ``lowbit eval``'s).
+    """
     from lowbit.codegen.build import build
     from lowbit.targets import get_target
 
@@ -61,15 +67,23 @@ def compile(model: str = DEFAULT_MODEL, recipe: str = DEFAULT_RECIPE, target: st
     chip = get_target(target)
     if max_context is not None and max_context < 2:
         raise LowbitError(f"max_context must be at least 2, got {max_context}")
+    if calib_samples < 1:
+        raise LowbitError(f"calib_samples must be at least 1, got {calib_samples}")
     output = Path(output or f"out/{Path(str(model)).stem}-{recipe_obj.name.replace(':', '_')}")
-    stages = _Stages(5, sys.stderr.isatty() if progress is None else progress)
+    calibrate = recipe_obj.weights is not None and recipe_obj.weights.needs_calibration
+    show = sys.stderr.isatty() if progress is None else progress
+    stages = _Stages(6 if calibrate else 5, show)
     try:
         with stages.stage(f"loading {model}"):
             source = resolve_model(str(model))
         with stages.stage("importing into TVM Relax"):
             ir, tokenizer_folder, eos = _import(source, max_context)
-        with stages.stage(f"applying {recipe_obj.name}"):
-            result = run_pipeline(ir, recipe_obj, chip)
+        statistics = None
+        if calibrate:
+            with stages.stage(f"calibrating on {calib}"):
+                statistics = _calibrate(ir, chip, tokenizer_folder, calib, calib_samples, calib_seq_len, show)
+        with stages.stage(f"applying {recipe_obj.name}"), _bar(len(ir.params), "quantizing", show) as bar:
+            result = run_pipeline(ir, recipe_obj, chip, statistics, bar)
         with stages.stage(f"building for {chip.name}"):
             executable = build(result.ir.mod, chip)
         with stages.stage(f"writing {output}"):
@@ -80,6 +94,31 @@ def compile(model: str = DEFAULT_MODEL, recipe: str = DEFAULT_RECIPE, target: st
     return CompileResult(output=Path(output).resolve(), recipe=recipe_obj.name, target=chip.name,
                          seconds=time.perf_counter() - started, weight_bytes=result.ir.param_bytes(),
                          layers=result.layers)
+
+
+@contextlib.contextmanager
+def _bar(total: int, description: str, enabled: bool):
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=description, disable=not enabled, leave=False)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+def _calibrate(ir, chip, tokenizer_folder, text_spec, samples, seq_len, show):
+    from .calibration import calibration_samples, collect_statistics
+
+    tokenizer_file = None if tokenizer_folder is None else Path(tokenizer_folder) / "tokenizer.json"
+    if tokenizer_file is None or not tokenizer_file.is_file():
+        raise LowbitError("calibration needs the model's tokenizer.json next to the model file")
+    from tokenizers import Tokenizer
+
+    ids = Tokenizer.from_file(str(tokenizer_file)).encode(read_text(text_spec)).ids
+    windows = calibration_samples(ids, samples, min(seq_len, ir.max_context - 1))
+    with _bar(len(windows), "calibration samples", show) as bar:
+        return collect_statistics(ir, chip, windows, bar)
 
 
 def _import(source, max_context):

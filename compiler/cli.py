@@ -24,6 +24,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("-t", "--target", default="host", help="target name (see `lowbit targets`)")
     c.add_argument("-o", "--output", help="artifact directory (default out/<model>-<recipe>)")
     c.add_argument("--max-context", type=int, help="longest sequence the artifact accepts")
+    c.add_argument("--calib", default="lcet10", help="calibration text: bundled name or UTF-8 file (GPTQ)")
+    c.add_argument("--calib-samples", type=int, default=64, help="calibration windows (GPTQ)")
+    c.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration window")
     c.add_argument("--json", action="store_true", help="print one JSON object")
 
     r = sub.add_parser("run", help="generate text from an artifact")
@@ -54,7 +57,9 @@ def _parser() -> argparse.ArgumentParser:
 def _compile(args) -> dict:
     from .api import compile as compile_model
 
-    return compile_model(args.model, args.recipe, args.target, args.output, args.max_context).as_dict()
+    return compile_model(args.model, args.recipe, args.target, args.output, args.max_context,
+                         calib=args.calib, calib_samples=args.calib_samples,
+                         calib_seq_len=args.calib_seq_len).as_dict()
 
 
 def _run(args) -> dict:

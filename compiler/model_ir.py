@@ -79,17 +79,20 @@ def make_entry_module(prefill: relax.Function, decode: relax.Function, num_input
 
 
 def sync_params(mod: tvm.IRModule, params: dict[str, np.ndarray]) -> tuple[tvm.IRModule, dict]:
-    """Make every entry function take exactly the weights some entry function reads, in one order.
+    """Make every entry function (one with ``num_input``) take exactly the weights some entry
+    function reads, in one order.
 
     Passes add weights (packed codes, scales) and orphan others (a float weight that was quantized);
     afterwards each entry function's weight parameters are ``[n for n in params if used]``, so the
     runtime passes one list of weights to every function.
     """
+    entries = [gv.name_hint for gv, f in mod.functions.items()
+               if isinstance(f, relax.Function) and f.attrs is not None and "num_input" in f.attrs]
     used: set[str] = set()
-    for name in ENTRY_FUNCTIONS:
+    for name in entries:
         used |= {v.name for v in relax.analysis.free_vars(mod[name].body)}
     names = [n for n in params if n in used]
-    for name in ENTRY_FUNCTIONS:
+    for name in entries:
         func = mod[name]
         n_in = int(func.attrs["num_input"])
         by_name = {v.name: v for v in func.params[n_in:]}

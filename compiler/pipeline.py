@@ -22,10 +22,14 @@ class PipelineResult:
     layers: dict[str, str]  # weight name -> format and reason
 
 
-def run_pipeline(ir: ModelIR, recipe, chip) -> PipelineResult:
-    """Apply ``recipe`` to ``ir`` for ``chip``; returns a new :class:`ModelIR` and a per-layer report."""
+def run_pipeline(ir: ModelIR, recipe, chip, statistics=None, progress=None) -> PipelineResult:
+    """Apply ``recipe`` to ``ir`` for ``chip``; returns a new :class:`ModelIR` and a per-layer report.
+
+    ``statistics`` (from :func:`lowbit.compiler.calibration.collect_statistics`) feeds GPTQ;
+    ``progress`` (a tqdm bar) advances once per weight quantized.
+    """
     params = dict(ir.params)
-    quantize = QuantizeWeights(recipe, params, tile=chip.linear_tile)
+    quantize = QuantizeWeights(recipe, params, tile=chip.linear_tile, statistics=statistics, progress=progress)
     mod = quantize(ir.mod)
     mod = relax.transform.DeadCodeElimination(list(ENTRY_FUNCTIONS))(mod)
     mod, params = sync_params(mod, params)

@@ -6,6 +6,8 @@ A recipe name is parsed, not enumerated, so every valid combination has a name:
 * ``w8a16-rtn``: int8 weights, one scale per output channel (absmax / round-to-nearest).
 * ``w4a16-rtn-g128``: int4 weights in groups of 128 along the input dimension; ``-g32``, ``-g64``;
   without ``-gN`` one group per output channel; ``-asym`` adds a zero point per group.
+* ``w4a16-gptq-g128``: the same grid, rounded by GPTQ from calibration statistics; ``-act`` adds
+  act-order (static groups); ``w3a16-gptq-g128`` uses 3-bit codes (stored in the int4 kernels).
 
 Suffix ``:ignore=PATTERN[,PATTERN]`` keeps matching layers (glob over parameter names, e.g.
 ``lm_head*``) in float.
@@ -21,9 +23,9 @@ from pathlib import Path
 
 from .errors import LowbitError
 
-SUPPORTED_BITS = (4, 8)
+SUPPORTED_BITS = (3, 4, 8)
 SUPPORTED_GROUP_SIZES = (32, 64, 128, 256)
-SUPPORTED_METHODS = ("rtn",)
+SUPPORTED_METHODS = ("rtn", "gptq")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,13 +36,21 @@ class WeightQuant:
         bits: 4 or 8.
         group_size: input channels sharing one scale; ``None`` means one scale per output channel.
         symmetric: symmetric (scale only) or asymmetric (scale and zero point).
-        method: the rounding algorithm; ``rtn`` (absmax, round to nearest).
+        method: ``rtn`` (round to nearest) or ``gptq`` (error feedback through calibration Hessians).
+        act_order: GPTQ only: quantize columns by decreasing activation energy (static groups).
+        damp: GPTQ only: Hessian dampening as a fraction of its mean diagonal.
     """
 
     bits: int
     group_size: int | None = None
     symmetric: bool = True
     method: str = "rtn"
+    act_order: bool = False
+    damp: float = 0.01
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method == "gptq"
 
     def __post_init__(self):
         if self.bits not in SUPPORTED_BITS:
@@ -54,6 +64,10 @@ class WeightQuant:
             raise LowbitError("recipe: 8-bit weights are quantized per output channel; drop the group size")
         if self.method not in SUPPORTED_METHODS:
             raise LowbitError(f"recipe: weight method {self.method!r} unknown; use one of {SUPPORTED_METHODS}")
+        if not 0 < self.damp <= 1:
+            raise LowbitError(f"recipe: damp {self.damp} out of range; use a value in (0, 1], e.g. 0.01")
+        if self.act_order and self.method != "gptq":
+            raise LowbitError("recipe: act_order applies to gptq only")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +91,9 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
-_NAME = re.compile(r"^w(?P<bits>\d+)a16-(?P<method>[a-z]+)(?:-g(?P<group>\d+))?(?P<asym>-asym)?$")
+_NAME = re.compile(
+    r"^w(?P<bits>\d+)a16-(?P<method>[a-z]+)(?:-g(?P<group>\d+))?(?P<asym>-asym)?(?P<act>-act)?$"
+)
 
 
 def _parse_name(name: str) -> Recipe:
@@ -87,19 +103,20 @@ def _parse_name(name: str) -> Recipe:
     if not match:
         raise LowbitError(
             f"unknown recipe {name!r}; valid recipes: {', '.join(EXAMPLE_RECIPES)} "
-            "(pattern: w{4,8}a16-rtn[-g{32,64,128,256}][-asym], or a .toml file)"
+            "(pattern: w{3,4,8}a16-{rtn,gptq}[-g{32,64,128,256}][-asym][-act], or a .toml file)"
         )
     weights = WeightQuant(
         bits=int(match["bits"]),
         group_size=int(match["group"]) if match["group"] else None,
         symmetric=not match["asym"],
         method=match["method"],
+        act_order=bool(match["act"]),
     )
     return Recipe(name=name, weights=weights)
 
 
 EXAMPLE_RECIPES = ("fp32", "w8a16-rtn", "w4a16-rtn", "w4a16-rtn-g32", "w4a16-rtn-g64", "w4a16-rtn-g128",
-                   "w4a16-rtn-g128-asym")
+                   "w4a16-rtn-g128-asym", "w4a16-gptq-g128", "w4a16-gptq-g128-act", "w3a16-gptq-g128")
 DEFAULT_RECIPE = "w4a16-rtn-g128"
 
 

@@ -6,7 +6,8 @@ weights as named trailing parameters). Run before legalization.
 Guarantees: every ``matmul`` whose right operand is a 2-D weight parameter (see
 :mod:`lowbit.passes.linear_match`) becomes ``call_tir`` of a :mod:`lowbit.codegen.kernels` PrimFunc
 on packed, column-tiled weights: int8/int4 codes with scales (RTN) where the recipe quantizes it,
-float otherwise (ignored layers, ``fp32``, shapes the format cannot hold). Both entry functions get
+float otherwise (ignored layers, ``fp32``, shapes the format cannot hold). GPTQ recipes need
+``statistics`` (weight name -> calibration statistics, see :mod:`lowbit.compiler.calibration`). Both entry functions get
 the same kernels' GEMV (``M == 1``) or GEMM (symbolic ``M``) variants and read the same new weights,
 named ``<weight>.qweight`` / ``.scales`` / ``.zeros`` (or ``.tiled`` for float). The original weight
 stays only where something else still reads it (a tied embedding); ``sync_params`` drops the rest.
@@ -16,7 +17,6 @@ Every decision is recorded in ``report`` (layer, format, reason) for the manifes
 from __future__ import annotations
 
 import dataclasses
-import logging
 
 import numpy as np
 import tvm
@@ -25,10 +25,12 @@ from tvm import relax, tirx
 from lowbit.codegen.kernels import LinearFormat, linear_kernel
 from lowbit.codegen.packing import INT4_PER_WORD, pack_int4, to_column_tiles
 
+from lowbit.compiler.errors import LowbitError
+
+from .gptq import quantize_gptq
 from .linear_match import match_linear
 from .rtn import quantize_rtn
 
-log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -40,8 +42,12 @@ class PackedLinear:
     note: str
 
 
-def pack_linear(weight_nk: np.ndarray, recipe, name: str, tile: int) -> PackedLinear:
-    """Quantize (or just re-lay-out) one ``[N, K]`` weight for the kernels."""
+def pack_linear(weight_nk: np.ndarray, recipe, name: str, tile: int, hessian: np.ndarray | None = None
+                ) -> PackedLinear:
+    """Quantize (or just re-lay-out) one ``[N, K]`` weight for the kernels.
+
+    ``hessian`` (``X^T X / tokens`` of the layer's input) is required by GPTQ recipes.
+    """
     n, k = weight_nk.shape
     wq = recipe.weights
     reason = None
@@ -49,34 +55,51 @@ def pack_linear(weight_nk: np.ndarray, recipe, name: str, tile: int) -> PackedLi
         reason = "recipe keeps weights in float"
     elif recipe.is_ignored(name):
         reason = "ignored by recipe"
-    elif wq.bits == 4 and k % INT4_PER_WORD:
+    elif wq.bits < 8 and k % INT4_PER_WORD:
         reason = f"K={k} is not a multiple of {INT4_PER_WORD} (int4 codes per word)"
     if reason is not None:
         tiled = to_column_tiles(np.ascontiguousarray(weight_nk.T, dtype=np.float32), tile)
         return PackedLinear(LinearFormat("f32", tile), n, k, {"tiled": tiled}, reason)
-    q = quantize_rtn(weight_nk, wq.bits, wq.group_size, wq.symmetric)
+    q, method = _quantize(weight_nk, wq, name, hessian)
     if wq.bits == 8:
         codes = (q.codes.astype(np.int16) - 128).astype(np.int8)
         tensors = {
             "qweight": to_column_tiles(codes, tile),
             "scales": to_column_tiles(q.scales, tile)[:, 0, :].copy(),
         }
-        return PackedLinear(LinearFormat("int8", tile), n, k, tensors, "int8 per channel")
-    tensors = {"qweight": to_column_tiles(pack_int4(q.codes), tile), "scales": to_column_tiles(q.scales, tile)}
+        return PackedLinear(LinearFormat("int8", tile), n, k, tensors, f"int8 per channel, {method}")
+    codes = q.codes
+    if wq.symmetric and wq.bits < 4:  # the int4 kernels' symmetric zero point is 8: recentre the codes
+        codes = codes + np.uint8(8 - 2 ** (wq.bits - 1))
+    tensors = {"qweight": to_column_tiles(pack_int4(codes), tile), "scales": to_column_tiles(q.scales, tile)}
     if not wq.symmetric:
         tensors["zeros"] = to_column_tiles(q.zeros, tile)
     fmt = LinearFormat("int4", tile, q.group_size, not wq.symmetric)
-    return PackedLinear(fmt, n, k, tensors, f"int4 group {q.group_size}{'' if wq.symmetric else ' asym'}")
+    note = f"{wq.bits}-bit group {q.group_size}{'' if wq.symmetric else ' asym'}, {method}"
+    return PackedLinear(fmt, n, k, tensors, note)
+
+
+def _quantize(weight_nk, wq, name, hessian):
+    if wq.method == "rtn":
+        return quantize_rtn(weight_nk, wq.bits, wq.group_size, wq.symmetric), "rtn"
+    if hessian is None:
+        raise LowbitError(f"layer {name}: GPTQ needs calibration statistics for it, and none were collected")
+    result = quantize_gptq(weight_nk, hessian, wq.bits, wq.group_size, wq.symmetric, damp=wq.damp,
+                           act_order=wq.act_order, name=name)
+    damp = "" if result.damp == wq.damp else f", damp raised to {result.damp:g}"
+    return result.weight, f"gptq{' act-order' if wq.act_order else ''}{damp}"
 
 
 @tvm.transform.module_pass(opt_level=0, name="lowbit.QuantizeWeights")
 class QuantizeWeights:
     """See the module docstring. ``params`` is updated in place with the packed weights."""
 
-    def __init__(self, recipe, params: dict[str, np.ndarray], tile: int):
+    def __init__(self, recipe, params: dict[str, np.ndarray], tile: int, statistics=None, progress=None):
         self.recipe = recipe
         self.params = params
         self.tile = tile
+        self.statistics = statistics or {}
+        self.progress = progress
         self.report: dict[str, str] = {}
         self._packed: dict[str, PackedLinear] = {}
 
@@ -84,7 +107,11 @@ class QuantizeWeights:
         """The packed form of weight ``name`` (stored ``[N, K]`` if ``transposed`` else ``[K, N]``)."""
         if name not in self._packed:
             weight = self.params[name]
-            entry = pack_linear(weight if transposed else weight.T, self.recipe, name, self.tile)
+            stats = self.statistics.get(name)
+            entry = pack_linear(weight if transposed else weight.T, self.recipe, name, self.tile,
+                                None if stats is None else stats.hessian())
+            if self.progress is not None:
+                self.progress.update(1)
             self._packed[name] = entry
             self.report[name] = f"{entry.fmt.tag}: {entry.note}"
             for suffix, array in entry.tensors.items():

@@ -1,5 +1,7 @@
 """Round-to-nearest (absmax) quantization of one weight matrix: the numerics, no graph work.
 
+The grid (:func:`group_grid`) and the rounding (:func:`round_to_grid`) are shared with GPTQ.
+
 All functions take the weight in the model's ``[N, K]`` layout (output channels first) and return
 k-major tensors (``[K, N]`` codes, ``[K // group, N]`` scales) as :mod:`lowbit.codegen.packing` wants.
 Dequantization is ``(code - zero) * scale``; symmetric scales may be negative (see below).
@@ -34,6 +36,30 @@ class QuantizedWeight:
         return weight.T.copy()
 
 
+def group_grid(w: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """Scales (and zero points) for groups ``w[..., group, N]`` -> ``[..., N]`` each.
+
+    Symmetric follows llama.cpp's Q4_0 rule: the largest-magnitude value maps to code 0
+    (``-2^(bits-1)``), so all ``2^bits`` levels are used (``absmax / (2^(bits-1) - 1)`` would waste
+    one); the value opposite it clips by at most one step. Asymmetric spans ``[min(w, 0), max(w, 0)]``.
+    """
+    levels = 2**bits - 1
+    if symmetric:
+        half = 2 ** (bits - 1)
+        signed_max = np.take_along_axis(w, np.abs(w).argmax(axis=-2)[..., None, :], axis=-2)[..., 0, :]
+        return np.where(signed_max != 0, signed_max / -half, 1.0).astype(np.float32), None
+    lo, hi = np.minimum(w.min(axis=-2), 0), np.maximum(w.max(axis=-2), 0)
+    scales = np.where(hi > lo, (hi - lo) / levels, 1.0).astype(np.float32)
+    return scales, np.clip(np.rint(-lo / scales), 0, levels).astype(np.float32)
+
+
+def round_to_grid(w, scales, zeros, bits: int):
+    """Codes ``clip(rint(w / scale) + zero)`` (numpy or torch arrays broadcasting alike)."""
+    zero = 2 ** (bits - 1) if zeros is None else zeros
+    codes = (w / scales).round() + zero
+    return codes.clip(0, 2**bits - 1)
+
+
 def quantize_rtn(weight: np.ndarray, bits: int, group_size: int | None, symmetric: bool) -> QuantizedWeight:
     """Quantize ``weight[N, K]`` with one scale per ``group_size`` inputs (``None``: per channel).
 
@@ -46,20 +72,8 @@ def quantize_rtn(weight: np.ndarray, bits: int, group_size: int | None, symmetri
     w = np.zeros((groups * group, n), np.float32)  # zero padding changes no group's absmax/min/max
     w[:k] = weight.T
     w = w.reshape(groups, group, n)
-    levels = 2**bits - 1
-    if symmetric:
-        # llama.cpp's Q4_0 rule: the largest-magnitude value maps to code 0 (-2^(bits-1)), so all
-        # 2^bits levels are used (absmax / (2^(bits-1) - 1) would waste one); its opposite clips.
-        half = 2 ** (bits - 1)
-        signed_max = np.take_along_axis(w, np.abs(w).argmax(axis=1)[:, None, :], axis=1)[:, 0, :]
-        scales = np.where(signed_max != 0, signed_max / -half, 1.0).astype(np.float32)
-        codes = np.clip(np.rint(w / scales[:, None, :]) + half, 0, levels)
-        zeros = None
-    else:
-        lo, hi = np.minimum(w.min(axis=1), 0), np.maximum(w.max(axis=1), 0)
-        scales = np.where(hi > lo, (hi - lo) / levels, 1.0).astype(np.float32)
-        zeros = np.clip(np.rint(-lo / scales), 0, levels).astype(np.float32)
-        codes = np.clip(np.rint(w / scales[:, None, :]) + zeros[:, None, :], 0, levels)
+    scales, zeros = group_grid(w, bits, symmetric)
+    codes = round_to_grid(w, scales[:, None, :], None if zeros is None else zeros[:, None, :], bits)
     return QuantizedWeight(
         codes=codes.reshape(groups * group, n)[:k].astype(np.uint8),
         scales=scales,

@@ -18,6 +18,8 @@ RECIPES = {
     "int4_g32": Recipe("w4g32", WeightQuant(4, 32)),
     "int4_g128_asym": Recipe("w4g128a", WeightQuant(4, 128, symmetric=False)),
     "int4_channel": Recipe("w4c", WeightQuant(4, None)),
+    "int3_g32": Recipe("w3g32", WeightQuant(3, 32)),  # 3-bit codes run in the int4 kernels
+    "int3_g32_asym": Recipe("w3g32a", WeightQuant(3, 32, symmetric=False)),
 }
 
 
@@ -49,7 +51,7 @@ def test_linear_kernel_matches_numpy(fmt, m_rows, n, k):
     x = rng.standard_normal((m_rows, k)).astype(np.float32)
     recipe = RECIPES[fmt]
     packed = pack_linear(weight, recipe, "layer", CHIP.linear_tile)
-    expected_kind = "f32" if recipe.weights is None else f"int{recipe.weights.bits}"
+    expected_kind = "f32" if recipe.weights is None else "int8" if recipe.weights.bits == 8 else "int4"
     assert packed.fmt.kind == expected_kind
     got = _run_kernel(packed, m_rows, x)
     want = x.astype(np.float64) @ _reference_weight(recipe, weight).T.astype(np.float64)

@@ -21,7 +21,7 @@ def test_recipe_names_parse():
     ("int4", "w8a16-rtn"),             # lists valid recipes
     ("w4a16-foo", "method .foo."),
     ("w4a16-rtn-g100", "group size 100"),
-    ("w3a16-rtn-g128", "bits 3"),
+    ("w2a16-rtn-g128", "bits 2"),
     ("w8a16-rtn-g128", "per output channel"),
     ("w4a16-rtn-g128:keep=3", "keep=3"),
 ])

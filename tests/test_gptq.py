@@ -1,0 +1,99 @@
+"""GPTQ numerics and the calibration mechanism."""
+
+import numpy as np
+import pytest
+import torch
+
+from lowbit.compiler import LowbitError
+from lowbit.compiler.calibration import calibration_samples, collect_statistics
+from lowbit.passes.gptq import quantize_gptq
+from lowbit.passes.rtn import quantize_rtn
+
+
+def _correlated_inputs(rng, tokens=4096, width=256, rank=32):
+    mixing = rng.standard_normal((rank, width)).astype(np.float32)
+    return rng.standard_normal((tokens, rank)).astype(np.float32) @ mixing + 0.1 * rng.standard_normal(
+        (tokens, width)).astype(np.float32)
+
+
+@pytest.mark.parametrize("bits,group,symmetric,act_order", [
+    (4, 64, True, False), (4, 64, True, True), (4, None, False, False), (3, 64, True, False),
+])
+def test_gptq_output_error_well_below_rtn(bits, group, symmetric, act_order):
+    rng = np.random.default_rng(bits * 10 + int(act_order))
+    x = _correlated_inputs(rng)
+    weight = rng.standard_normal((96, x.shape[1])).astype(np.float32)
+    hessian = x.T.astype(np.float64) @ x / len(x)
+    result = quantize_gptq(weight, hessian, bits, group, symmetric, act_order=act_order)
+    q = result.weight
+    assert q.codes.max() <= 2**bits - 1 and np.isfinite(q.scales).all()
+    reference = x @ weight.T
+    gptq_err = np.mean((x @ q.dequantize().T - reference) ** 2)
+    rtn_err = np.mean((x @ quantize_rtn(weight, bits, group, symmetric).dequantize().T - reference) ** 2)
+    assert gptq_err < 0.5 * rtn_err, (gptq_err, rtn_err)
+
+
+def test_gptq_raises_dampening_on_singular_hessian_and_never_returns_nan():
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((16, 64)).astype(np.float32)
+    x = rng.standard_normal((8, 64))  # rank 8 < 64
+    hessian = -(x.T @ x)  # negative semidefinite: no dampening in range can fix it
+    with pytest.raises(LowbitError, match="not positive definite"):
+        quantize_gptq(weight, hessian, 4, 32, True, damp=0.01, name="layer.x")
+    hessian = x.T @ x - 1e-3 * np.eye(64)  # slightly indefinite: a larger dampening fixes it
+    result = quantize_gptq(weight, hessian, 4, 32, True, damp=1e-4)
+    assert result.damp > 1e-4 and np.isfinite(result.weight.dequantize()).all()
+
+
+def test_calibration_samples_validate_length():
+    assert calibration_samples(list(range(10)), 3, 4) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    with pytest.raises(LowbitError, match="shorter than one sample of 16"):
+        calibration_samples(list(range(10)), 3, 16)
+
+
+def test_statistics_from_compiled_graph_match_torch(tiny_model_dir):
+    """X^T X of q_proj's input from the instrumented Relax graph equals torch's activations."""
+    from transformers import AutoModelForCausalLM
+
+    from lowbit.compiler.frontend_torch import import_torch_model
+    from lowbit.targets import get_target
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype="float32").eval()
+    ir = import_torch_model(model, 128)
+    samples = [list(range(100, 140)), list(range(500, 540))]
+    stats = collect_statistics(ir, get_target("host"), samples)
+    assert set(stats) == {n for n in ir.params if n.endswith("proj.weight")} | {"lm_head.weight"}
+    captured = []
+    hook = model.model.layers[1].self_attn.q_proj.register_forward_hook(
+        lambda _m, inputs, _o: captured.append(inputs[0][0].detach().numpy()))
+    with torch.no_grad():
+        for sample in samples:
+            model(torch.tensor([sample]))
+    hook.remove()
+    rows = np.concatenate(captured)
+    got = stats["model.layers.1.self_attn.q_proj.weight"]
+    assert got is stats["model.layers.1.self_attn.k_proj.weight"]  # q/k/v share their input
+    assert got.tokens == 80
+    np.testing.assert_allclose(got.xtx, rows.T.astype(np.float64) @ rows, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got.absmax, np.abs(rows).max(0), rtol=1e-5)
+
+
+def test_gptq_compile_end_to_end_on_small_model(tiny_model_dir, tmp_path):
+    from lowbit.compiler import compile as lowbit_compile
+    from lowbit.compiler import load
+
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog near the river bank. " * 40, encoding="utf-8")
+    result = lowbit_compile(str(tiny_model_dir), "w4a16-gptq-g32-act", "host", tmp_path / "art",
+                            progress=False, calib=str(text), calib_samples=4, calib_seq_len=64)
+    assert all("gptq act-order" in note for note in result.layers.values())
+    session = load(result.output)
+    logits = session.prefill(session.encode("The quick brown fox"))
+    assert np.isfinite(logits).all()
+
+    short = tmp_path / "short.txt"
+    short.write_text("Too short.", encoding="utf-8")
+    with pytest.raises(LowbitError, match="shorter than one sample of 64"):
+        lowbit_compile(str(tiny_model_dir), "w4a16-gptq-g32", "host", tmp_path / "art2",
+                       progress=False, calib=str(short), calib_seq_len=64)
+    assert not (tmp_path / "art2").exists()
