@@ -39,11 +39,15 @@ class QuantizedWeight:
 def group_grid(w: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray | None]:
     """Scales (and zero points) for groups ``w[..., group, N]`` -> ``[..., N]`` each.
 
-    Symmetric follows llama.cpp's Q4_0 rule: the largest-magnitude value maps to code 0
-    (``-2^(bits-1)``), so all ``2^bits`` levels are used (``absmax / (2^(bits-1) - 1)`` would waste
-    one); the value opposite it clips by at most one step. Asymmetric spans ``[min(w, 0), max(w, 0)]``.
+    Symmetric low-bit grids follow llama.cpp's Q4_0 rule: the largest-magnitude value maps to code
+    0 (``-2^(bits-1)``), so all ``2^bits`` levels are used (``absmax / (2^(bits-1) - 1)`` would
+    waste one of 16); the value opposite it clips by at most one step. 8-bit uses plain absmax. Asymmetric spans ``[min(w, 0), max(w, 0)]``.
     """
     levels = 2**bits - 1
+    if symmetric and bits >= 8:  # one level of 256 is not worth clipping for: plain absmax
+        absmax = np.abs(w).max(axis=-2)
+        half = 2 ** (bits - 1)
+        return np.where(absmax > 0, absmax / (half - 1), 1.0).astype(np.float32), None
     if symmetric:
         half = 2 ** (bits - 1)
         signed_max = np.take_along_axis(w, np.abs(w).argmax(axis=-2)[..., None, :], axis=-2)[..., 0, :]
