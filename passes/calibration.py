@@ -36,8 +36,7 @@ def instrument_linear_inputs(func: relax.Function) -> tuple[relax.Function, list
     bb = relax.BlockBuilder()
     with bb.function("calibrate", list(func.params), attrs={"num_input": func.attrs["num_input"]}, pure=True):
         outputs = []
-        body = func.body
-        for block in body.blocks:
+        for block in func.body.blocks:
             for binding in block.bindings:
                 bb.emit_normalized(binding)
         for var in collector.sites:
@@ -47,6 +46,7 @@ def instrument_linear_inputs(func: relax.Function) -> tuple[relax.Function, list
     return calibrate, sites
 
 
+@relax.expr_functor.visitor
 class _SiteCollector(relax.PyExprVisitor):
     def __init__(self, func):
         super().__init__()
@@ -62,8 +62,6 @@ class _SiteCollector(relax.PyExprVisitor):
             self.sites.setdefault(x, CalibrationSite([], width)).weights.append(use.name)
         super().visit_call_(call)
 
-
-_SiteCollector = relax.expr_functor.visitor(_SiteCollector)
 
 
 def _rows(bb: relax.BlockBuilder, x: relax.Expr) -> relax.Expr:
