@@ -25,7 +25,10 @@ from .recipes import Recipe
 
 @dataclasses.dataclass
 class LinearStatistics:
-    """Running statistics of one linear layer's input (shared by layers reading the same input)."""
+    """Running statistics of one linear layer's input (shared by layers reading the same input).
+
+    GPTQ reads ``hessian()``; the per-channel magnitudes are kept for activation-aware methods.
+    """
 
     xtx: np.ndarray  # [K, K] float64
     absmax: np.ndarray  # [K]
@@ -45,9 +48,6 @@ class LinearStatistics:
 
     def hessian(self) -> np.ndarray:
         return self.xtx / max(self.tokens, 1)
-
-    def mean_abs(self) -> np.ndarray:
-        return self.abssum / max(self.tokens, 1)
 
 
 def calibration_samples(token_ids: list[int], samples: int, length: int) -> list[list[int]]:

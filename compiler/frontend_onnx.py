@@ -24,7 +24,7 @@ from tvm import relax, tirx
 from tvm.relax.frontend.onnx.onnx_frontend import ONNXGraphImporter
 
 from .errors import LowbitError
-from .model_ir import KVLayout, ModelIR, make_entry_module, rename_params, sync_params
+from .model_ir import KVLayout, ModelIR, kv_names, make_entry_module, rename_params, sync_params
 from .unsupported import check_onnx_ops
 
 DEFAULT_MAX_CONTEXT = 2048
@@ -37,8 +37,8 @@ def import_onnx_model(path, max_context: int | None = None) -> ModelIR:
     graph = model.graph
     check_onnx_ops(graph, path)
     inputs, kv, vocab_size = _checked_signature(graph, path)
-    input_names = ["input_ids"] + _kv_names("past_key_values", kv.num_layers)
-    output_names = ["logits"] + _kv_names("present", kv.num_layers)
+    input_names = ["input_ids"] + kv_names("past_key_values", kv.num_layers)
+    output_names = ["logits"] + kv_names("present", kv.num_layers)
     unprefixed = {init.name.removeprefix("onnx::"): init.name for init in graph.initializer}
     context = max_context or DEFAULT_MAX_CONTEXT
 
@@ -79,7 +79,7 @@ def _checked_signature(graph, path) -> tuple[dict, KVLayout, int]:
     kv = _kv_layout(inputs, path)
     _check_layout(list(inputs), list(outputs), kv.num_layers, path)
     _check_dtype(inputs["input_ids"], "int64", path)
-    for name in _kv_names("past_key_values", kv.num_layers):
+    for name in kv_names("past_key_values", kv.num_layers):
         _check_dtype(inputs[name], "float32", path)
     return inputs, kv, _vocab_size(outputs["logits"], path)
 
@@ -151,10 +151,6 @@ def _int_scalar(value):
     return None
 
 
-def _kv_names(prefix: str, num_layers: int) -> list[str]:
-    return [f"{prefix}.{i}.{part}" for i in range(num_layers) for part in ("key", "value")]
-
-
 def _dims(value_info) -> list:
     """The shape of a graph input or output: ints for fixed dims, strings (maybe empty) for the others."""
     return [d.dim_value if d.HasField("dim_value") else d.dim_param for d in value_info.type.tensor_type.shape.dim]
@@ -177,7 +173,7 @@ def _kv_layout(inputs: dict, path) -> KVLayout:
             f"ONNX file {path}: input past_key_values.0.key has shape {first}; lowbit needs "
             "[batch, kv_heads, past, head_dim] with fixed kv_heads and head_dim"
         )
-    for name in _kv_names("past_key_values", num_layers):
+    for name in kv_names("past_key_values", num_layers):
         if name in inputs and _dims(inputs[name])[1::2] != first[1::2]:
             raise LowbitError(f"ONNX file {path}: input {name} has shape {_dims(inputs[name])}, "
                               f"but past_key_values.0.key has {first}; every layer must have the same layout")
@@ -186,9 +182,9 @@ def _kv_layout(inputs: dict, path) -> KVLayout:
 
 def _check_layout(inputs: list[str], outputs: list[str], num_layers: int, path) -> None:
     """Raise naming every missing and unexpected graph input and output at once."""
-    required_inputs = ["input_ids"] + _kv_names("past_key_values", num_layers)
+    required_inputs = ["input_ids"] + kv_names("past_key_values", num_layers)
     problems = _name_problems("input", inputs, required_inputs, _OPTIONAL_INPUTS)
-    problems += _name_problems("output", outputs, ["logits"] + _kv_names("present", num_layers), ())
+    problems += _name_problems("output", outputs, ["logits"] + kv_names("present", num_layers), ())
     if problems:
         raise LowbitError(
             f"ONNX file {path} does not have the decoder layout lowbit reads: {'; '.join(problems)}. "
@@ -224,7 +220,7 @@ def _shape_dict(inputs: dict, kv: KVLayout, seq, past) -> dict:
     """Input shapes with batch 1 and our own symbolic ``seq`` / ``past``, whatever dims the file names."""
     cache = [1, kv.num_kv_heads, past, kv.head_dim]
     shapes = {"input_ids": [1, seq], "attention_mask": [1, past + seq], "position_ids": [1, seq]}
-    shapes |= {name: cache for name in _kv_names("past_key_values", kv.num_layers)}
+    shapes |= {name: cache for name in kv_names("past_key_values", kv.num_layers)}
     return {name: shape for name, shape in shapes.items() if name in inputs}
 
 

@@ -13,7 +13,7 @@ from tvm import relax
 from tvm.relax.frontend.torch import from_exported_program
 
 from .errors import LowbitError
-from .model_ir import KVLayout, ModelIR, sync_params, make_entry_module, rename_params
+from .model_ir import KVLayout, ModelIR, kv_names, make_entry_module, rename_params, sync_params
 from .unsupported import check_exported_ops
 
 
@@ -146,13 +146,9 @@ def import_torch_model(model, max_context: int | None = None) -> ModelIR:
     return ModelIR(
         mod=mod,
         params=params,
-        input_names=["input_ids"] + _kv_names("past_key_values", kv.num_layers),
-        output_names=["logits"] + _kv_names("present", kv.num_layers),
+        input_names=["input_ids"] + kv_names("past_key_values", kv.num_layers),
+        output_names=["logits"] + kv_names("present", kv.num_layers),
         kv=kv,
         vocab_size=text.vocab_size,
         max_context=context,
     )
-
-
-def _kv_names(prefix: str, num_layers: int) -> list[str]:
-    return [f"{prefix}.{i}.{part}" for i in range(num_layers) for part in ("key", "value")]

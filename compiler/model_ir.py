@@ -78,6 +78,11 @@ def make_entry_module(prefill: relax.Function, decode: relax.Function, num_input
     return relax.transform.Normalize()(mod)
 
 
+def kv_names(prefix: str, num_layers: int) -> list[str]:
+    """``prefix.{i}.key``, ``prefix.{i}.value`` for every layer, in the order functions take them."""
+    return [f"{prefix}.{i}.{part}" for i in range(num_layers) for part in ("key", "value")]
+
+
 def sync_params(mod: tvm.IRModule, params: dict[str, np.ndarray]) -> tuple[tvm.IRModule, dict]:
     """Make every entry function (one with ``num_input``) take exactly the weights some entry
     function reads, in one order.

@@ -21,6 +21,7 @@ from tvm import relax
 
 from .linear_match import match_linear
 
+
 @dataclasses.dataclass
 class CalibrationSite:
     weights: list[str]
@@ -61,7 +62,6 @@ class _SiteCollector(relax.PyExprVisitor):
             width = int(x.ty.shape[-1])
             self.sites.setdefault(x, CalibrationSite([], width)).weights.append(use.name)
         super().visit_call_(call)
-
 
 
 def _rows(bb: relax.BlockBuilder, x: relax.Expr) -> relax.Expr:

@@ -26,7 +26,6 @@ from .rtn import QuantizedWeight, group_grid, round_to_grid
 class GPTQResult:
     weight: QuantizedWeight
     damp: float  # the dampening actually used (relative to mean diag H)
-    error: float  # sum over columns of the Hessian-weighted rounding error (the GPTQ loss)
 
 
 def quantize_gptq(weight: np.ndarray, hessian: np.ndarray, bits: int, group_size: int | None,
@@ -68,7 +67,6 @@ def _gptq(weight, hessian, bits, group_size, symmetric, damp, block, act_order, 
     if grid is not None:
         scales[:], zeros = grid[0], grid[1]
     codes = torch.zeros((n, k), dtype=torch.float32)
-    loss = torch.zeros(())
     for start in range(0, k, block):
         stop = min(start + block, k)
         W1 = W[:, start:stop].clone()
@@ -92,7 +90,6 @@ def _gptq(weight, hessian, bits, group_size, symmetric, damp, block, act_order, 
             dequantized = (q - zero) * s
             d = H1[i, i]
             err = (w - dequantized) / d
-            loss += (err**2).sum() / 2
             W1[:, i:].addr_(err, H1[i, i:], alpha=-1.0)
             E1[:, i] = err
         W[:, stop:] -= E1 @ Hinv[start:stop, stop:]
@@ -101,7 +98,7 @@ def _gptq(weight, hessian, bits, group_size, symmetric, damp, block, act_order, 
     natural[:, order] = codes
     quantized = QuantizedWeight(codes=natural.T.numpy().astype(np.uint8), scales=scales, zeros=zeros,
                                 bits=bits, group_size=group)
-    return GPTQResult(quantized, used_damp, float(loss))
+    return GPTQResult(quantized, used_damp)
 
 
 def _static_grid(weight: np.ndarray, group: int, bits: int, symmetric: bool):

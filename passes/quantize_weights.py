@@ -7,8 +7,8 @@ Guarantees: every ``matmul`` whose right operand is a 2-D weight parameter (see
 :mod:`lowbit.passes.linear_match`) becomes ``call_tir`` of a :mod:`lowbit.codegen.kernels` PrimFunc
 on packed, column-tiled weights: int8/int4 codes with scales (RTN) where the recipe quantizes it,
 float otherwise (ignored layers, ``fp32``, shapes the format cannot hold). GPTQ recipes need
-``statistics`` (weight name -> calibration statistics, see :mod:`lowbit.compiler.calibration`). Both entry functions get
-the same kernels' GEMV (``M == 1``) or GEMM (symbolic ``M``) variants and read the same new weights,
+``statistics`` (weight name -> calibration statistics, see :mod:`lowbit.compiler.calibration`).
+Both entry functions get the same kernels' GEMV (``M == 1``) or GEMM (symbolic ``M``) variants and read the same new weights,
 named ``<weight>.qweight`` / ``.scales`` / ``.zeros`` (or ``.tiled`` for float). The original weight
 stays only where something else still reads it (a tied embedding); ``sync_params`` drops the rest.
 Every decision is recorded in ``report`` (layer, format, reason) for the manifest.
@@ -24,13 +24,11 @@ from tvm import relax, tirx
 
 from lowbit.codegen.kernels import LinearFormat, linear_kernel
 from lowbit.codegen.packing import INT4_PER_WORD, pack_int4, to_column_tiles
-
 from lowbit.compiler.errors import LowbitError
 
 from .gptq import quantize_gptq
 from .linear_match import match_linear
 from .rtn import quantize_rtn
-
 
 
 @dataclasses.dataclass
