@@ -17,14 +17,18 @@ from .packing import INT4_PER_WORD
 
 KERNEL_ATTR = "lowbit.kernel"  # the weight format tag; marks a PrimFunc as a lowbit linear kernel
 GEMV_ATTR = "lowbit.gemv"  # True when M == 1 (decode)
+W8A8_KINDS = ("w8a8", "w8a8_static")  # int8 activations: per-token dynamic scales / one static scale
+INT8_QMAX = 127  # int8 activation codes are clipped to [-127, 127]
 
 
 @dataclasses.dataclass(frozen=True)
 class LinearFormat:
     """How a linear layer's weight is stored.
 
-    kind: ``f32`` (float codes), ``int8`` (int8 codes, one scale per output channel) or ``int4``
-    (codes packed 8 per uint32 along K, one scale [and zero point] per ``group_size`` inputs).
+    kind: ``f32`` (float codes), ``int8`` (int8 codes, one scale per output channel), ``int4``
+    (codes packed 8 per uint32 along K, one scale [and zero point] per ``group_size`` inputs), or
+    ``w8a8`` / ``w8a8_static``: the ``int8`` weights with the activations quantized to int8 too
+    (see :func:`w8a8_kernel`).
     tile: output channels per column tile; every weight tensor is stored as
     ``[ceil(N / tile), K', tile]`` (see :func:`lowbit.codegen.packing.to_column_tiles`).
     """
@@ -51,6 +55,8 @@ def linear_kernel(fmt: LinearFormat, m, n: int, k: int, dtype: str = "float32") 
     if n % t:
         raise ValueError(f"n={n} is not a multiple of the column tile {t}")
     tiles = n // t
+    if fmt.kind in W8A8_KINDS:
+        return w8a8_kernel(fmt, m, k, tiles, dtype)
     x = te.placeholder((m, k), dtype, name="X")
     if fmt.kind in ("f32", "int8"):
         w = te.placeholder((tiles, k, t), dtype if fmt.kind == "f32" else "int8", name="W")
@@ -85,5 +91,60 @@ def linear_kernel(fmt: LinearFormat, m, n: int, k: int, dtype: str = "float32") 
     dequant = te.compute((k, n), _dequant, name="dequant")
     r = te.reduce_axis((0, k), name="k")
     y = te.compute((m, n), lambda i, j: te.sum(x[i, r] * dequant[r, j], axis=r), name="matmul")
+    func = te.create_prim_func([x, *inputs, y])
+    return func.with_attrs({KERNEL_ATTR: fmt.tag, GEMV_ATTR: isinstance(m, int) and m == 1})
+
+
+def w8a8_kernel(fmt: LinearFormat, m, k: int, tiles: int, dtype: str = "float32") -> tirx.PrimFunc:
+    """W8A8: int8 activations times int8 weights, accumulated exactly in int32, dequantized after.
+
+    Arguments, in order: ``X[M, K]`` float, ``W[N/t, K, t]`` int8 codes, ``scale[N/t, t]`` float
+    (one per output channel), for ``w8a8_static`` ``act_scale[1]`` float (one calibrated scale for
+    the whole input, > 0), then the output ``Y[M, N]`` float. Computes, per row ``m``::
+
+        sx[m]    = max_k |X[m, k]| / 127 (1 for an all-zero row)   # w8a8; w8a8_static: act_scale[0]
+        xq[m, k] = int8(clip(round_half_even(X[m, k] / sx[m]), -127, 127))
+        acc[m, n] = sum_k int32(xq[m, k]) * int32(W[n // t, k, n % t])
+        Y[m, n]  = float(acc[m, n]) * sx[m] * scale[n // t, n % t]
+
+    Blocks: ``act_absmax`` and ``act_scale`` (``w8a8`` only), ``act_quant``, ``matmul`` (int32) and
+    ``output``. Any int8 weight codes are valid: ``|xq * w| <= 127 * 128``.
+    """
+    t = fmt.tile
+    x = te.placeholder((m, k), dtype, name="X")
+    w = te.placeholder((tiles, k, t), "int8", name="W")
+    w_scale = te.placeholder((tiles, t), dtype, name="scale")
+    qmax = tirx.const(float(INT8_QMAX), dtype)
+    if fmt.kind == "w8a8":
+        rk = te.reduce_axis((0, k), name="kq")
+        absmax = te.compute((m,), lambda i: te.max(tirx.abs(x[i, rk]), axis=rk), name="act_absmax")
+        x_scale = te.compute(
+            (m,), lambda i: tirx.Select(absmax[i] > 0, absmax[i] / qmax, tirx.const(1.0, dtype)), name="act_scale"
+        )
+        inputs = [w, w_scale]
+
+        def row_scale(i):
+            return x_scale[i]
+    else:
+        x_scale = te.placeholder((1,), dtype, name="act_scale")
+        inputs = [w, w_scale, x_scale]
+
+        def row_scale(_i):
+            return x_scale[0]
+
+    xq = te.compute(
+        (m, k),
+        lambda i, kk: tirx.max(tirx.min(tirx.round(x[i, kk] / row_scale(i)), qmax), -qmax).astype("int8"),
+        name="act_quant",
+    )
+    r = te.reduce_axis((0, k), name="k")
+    acc = te.compute(
+        (m, tiles * t),
+        lambda i, j: te.sum(xq[i, r].astype("int32") * w[j // t, r, j % t].astype("int32"), axis=r),
+        name="matmul",
+    )
+    y = te.compute(
+        (m, tiles * t), lambda i, j: acc[i, j].astype(dtype) * row_scale(i) * w_scale[j // t, j % t], name="output"
+    )
     func = te.create_prim_func([x, *inputs, y])
     return func.with_attrs({KERNEL_ATTR: fmt.tag, GEMV_ATTR: isinstance(m, int) and m == 1})

@@ -7,10 +7,11 @@ Names are resolved lazily, so that ``lowbit.passes`` and ``lowbit.codegen`` can 
 import importlib
 
 _EXPORTS = {
-    "compile": "api", "load": "api", "CompileResult": "api",
+    "compile": "api", "load": "api", "evaluate": "api", "analyze": "api", "build_model": "api",
+    "CompileResult": "api", "EvalResult": "evaluate",
     "LowbitError": "errors",
     "Recipe": "recipes", "WeightQuant": "recipes", "get_recipe": "recipes",
-    "Session": "runtime", "Generation": "runtime", "perplexity": "runtime",
+    "Session": "runtime", "Generation": "runtime",
 }
 __all__ = list(_EXPORTS)
 

@@ -8,8 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-from .artifact import write_artifact
-from .datasets import DEFAULT_CALIB_TEXT, read_text
+from .artifact import MANIFEST, write_artifact
+from .datasets import DEFAULT_CALIB_TEXT, DEFAULT_EVAL_TEXT, read_text
 from .errors import LowbitError
 from .models import DEFAULT_MODEL, HFModel, resolve_model
 from .pipeline import run_pipeline
@@ -50,50 +50,104 @@ class _Stages:
         self.bar.close()
 
 
-def compile(model: str = DEFAULT_MODEL, recipe: str = DEFAULT_RECIPE, target: str = "host",
-            output: str | Path | None = None, max_context: int | None = None,
-            progress: bool | None = None, calib: str = DEFAULT_CALIB_TEXT, calib_samples: int = 64,
-            calib_seq_len: int = 512) -> CompileResult:
-    """Compile ``model`` (a name, HF folder, .gguf or .onnx) with ``recipe`` for ``target`` into ``output``.
+@dataclasses.dataclass
+class BuiltModel:
+    """A model imported, quantized and built in memory (what an artifact holds, before writing)."""
 
-    Recipes that need calibration (GPTQ) read ``calib_samples`` windows of ``calib_seq_len`` tokens
-    of ``calib`` (a bundled text name or a UTF-8 file; the default is disjoint from ``lowbit eval``'s).
+    source: object
+    recipe: object
+    chip: object
+    ir: object  # the imported ModelIR, before quantization
+    result: object  # PipelineResult
+    executable: object
+    tokenizer_folder: Path | None
+    eos: object
+
+    @property
+    def manifest(self) -> dict:
+        return _manifest(self.source, self.recipe, self.chip, self.result, self.eos)
+
+    def session(self) -> Session:
+        tokenizer = None if self.tokenizer_folder is None else Path(self.tokenizer_folder) / "tokenizer.json"
+        manifest = dict(self.manifest, weight_names=list(self.result.ir.params))
+        return Session.in_memory(self.executable, self.result.ir.params, manifest,
+                                 tokenizer if tokenizer is not None and tokenizer.is_file() else None)
+
+    def rebuilt(self, recipe: str) -> "BuiltModel":
+        """The same imported model under another (calibration-free) recipe, e.g. the fp32 reference."""
+        from lowbit.codegen.build import build
+
+        recipe_obj = get_recipe(recipe)
+        result = run_pipeline(self.ir, recipe_obj, self.chip)
+        return dataclasses.replace(self, recipe=recipe_obj, result=result, executable=build(result.ir.mod, self.chip))
+
+
+def build_model(model: str = DEFAULT_MODEL, recipe: str = DEFAULT_RECIPE, target: str = "host",
+                max_context: int | None = None, progress: bool | None = None, calib: str = DEFAULT_CALIB_TEXT,
+                calib_samples: int = 64, calib_seq_len: int = 512, stages: "_Stages | None" = None) -> BuiltModel:
+    """Load, import, calibrate (if the recipe needs it), quantize and build ``model`` in memory.
+
+    ``stages``: the caller's stage display (it then owns closing it); by default one of our own.
     """
     from lowbit.codegen.build import build
     from lowbit.targets import get_target
 
-    started = time.perf_counter()
     recipe_obj = get_recipe(recipe)  # validate cheap arguments before the expensive work
     chip = get_target(target)
     if max_context is not None and max_context < 2:
         raise LowbitError(f"max_context must be at least 2, got {max_context}")
     if calib_samples < 1:
         raise LowbitError(f"calib_samples must be at least 1, got {calib_samples}")
-    output = Path(output or f"out/{Path(str(model)).stem}-{recipe_obj.name.replace(':', '_')}")
-    calibrate = recipe_obj.weights is not None and recipe_obj.weights.needs_calibration
-    show = sys.stderr.isatty() if progress is None else progress
-    stages = _Stages(6 if calibrate else 5, show)
+    show = _show(progress)
+    own_stages = stages is None
+    stages = stages or _Stages(4 + recipe_obj.needs_calibration, show)
     try:
         with stages.stage(f"loading {model}"):
             source = resolve_model(str(model))
         with stages.stage("importing into TVM Relax"):
             ir, tokenizer_folder, eos = _import(source, max_context)
         statistics = None
-        if calibrate:
+        if recipe_obj.needs_calibration:
             with stages.stage(f"calibrating on {calib}"):
                 statistics = _calibrate(ir, chip, tokenizer_folder, calib, calib_samples, calib_seq_len, show)
         with stages.stage(f"applying {recipe_obj.name}"), _bar(len(ir.params), "quantizing", show) as bar:
             result = run_pipeline(ir, recipe_obj, chip, statistics, bar)
         with stages.stage(f"building for {chip.name}"):
             executable = build(result.ir.mod, chip)
+    finally:
+        if own_stages:
+            stages.close()
+    return BuiltModel(source, recipe_obj, chip, ir, result, executable, tokenizer_folder, eos)
+
+
+def compile(model: str = DEFAULT_MODEL, recipe: str = DEFAULT_RECIPE, target: str = "host",
+            output: str | Path | None = None, max_context: int | None = None,
+            progress: bool | None = None, calib: str = DEFAULT_CALIB_TEXT, calib_samples: int = 64,
+            calib_seq_len: int = 512) -> CompileResult:
+    """Compile ``model`` (a name, HF folder, .gguf or .onnx) with ``recipe`` for ``target`` into ``output``.
+
+    Recipes that need calibration (GPTQ, AWQ, SmoothQuant, static activation scales, ``keep=autoN``)
+    read ``calib_samples`` windows of ``calib_seq_len`` tokens of ``calib`` (a bundled text name or a
+    UTF-8 file; the default is disjoint from ``lowbit eval``'s).
+    """
+    started = time.perf_counter()
+    recipe_obj = get_recipe(recipe)
+    output = Path(output or f"out/{Path(str(model)).stem}-{recipe_obj.name.replace(':', '_')}")
+    stages = _Stages(5 + recipe_obj.needs_calibration, _show(progress))
+    try:
+        built = build_model(model, recipe, target, max_context, progress, calib, calib_samples, calib_seq_len,
+                            stages)
         with stages.stage(f"writing {output}"):
-            manifest = _manifest(source, recipe_obj, chip, result, eos)
-            write_artifact(output, executable, result.ir.params, manifest, tokenizer_folder)
+            write_artifact(output, built.executable, built.result.ir.params, built.manifest, built.tokenizer_folder)
     finally:
         stages.close()
-    return CompileResult(output=Path(output).resolve(), recipe=recipe_obj.name, target=chip.name,
-                         seconds=time.perf_counter() - started, weight_bytes=result.ir.param_bytes(),
-                         layers=result.layers)
+    return CompileResult(output=Path(output).resolve(), recipe=built.recipe.name, target=built.chip.name,
+                         seconds=time.perf_counter() - started, weight_bytes=built.result.ir.param_bytes(),
+                         layers=built.result.layers)
+
+
+def _show(progress: bool | None) -> bool:
+    return sys.stderr.isatty() if progress is None else progress
 
 
 @contextlib.contextmanager
@@ -155,3 +209,80 @@ def _manifest(source, recipe, chip, result, eos) -> dict:
 def load(path: str | Path) -> Session:
     """Verify and load an artifact directory; returns a :class:`Session`."""
     return Session(path)
+
+
+def evaluate(model: str, recipe: str | None = None, target: str = "host", text: str = DEFAULT_EVAL_TEXT,
+             tokens: int = 4096, window: int = 512, reference: str | None = None, progress: bool | None = None,
+             calib: str = DEFAULT_CALIB_TEXT, calib_samples: int = 64, calib_seq_len: int = 512) -> dict:
+    """Perplexity of an artifact directory, or of a model under ``recipe`` built in memory.
+
+    A model evaluated under a quantized recipe is compared with its own fp32 build on the same
+    windows (``kl_vs_float``, ``top1_agreement``); an artifact is compared with ``reference`` (an
+    fp32 artifact directory or a model) when given. See :mod:`lowbit.compiler.evaluate`.
+    """
+    from .evaluate import evaluate_session, windows
+
+    if tokens < 2:
+        raise LowbitError(f"tokens must be at least 2, got {tokens}")
+    show = _show(progress)
+    if _is_artifact(model):
+        if recipe is not None:
+            raise LowbitError(f"{model} is an artifact, already compiled with its recipe; drop -r/--recipe")
+        session = load(model)
+        recipe_name = session.manifest["recipe"]["name"]
+        reference_session = None if reference is None else _reference_session(reference, target)
+    else:
+        built = build_model(model, recipe or "fp32", target, progress=progress, calib=calib,
+                            calib_samples=calib_samples, calib_seq_len=calib_seq_len)
+        session, recipe_name = built.session(), built.recipe.name
+        reference_session = None
+        if reference is not None:
+            reference_session = _reference_session(reference, target)
+        elif built.recipe.weights is not None:
+            reference_session = built.rebuilt("fp32").session()
+    ids = session.encode(read_text(text))[: tokens + 1]
+    window = min(window, session.max_context - 1)
+    with _bar(len(windows(ids, window)), "evaluating", show) as bar:
+        result = evaluate_session(session, ids, window, reference_session, bar)
+    return dict(result.as_dict(), recipe=recipe_name, text=text)
+
+
+def _is_artifact(path: str) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def _reference_session(reference: str, target: str) -> Session:
+    if _is_artifact(reference):
+        return load(reference)
+    return build_model(reference, "fp32", target).session()
+
+
+def analyze(model: str, recipe: str = "w8a8-naive", target: str = "host", progress: bool | None = None,
+            calib: str = DEFAULT_CALIB_TEXT, calib_samples: int = 8, calib_seq_len: int = 512) -> dict:
+    """Rank ``model``'s linear layers by the output error ``recipe``'s quantization causes, worst first.
+
+    See :mod:`lowbit.passes.sensitivity`; ``keep=autoN`` keeps the first ``N`` of this ranking.
+    """
+    from lowbit.passes.linear_match import find_linears
+    from lowbit.passes.sensitivity import rank_layers
+    from lowbit.targets import get_target
+
+    recipe_obj = get_recipe(recipe)
+    if recipe_obj.weights is None:
+        raise LowbitError(f"recipe {recipe_obj.name} quantizes nothing; analyze a quantized recipe")
+    chip = get_target(target)
+    show = _show(progress)
+    stages = _Stages(3, show)
+    try:
+        with stages.stage(f"loading {model}"):
+            source = resolve_model(str(model))
+        with stages.stage("importing into TVM Relax"):
+            ir, tokenizer_folder, _ = _import(source, None)
+        with stages.stage(f"calibrating on {calib}"):
+            statistics = _calibrate(ir, chip, tokenizer_folder, calib, calib_samples, calib_seq_len, show)
+    finally:
+        stages.close()
+    ranked = rank_layers(find_linears(ir.mod["prefill"]), ir.params, statistics, recipe_obj)
+    tokens = next(iter(statistics.values())).tokens
+    return {"model": source.name, "recipe": recipe_obj.name, "calibration_tokens": tokens,
+            "layers": [{"layer": e.layer, "relative_error": e.relative_error} for e in ranked]}

@@ -22,32 +22,58 @@ from .errors import LowbitError
 from .model_ir import ModelIR, sync_params
 from .recipes import Recipe
 
+SAMPLE_ROWS = 512  # activation rows kept per layer input for error simulation
+
 
 @dataclasses.dataclass
 class LinearStatistics:
     """Running statistics of one linear layer's input (shared by layers reading the same input).
 
-    GPTQ reads ``hessian()``; the per-channel magnitudes are kept for activation-aware methods.
+    GPTQ and AWQ read ``hessian()`` (GPTQ also ``split_hessians()`` to validate on held-out samples); SmoothQuant the per-channel magnitudes; sensitivity analysis
+    and activation-error estimates the ``sample``: up to :data:`SAMPLE_ROWS` token rows drawn
+    evenly from all calibration samples (a fixed seed, so results repeat).
     """
 
     xtx: np.ndarray  # [K, K] float64
     absmax: np.ndarray  # [K]
     abssum: np.ndarray  # [K]
+    sample: np.ndarray  # [rows, K] float32
+    heldout_xtx: np.ndarray  # [K, K] float64: X^T X of every second calibration sample only
+    rows_per_add: int = 1
     tokens: int = 0
+    heldout_tokens: int = 0
+    samples: int = 0
 
     @classmethod
-    def empty(cls, width: int) -> "LinearStatistics":
-        return cls(np.zeros((width, width)), np.zeros(width, np.float32), np.zeros(width))
+    def empty(cls, width: int, samples: int = 1) -> "LinearStatistics":
+        """Statistics to be fed ``samples`` calls of :meth:`add`."""
+        return cls(np.zeros((width, width)), np.zeros(width, np.float32), np.zeros(width),
+                   np.zeros((0, width), np.float32), np.zeros((width, width)), max(1, SAMPLE_ROWS // max(samples, 1)))
 
     def add(self, rows: np.ndarray) -> None:
-        self.xtx += (rows.T @ rows).astype(np.float64)
+        """Accumulate one calibration sample's ``[tokens, K]`` rows."""
+        xtx = (rows.T @ rows).astype(np.float64)
+        self.xtx += xtx
+        if self.samples % 2:
+            self.heldout_xtx += xtx
+            self.heldout_tokens += rows.shape[0]
+        self.samples += 1
         magnitude = np.abs(rows)
         self.absmax = np.maximum(self.absmax, magnitude.max(axis=0))
         self.abssum += magnitude.sum(axis=0, dtype=np.float64)
+        picked = np.random.default_rng(self.tokens).choice(len(rows), min(self.rows_per_add, len(rows)), replace=False)
+        self.sample = np.concatenate([self.sample, rows[np.sort(picked)].astype(np.float32)])
         self.tokens += rows.shape[0]
 
     def hessian(self) -> np.ndarray:
         return self.xtx / max(self.tokens, 1)
+
+    def split_hessians(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(H_fit, H_heldout)`` from disjoint halves of the samples, or ``None`` below two samples."""
+        if self.heldout_tokens == 0 or self.heldout_tokens == self.tokens:
+            return None
+        fit = (self.xtx - self.heldout_xtx) / (self.tokens - self.heldout_tokens)
+        return fit, self.heldout_xtx / self.heldout_tokens
 
 
 def calibration_samples(token_ids: list[int], samples: int, length: int) -> list[list[int]]:
@@ -77,7 +103,7 @@ def collect_statistics(ir: ModelIR, chip, samples: list[list[int]], progress=Non
     weights = [tvm.runtime.tensor(v, device) for v in params.values()]
     empty = np.zeros((1, ir.kv.num_kv_heads, 0, ir.kv.head_dim), np.float32)
     cache = [tvm.runtime.tensor(empty, device) for _ in range(2 * ir.kv.num_layers)]
-    stats = [LinearStatistics.empty(site.width) for site in sites]
+    stats = [LinearStatistics.empty(site.width, len(samples)) for site in sites]
     for sample in samples:
         ids = tvm.runtime.tensor(np.asarray([sample], np.int64), device)
         outputs = vm["calibrate"](ids, *cache, *weights)

@@ -1,4 +1,4 @@
-"""The ``lowbit`` command: compile, run, eval, inspect, targets.
+"""The ``lowbit`` command: compile, run, eval, analyze, inspect, targets.
 
 Errors lowbit can explain print one message to stderr and exit with code 2; ``--debug`` shows the
 traceback instead.
@@ -24,9 +24,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("-t", "--target", default="host", help="target name (see `lowbit targets`)")
     c.add_argument("-o", "--output", help="artifact directory (default out/<model>-<recipe>)")
     c.add_argument("--max-context", type=int, help="longest sequence the artifact accepts")
-    c.add_argument("--calib", default="lcet10", help="calibration text: bundled name or UTF-8 file (GPTQ)")
-    c.add_argument("--calib-samples", type=int, default=64, help="calibration windows (GPTQ)")
-    c.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration window")
+    _calibration_arguments(c)
     c.add_argument("--json", action="store_true", help="print one JSON object")
 
     r = sub.add_parser("run", help="generate text from an artifact")
@@ -38,12 +36,25 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int)
     r.add_argument("--json", action="store_true")
 
-    e = sub.add_parser("eval", help="perplexity of an artifact on real text")
-    e.add_argument("artifact")
-    e.add_argument("--text", default="alice29", help="bundled text name or a UTF-8 file (default alice29)")
+    e = sub.add_parser("eval", help="perplexity of an artifact, or of a model under a recipe, on real text")
+    e.add_argument("model", help="artifact directory, or a model as for `compile` (built in memory)")
+    e.add_argument("-r", "--recipe", help="recipe for a model (default fp32); compared with the fp32 build")
+    e.add_argument("-t", "--target", default="host", help="target name (see `lowbit targets`)")
+    e.add_argument("--text", "--eval", dest="text", default="alice29",
+                   help="bundled text name or a UTF-8 file (default alice29)")
     e.add_argument("--tokens", type=int, default=4096, help="evaluation tokens")
     e.add_argument("--window", type=int, default=512, help="tokens per non-overlapping window")
+    e.add_argument("--reference", help="float reference for an artifact: fp32 artifact directory or model")
+    _calibration_arguments(e)
     e.add_argument("--json", action="store_true")
+
+    a = sub.add_parser("analyze", help="per-layer sensitivity to a recipe's quantization, worst first")
+    a.add_argument("model", help="a model as for `compile`")
+    a.add_argument("-r", "--recipe", default="w8a8-naive", help="recipe whose quantization is measured")
+    a.add_argument("-t", "--target", default="host", help="target name (see `lowbit targets`)")
+    a.add_argument("--top", type=int, default=20, help="layers to print (all with --json)")
+    _calibration_arguments(a, samples=8)
+    a.add_argument("--json", action="store_true")
 
     i = sub.add_parser("inspect", help="print an artifact's manifest")
     i.add_argument("artifact")
@@ -52,6 +63,12 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("targets", help="list the registered targets")
     t.add_argument("--json", action="store_true")
     return parser
+
+
+def _calibration_arguments(parser, samples: int = 64) -> None:
+    parser.add_argument("--calib", default="lcet10", help="calibration text: bundled name or UTF-8 file")
+    parser.add_argument("--calib-samples", type=int, default=samples, help="calibration windows")
+    parser.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration window")
 
 
 def _compile(args) -> dict:
@@ -72,20 +89,17 @@ def _run(args) -> dict:
 
 
 def _eval(args) -> dict:
-    from .api import load
-    from .datasets import read_text
-    from .runtime import perplexity
+    from .api import evaluate
 
-    if args.tokens < 2 or args.window < 1:
-        raise LowbitError("--tokens must be at least 2 and --window at least 1")
-    session = load(args.artifact)
-    ids = session.encode(read_text(args.text))[: args.tokens + 1]
-    if len(ids) < 2:
-        raise LowbitError(f"text {args.text!r} has fewer than 2 tokens")
-    window = min(args.window, session.max_context - 1)
-    ppl, count = perplexity(session, ids, window)
-    return {"perplexity": round(ppl, 4), "tokens": count, "window": window,
-            "recipe": session.manifest["recipe"]["name"], "text": args.text}
+    return evaluate(args.model, args.recipe, args.target, args.text, args.tokens, args.window, args.reference,
+                    calib=args.calib, calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len)
+
+
+def _analyze(args) -> dict:
+    from .api import analyze
+
+    return analyze(args.model, args.recipe, args.target, calib=args.calib, calib_samples=args.calib_samples,
+                   calib_seq_len=args.calib_seq_len)
 
 
 def _inspect(args) -> dict:
@@ -112,6 +126,14 @@ def _print_human(command: str, result, args) -> None:
     elif command == "eval":
         print(f"perplexity {result['perplexity']:.3f} over {result['tokens']} tokens of {result['text']} "
               f"(windows of {result['window']}, recipe {result['recipe']})")
+        if "kl_vs_float" in result:
+            print(f"vs float: mean KL {result['kl_vs_float']:.5f} nats, top-1 agreement "
+                  f"{100 * result['top1_agreement']:.2f} %")
+    elif command == "analyze":
+        print(f"{result['recipe']}: relative output error per layer on {result['calibration_tokens']} "
+              "calibration tokens, worst first")
+        for entry in result["layers"][: args.top]:
+            print(f"  {entry['relative_error']:10.3e}  {entry['layer']}")
     elif command == "inspect":
         m = result
         print(f"model    {m['model']['name']} ({m['model']['kind']})")
@@ -135,7 +157,7 @@ def _print_human(command: str, result, args) -> None:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {"compile": _compile, "run": _run, "eval": _eval, "inspect": _inspect, "targets": _targets}
+    handlers = {"compile": _compile, "run": _run, "eval": _eval, "analyze": _analyze, "inspect": _inspect, "targets": _targets}
     try:
         result = handlers[args.command](args)
     except LowbitError as exc:

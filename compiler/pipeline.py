@@ -1,18 +1,27 @@
 """The ordered passes from an imported model to a quantized Relax module ready for codegen.
 
-Order: weight quantization (rewrites linears into lowbit kernels) -> dead code elimination ->
-parameter sync (every entry function takes exactly the live weights). Later passes (smoothing,
-activation and KV-cache quantization) slot in before weight quantization.
+Order, each step optional per recipe:
+
+1. SmoothQuant smoothing (:mod:`lowbit.passes.smoothquant`) and AWQ scaling and clipping
+   (:mod:`lowbit.passes.awq`): parameter transforms that fold per-channel scales into the previous
+   op; they rescale the calibration statistics they change, so later steps see the new inputs.
+2. Layer selection: ``ignore`` patterns stay float, ``keep`` patterns and the ``keep=autoN`` most
+   sensitive layers (:mod:`lowbit.passes.sensitivity`) become int8 per-channel RTN.
+3. Weight (and activation) quantization (:class:`~lowbit.passes.quantize_weights.QuantizeWeights`)
+   -> dead code elimination -> parameter sync (every entry function takes exactly the live weights).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 
 from tvm import relax
 
+from lowbit.passes.linear_match import find_linears
 from lowbit.passes.quantize_weights import QuantizeWeights
 
+from .errors import LowbitError
 from .model_ir import ENTRY_FUNCTIONS, ModelIR, sync_params
 
 
@@ -20,17 +29,56 @@ from .model_ir import ENTRY_FUNCTIONS, ModelIR, sync_params
 class PipelineResult:
     ir: ModelIR
     layers: dict[str, str]  # weight name -> format and reason
+    kept: list[str]  # layers kept in int8 by the recipe's keep option, most sensitive first
 
 
 def run_pipeline(ir: ModelIR, recipe, chip, statistics=None, progress=None) -> PipelineResult:
     """Apply ``recipe`` to ``ir`` for ``chip``; returns a new :class:`ModelIR` and a per-layer report.
 
-    ``statistics`` (from :func:`lowbit.compiler.calibration.collect_statistics`) feeds GPTQ;
-    ``progress`` (a tqdm bar) advances once per weight quantized.
+    ``statistics`` (from :func:`lowbit.compiler.calibration.collect_statistics`) feeds the methods
+    that need calibration; it is changed in place by smoothing. ``progress`` (a tqdm bar) advances
+    once per weight quantized. ``ir`` itself is not changed.
     """
     params = dict(ir.params)
-    quantize = QuantizeWeights(recipe, params, tile=chip.linear_tile, statistics=statistics, progress=progress)
+    prefill = ir.mod["prefill"]
+    linears = find_linears(prefill)
+    _check_patterns(recipe, linears)
+    if recipe.needs_calibration and statistics is None:
+        raise LowbitError(f"recipe {recipe.name} needs calibration statistics")
+    notes: dict[str, str] = {}
+    if recipe.smoothing is not None:
+        from lowbit.passes.smoothquant import apply_smoothquant
+
+        notes.update(apply_smoothquant(prefill, params, statistics, recipe.smoothing.alpha,
+                                       recipe.activations.granularity))
+    if recipe.weights is not None and recipe.weights.method == "awq":
+        from lowbit.passes.awq import apply_awq
+
+        notes.update(apply_awq(prefill, params, statistics, recipe.weights))
+    kept = _kept_layers(recipe, linears, params, statistics)
+    quantize = QuantizeWeights(recipe, params, tile=chip.linear_tile, statistics=statistics, kept=kept,
+                               progress=progress)
     mod = quantize(ir.mod)
     mod = relax.transform.DeadCodeElimination(list(ENTRY_FUNCTIONS))(mod)
     mod, params = sync_params(mod, params)
-    return PipelineResult(dataclasses.replace(ir, mod=mod, params=params), quantize.report)
+    layers = {name: f"{fmt}; {notes[name]}" if name in notes else fmt for name, fmt in quantize.report.items()}
+    return PipelineResult(dataclasses.replace(ir, mod=mod, params=params), layers, kept)
+
+
+def _check_patterns(recipe, linears) -> None:
+    for option, patterns in (("ignore", recipe.ignore), ("keep", recipe.keep.patterns)):
+        for pattern in patterns:
+            if not any(fnmatch.fnmatchcase(name, pattern) for name in linears):
+                examples = ", ".join(list(linears)[:3])
+                raise LowbitError(f"recipe {recipe.name}: {option} pattern {pattern!r} matches no linear layer "
+                                  f"(layers are named like {examples})")
+
+
+def _kept_layers(recipe, linears, params, statistics) -> list[str]:
+    kept = [name for name in linears if recipe.is_kept(name)]
+    if recipe.keep.auto:
+        from lowbit.passes.sensitivity import rank_layers
+
+        ranked = [entry.layer for entry in rank_layers(linears, params, statistics, recipe) if entry.layer not in kept]
+        kept += ranked[: recipe.keep.auto]
+    return kept

@@ -8,9 +8,17 @@ A recipe name is parsed, not enumerated, so every valid combination has a name:
   without ``-gN`` one group per output channel; ``-asym`` adds a zero point per group.
 * ``w4a16-gptq-g128``: the same grid, rounded by GPTQ from calibration statistics; ``-act`` adds
   act-order (static groups); ``w3a16-gptq-g128`` uses 3-bit codes (stored in the int4 kernels).
+* ``w4a16-awq-g128``: activation-aware scales folded into the previous op and a clipping search,
+  then the RTN grid.
+* ``w8a8-smoothquant``: int8 weights per channel and int8 activations per token (dynamic), after
+  SmoothQuant smoothing; ``w8a8-naive`` is the same without smoothing; ``-static`` quantizes
+  activations with one calibrated scale per layer input instead.
 
-Suffix ``:ignore=PATTERN[,PATTERN]`` keeps matching layers (glob over parameter names, e.g.
-``lm_head*``) in float.
+Options follow a colon, separated by ``;``: ``ignore=PATTERN[,PATTERN]`` keeps matching layers
+(glob over weight names, e.g. ``lm_head*``) in float; ``keep=PATTERN[,PATTERN]`` or ``keep=autoN``
+keeps the named layers, or the ``N`` most sensitive ones by calibration, in int8; ``alpha=0.5`` or
+``alpha=auto`` sets SmoothQuant's migration strength; ``damp=0.01`` GPTQ's dampening.
+A ``+kv8`` / ``+kv4`` suffix composes KV-cache quantization.
 """
 
 from __future__ import annotations
@@ -25,7 +33,8 @@ from .errors import LowbitError
 
 SUPPORTED_BITS = (3, 4, 8)
 SUPPORTED_GROUP_SIZES = (32, 64, 128, 256)
-SUPPORTED_METHODS = ("rtn", "gptq")
+SUPPORTED_METHODS = ("rtn", "gptq", "awq")
+ACT_GRANULARITIES = ("token", "tensor")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,10 +42,11 @@ class WeightQuant:
     """How linear-layer weights are quantized.
 
     Attributes:
-        bits: 4 or 8.
+        bits: 3, 4 or 8.
         group_size: input channels sharing one scale; ``None`` means one scale per output channel.
         symmetric: symmetric (scale only) or asymmetric (scale and zero point).
-        method: ``rtn`` (round to nearest) or ``gptq`` (error feedback through calibration Hessians).
+        method: ``rtn`` (round to nearest), ``gptq`` (error feedback through calibration Hessians)
+            or ``awq`` (activation-aware scaling and clipping, then round to nearest).
         act_order: GPTQ only: quantize columns by decreasing activation energy (static groups).
         damp: GPTQ only: Hessian dampening as a fraction of its mean diagonal.
     """
@@ -50,7 +60,7 @@ class WeightQuant:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method == "gptq"
+        return self.method in ("gptq", "awq")
 
     def __post_init__(self):
         if self.bits not in SUPPORTED_BITS:
@@ -71,40 +81,120 @@ class WeightQuant:
 
 
 @dataclasses.dataclass(frozen=True)
+class ActQuant:
+    """How linear-layer inputs are quantized (W8A8).
+
+    Attributes:
+        bits: 8.
+        granularity: ``token``: one scale per token, computed at run time inside the kernel;
+            ``tensor``: one static scale per layer input, from the calibration absmax.
+    """
+
+    bits: int = 8
+    granularity: str = "token"
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.granularity == "tensor"
+
+    def __post_init__(self):
+        if self.bits != 8:
+            raise LowbitError(f"recipe: activation bits {self.bits} not supported; use 8")
+        if self.granularity not in ACT_GRANULARITIES:
+            raise LowbitError(
+                f"recipe: activation granularity {self.granularity!r} unknown; use one of {ACT_GRANULARITIES}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class Smoothing:
+    """SmoothQuant: migrate activation outliers into the weights before quantization.
+
+    ``alpha`` is the migration strength in [0, 1]; ``None`` searches it per layer input on the
+    calibration statistics.
+    """
+
+    alpha: float | None = 0.5
+
+    def __post_init__(self):
+        if self.alpha is not None and not 0 <= self.alpha <= 1:
+            raise LowbitError(f"recipe: alpha {self.alpha} out of range; use a value in [0, 1] or 'auto'")
+
+
+@dataclasses.dataclass(frozen=True)
+class Keep:
+    """Layers kept in int8 (per-channel RTN) whatever the recipe: named by glob, or the ``auto``
+    most sensitive ones as ranked by calibration (see :mod:`lowbit.passes.sensitivity`)."""
+
+    patterns: tuple[str, ...] = ()
+    auto: int = 0
+
+    def __post_init__(self):
+        if self.auto < 0:
+            raise LowbitError(f"recipe: keep=auto{self.auto} must keep a non-negative number of layers")
+
+
+@dataclasses.dataclass(frozen=True)
 class Recipe:
     """A named quantization scheme.
 
     Attributes:
         name: the canonical name, recorded in the artifact manifest.
         weights: weight quantization, or ``None`` to keep weights in float.
-        ignore: glob patterns over parameter names whose layers stay in float.
+        activations: activation quantization (W8A8), or ``None`` for float activations.
+        smoothing: SmoothQuant smoothing before quantization, or ``None``.
+        ignore: glob patterns over weight names whose layers stay in float.
+        keep: layers kept in int8.
     """
 
     name: str
     weights: WeightQuant | None = None
+    activations: ActQuant | None = None
+    smoothing: Smoothing | None = None
     ignore: tuple[str, ...] = ()
+    keep: Keep = Keep()
 
-    def is_ignored(self, param_name: str) -> bool:
-        return any(fnmatch.fnmatchcase(param_name, pattern) for pattern in self.ignore)
+    def __post_init__(self):
+        if self.activations is not None and (self.weights is None or self.weights.bits != 8):
+            raise LowbitError("recipe: int8 activations need int8 weights (w8a8)")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return (
+            (self.weights is not None and self.weights.needs_calibration)
+            or (self.activations is not None and self.activations.needs_calibration)
+            or self.smoothing is not None
+            or self.keep.auto > 0
+        )
+
+    def is_ignored(self, weight_name: str) -> bool:
+        return any(fnmatch.fnmatchcase(weight_name, pattern) for pattern in self.ignore)
+
+    def is_kept(self, weight_name: str) -> bool:
+        return any(fnmatch.fnmatchcase(weight_name, pattern) for pattern in self.keep.patterns)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-_NAME = re.compile(
+_WEIGHT_ONLY = re.compile(
     r"^w(?P<bits>\d+)a16-(?P<method>[a-z]+)(?:-g(?P<group>\d+))?(?P<asym>-asym)?(?P<act>-act)?$"
 )
+_W8A8 = re.compile(r"^w8a8-(?P<smoothing>naive|smoothquant)(?P<static>-static)?$")
+_GRAMMAR = ("w{3,4,8}a16-{rtn,gptq,awq}[-g{32,64,128,256}][-asym][-act] or w8a8-{naive,smoothquant}[-static], "
+            "then optional +kv8 and :options, or a .toml file")
 
 
 def _parse_name(name: str) -> Recipe:
     if name == "fp32":
         return Recipe(name="fp32")
-    match = _NAME.match(name)
+    if match := _W8A8.match(name):
+        activations = ActQuant(granularity="tensor" if match["static"] else "token")
+        smoothing = Smoothing() if match["smoothing"] == "smoothquant" else None
+        return Recipe(name=name, weights=WeightQuant(8), activations=activations, smoothing=smoothing)
+    match = _WEIGHT_ONLY.match(name)
     if not match:
-        raise LowbitError(
-            f"unknown recipe {name!r}; valid recipes: {', '.join(EXAMPLE_RECIPES)} "
-            "(pattern: w{3,4,8}a16-{rtn,gptq}[-g{32,64,128,256}][-asym][-act], or a .toml file)"
-        )
+        raise LowbitError(f"unknown recipe {name!r}; valid recipes: {', '.join(EXAMPLE_RECIPES)} (pattern: {_GRAMMAR})")
     weights = WeightQuant(
         bits=int(match["bits"]),
         group_size=int(match["group"]) if match["group"] else None,
@@ -116,45 +206,86 @@ def _parse_name(name: str) -> Recipe:
 
 
 EXAMPLE_RECIPES = ("fp32", "w8a16-rtn", "w4a16-rtn", "w4a16-rtn-g32", "w4a16-rtn-g64", "w4a16-rtn-g128",
-                   "w4a16-rtn-g128-asym", "w4a16-gptq-g128", "w4a16-gptq-g128-act", "w3a16-gptq-g128")
+                   "w4a16-rtn-g128-asym", "w4a16-gptq-g128", "w4a16-gptq-g128-act", "w3a16-gptq-g128",
+                   "w4a16-awq-g128", "w8a8-naive", "w8a8-smoothquant", "w8a8-smoothquant-static")
 DEFAULT_RECIPE = "w4a16-rtn-g128"
+_OPTIONS = "ignore=PATTERN[,PATTERN], keep=PATTERN[,PATTERN]|autoN, alpha=0.5|auto, damp=0.01"
 
 
 def get_recipe(spec: str) -> Recipe:
-    """Resolve a recipe from a name (``w4a16-rtn-g128:ignore=lm_head*``) or a ``.toml`` file path."""
+    """Resolve a recipe from a name (``w4a16-gptq-g128:keep=auto5``) or a ``.toml`` file path."""
     if spec.endswith(".toml"):
         return _from_toml(Path(spec))
-    name, _, options = spec.partition(":")
+    base, _, options = spec.partition(":")
+    name, *compose = base.split("+")
     recipe = _parse_name(name)
-    ignore: list[str] = []
+    for part in compose:
+        if re.fullmatch(r"kv\d+", part):
+            raise LowbitError(f"recipe {spec!r}: KV-cache quantization ({part}) is not available yet; drop +{part}")
+        raise LowbitError(f"recipe {spec!r}: unknown component +{part}; only +kv8/+kv4 compose")
     for option in filter(None, options.split(";")):
-        key, _, value = option.partition("=")
-        if key != "ignore" or not value:
-            raise LowbitError(f"recipe {spec!r}: unknown option {option!r}; supported: ignore=PATTERN[,PATTERN]")
-        ignore += [p for p in value.split(",") if p]
-    return dataclasses.replace(recipe, name=spec, ignore=tuple(ignore)) if ignore else recipe
+        recipe = _apply_option(recipe, spec, option)
+    return dataclasses.replace(recipe, name=spec)
+
+
+def _apply_option(recipe: Recipe, spec: str, option: str) -> Recipe:
+    key, _, value = option.partition("=")
+    if not value:
+        raise LowbitError(f"recipe {spec!r}: option {option!r} needs a value; supported: {_OPTIONS}")
+    values = tuple(v for v in value.split(",") if v)
+    if key == "ignore":
+        return dataclasses.replace(recipe, ignore=recipe.ignore + values)
+    if key == "keep":
+        if recipe.weights is None:
+            raise LowbitError(f"recipe {spec!r}: keep= needs a quantized recipe")
+        auto = re.fullmatch(r"auto(\d+)", value)
+        keep = Keep(auto=int(auto[1])) if auto else Keep(patterns=values)
+        return dataclasses.replace(recipe, keep=keep)
+    if key == "alpha":
+        if recipe.smoothing is None:
+            raise LowbitError(f"recipe {spec!r}: alpha= applies to smoothquant recipes only")
+        return dataclasses.replace(recipe, smoothing=Smoothing(None if value == "auto" else _number(spec, key, value)))
+    if key == "damp":
+        if recipe.weights is None or recipe.weights.method != "gptq":
+            raise LowbitError(f"recipe {spec!r}: damp= applies to gptq recipes only")
+        return dataclasses.replace(recipe, weights=dataclasses.replace(recipe.weights, damp=_number(spec, key, value)))
+    raise LowbitError(f"recipe {spec!r}: unknown option {option!r}; supported: {_OPTIONS}")
+
+
+def _number(spec: str, key: str, value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise LowbitError(f"recipe {spec!r}: {key}={value!r} is not a number") from None
 
 
 def _from_toml(path: Path) -> Recipe:
-    """``name = "..."`` plus an optional ``[weights]`` table and ``ignore = [...]``."""
+    """``name``, optional ``base`` (a recipe name), ``[weights]``, ``[activations]``, ``[smoothing]``,
+    ``ignore = [...]`` and ``keep = [...]`` or ``keep_auto = N``."""
     if not path.is_file():
         raise LowbitError(f"recipe file {path} does not exist")
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise LowbitError(f"recipe file {path}: not valid TOML ({exc})") from None
-    unknown = set(data) - {"name", "base", "weights", "ignore"}
-    if unknown:
-        raise LowbitError(f"recipe file {path}: unknown field(s) {sorted(unknown)}; use name, base, weights, ignore")
-    base = get_recipe(data["base"]) if "base" in data else Recipe(name="fp32")
-    weights = base.weights
-    if "weights" in data:
-        table = data["weights"]
-        fields = {f.name for f in dataclasses.fields(WeightQuant)}
-        if not isinstance(table, dict) or set(table) - fields:
-            raise LowbitError(f"recipe file {path}: [weights] takes {sorted(fields)}")
-        weights = WeightQuant(**table)
-    ignore = data.get("ignore", list(base.ignore))
-    if not isinstance(ignore, list) or not all(isinstance(p, str) for p in ignore):
-        raise LowbitError(f"recipe file {path}: ignore must be a list of glob patterns")
-    return Recipe(name=data.get("name", path.stem), weights=weights, ignore=tuple(ignore))
+    known = {"name", "base", "weights", "activations", "smoothing", "ignore", "keep", "keep_auto"}
+    if set(data) - known:
+        raise LowbitError(f"recipe file {path}: unknown field(s) {sorted(set(data) - known)}; use {sorted(known)}")
+    recipe = get_recipe(data["base"]) if "base" in data else Recipe(name="fp32")
+    tables = {"weights": WeightQuant, "activations": ActQuant, "smoothing": Smoothing}
+    for field, cls in tables.items():
+        if field in data:
+            table = data[field]
+            fields = {f.name for f in dataclasses.fields(cls)}
+            if not isinstance(table, dict) or set(table) - fields:
+                raise LowbitError(f"recipe file {path}: [{field}] takes {sorted(fields)}")
+            recipe = dataclasses.replace(recipe, **{field: cls(**table)})
+    lists = {}
+    for field in ("ignore", "keep"):
+        value = data.get(field, [])
+        if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+            raise LowbitError(f"recipe file {path}: {field} must be a list of glob patterns")
+        lists[field] = tuple(value)
+    keep = Keep(patterns=lists["keep"] or recipe.keep.patterns, auto=int(data.get("keep_auto", recipe.keep.auto)))
+    return dataclasses.replace(recipe, name=data.get("name", path.stem), ignore=lists["ignore"] or recipe.ignore,
+                               keep=keep)

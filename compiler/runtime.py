@@ -38,33 +38,45 @@ class Session:
     def __init__(self, artifact_dir: str | Path):
         import tvm
         from safetensors.numpy import load_file
+
+        path = Path(artifact_dir)
+        manifest = read_manifest(path)  # verifies every checksum before anything loads
+        arrays = load_file(str(path / WEIGHTS))
+        missing = [name for name in manifest["weight_names"] if name not in arrays]
+        if missing:
+            raise LowbitError(f"artifact {path}: {WEIGHTS} lacks weight {missing[0]}; recompile it")
+        tokenizer = path / "tokenizer.json"
+        self._setup(tvm.runtime.load_module(str(path / LIBRARY)), arrays, manifest,
+                    tokenizer if tokenizer.is_file() else None, str(path))
+
+    @classmethod
+    def in_memory(cls, executable, params: dict[str, np.ndarray], manifest: dict,
+                  tokenizer_file: Path | None) -> "Session":
+        """A session on a freshly built module, without writing an artifact (``lowbit eval MODEL``)."""
+        session = cls.__new__(cls)
+        session._setup(executable, params, manifest, tokenizer_file, manifest["model"]["name"])
+        return session
+
+    def _setup(self, library, arrays: dict, manifest: dict, tokenizer_file: Path | None, where: str) -> None:
+        import tvm
         from tvm import relax
 
-        self.path = Path(artifact_dir)
-        self.manifest = read_manifest(self.path)  # verifies every checksum before anything loads
+        self.where = where
+        self.manifest = manifest
         self.device = tvm.cpu()
         self._tvm = tvm
-        library = tvm.runtime.load_module(str(self.path / LIBRARY))
         self._vm = relax.VirtualMachine(library, self.device)
-        arrays = load_file(str(self.path / WEIGHTS))
-        try:
-            self._weights = [tvm.runtime.tensor(arrays[name], self.device) for name in self.manifest["weight_names"]]
-        except KeyError as exc:
-            raise LowbitError(f"artifact {self.path}: {WEIGHTS} lacks weight {exc.args[0]}; recompile it") from None
-        kv = self.manifest["kv_cache"]
+        self._weights = [tvm.runtime.tensor(arrays[name], self.device) for name in manifest["weight_names"]]
+        kv = manifest["kv_cache"]
         self.num_layers, self.kv_heads, self.head_dim = kv["num_layers"], kv["num_kv_heads"], kv["head_dim"]
-        self.max_context = int(self.manifest["max_context"])
-        self.eos_token_ids = set(self.manifest.get("eos_token_ids", []))
-        self.tokenizer = self._load_tokenizer()
+        self.max_context = int(manifest["max_context"])
+        self.eos_token_ids = set(manifest.get("eos_token_ids", []))
+        self.tokenizer = None
+        if tokenizer_file is not None:
+            from tokenizers import Tokenizer
+
+            self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
         self.reset()
-
-    def _load_tokenizer(self):
-        path = self.path / "tokenizer.json"
-        if not path.is_file():
-            return None
-        from tokenizers import Tokenizer
-
-        return Tokenizer.from_file(str(path))
 
     # -- cache -------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -101,7 +113,7 @@ class Session:
     # -- text ------------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
-            raise LowbitError(f"artifact {self.path} has no tokenizer.json; pass token ids instead of text")
+            raise LowbitError(f"{self.where} has no tokenizer.json; pass token ids instead of text")
         return self.tokenizer.encode(text).ids
 
     def decode_text(self, token_ids) -> str:
@@ -136,14 +148,10 @@ class Session:
         decode_seconds = time.perf_counter() - start
         return Generation(self.decode_text(new), new, len(ids), len(new), prefill_seconds, decode_seconds)
 
-    def score(self, token_ids) -> tuple[float, int]:
-        """Sum of negative log-likelihoods of ``token_ids[1:]`` given their prefixes, and the count."""
+    def logits(self, token_ids) -> np.ndarray:
+        """Logits ``[len(token_ids), vocab]`` of a fresh prefill (the cache is reset first)."""
         self.reset()
-        logits = self.prefill(token_ids[:-1]).astype(np.float64)
-        logits -= logits.max(axis=-1, keepdims=True)
-        log_probs = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
-        targets = np.asarray(token_ids[1:])
-        return float(-log_probs[np.arange(len(targets)), targets].sum()), len(targets)
+        return self.prefill(token_ids)
 
 
 def _sample(logits: np.ndarray, temperature: float, top_p: float, rng) -> int:
@@ -156,15 +164,3 @@ def _sample(logits: np.ndarray, temperature: float, top_p: float, rng) -> int:
     keep = np.cumsum(probs[order]) - probs[order] < top_p
     kept = order[keep]
     return int(rng.choice(kept, p=probs[kept] / probs[kept].sum()))
-
-
-def perplexity(session: Session, token_ids, window: int) -> tuple[float, int]:
-    """Perplexity over non-overlapping windows of ``window`` tokens (each scored from scratch)."""
-    total, count = 0.0, 0
-    for start in range(0, len(token_ids) - 1, window):
-        chunk = token_ids[start:start + window + 1]
-        if len(chunk) < 2:
-            break
-        nll, n = session.score(chunk)
-        total, count = total + nll, count + n
-    return float(np.exp(total / count)), count

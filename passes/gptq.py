@@ -8,6 +8,11 @@ kernels and packing are shared. Lazy batch updates in blocks of ``block`` column
 factorization still fails, and reported); ``act_order`` quantizes columns in order of decreasing
 ``diag H`` with *static* groups (group grids fixed from the original weight up front), so the
 stored layout stays in the natural column order. Memory: one ``[K, K]`` Hessian at a time.
+
+:func:`quantize_gptq_validated` guards against overfitting the calibration text: GPTQ at ``damp``
+and ``10 * damp`` is fitted on half the calibration samples and scored, with RTN, on the other half
+(``tr(dW H dW^T)``, the output error); the winner is refitted on all samples. Layers whose rarely
+active input channels GPTQ would load with error (seen on down projections) thus keep RTN.
 """
 
 from __future__ import annotations
@@ -39,6 +44,43 @@ def quantize_gptq(weight: np.ndarray, hessian: np.ndarray, bits: int, group_size
         return _gptq(weight, hessian, bits, group_size, symmetric, damp, block, act_order, name)
     finally:
         torch.set_num_threads(threads)
+
+
+def output_error(weight: np.ndarray, quantized: QuantizedWeight, hessian: np.ndarray) -> float:
+    """``tr(dW H dW^T)``: the mean squared output error under inputs with second moment ``H``."""
+    delta = torch.from_numpy(quantized.dequantize() - weight).double()
+    return float(((delta @ torch.from_numpy(hessian)) * delta).sum())
+
+
+def quantize_gptq_validated(weight: np.ndarray, statistics, bits: int, group_size: int | None, symmetric: bool,
+                            damp: float = 0.01, act_order: bool = False, name: str = "weight"
+                            ) -> tuple[QuantizedWeight, str]:
+    """GPTQ or RTN, whichever predicts held-out calibration samples best (see the module docstring)."""
+    from .rtn import quantize_rtn
+
+    split = statistics.split_hessians()
+    if split is None:
+        result = quantize_gptq(weight, statistics.hessian(), bits, group_size, symmetric, damp, act_order=act_order,
+                               name=name)
+        return result.weight, _note(result, damp, act_order)
+    fit, heldout = split
+    rtn = quantize_rtn(weight, bits, group_size, symmetric)
+    errors = {None: output_error(weight, rtn, heldout)}
+    for candidate in (damp, min(10 * damp, 1.0)):
+        trial = quantize_gptq(weight, fit, bits, group_size, symmetric, candidate, act_order=act_order, name=name)
+        errors[candidate] = output_error(weight, trial.weight, heldout)
+    best = min(errors, key=errors.get)
+    if best is None:
+        gptq_best = min(v for k, v in errors.items() if k is not None)
+        return rtn, f"rtn (gptq's held-out error {gptq_best / errors[None]:.2f} x rtn)"
+    result = quantize_gptq(weight, statistics.hessian(), bits, group_size, symmetric, best, act_order=act_order,
+                           name=name)
+    return result.weight, _note(result, best, act_order) + f", held-out error {errors[best] / errors[None]:.2f} x rtn"
+
+
+def _note(result: GPTQResult, damp: float, act_order: bool) -> str:
+    raised = "" if result.damp == damp else f" (raised to {result.damp:g})"
+    return f"gptq{' act-order' if act_order else ''} damp {damp:g}{raised}"
 
 
 def _gptq(weight, hessian, bits, group_size, symmetric, damp, block, act_order, name) -> GPTQResult:

@@ -44,3 +44,19 @@ def match_linear(call: relax.Call, var2val, weight_names: set[str]) -> LinearUse
     if len(rhs.ty.shape) != 2:
         return None
     return LinearUse(name=rhs.name, transposed=transposed)
+
+
+def find_linears(func: relax.Function) -> dict[str, LinearUse]:
+    """Every linear layer of an entry function (``num_input`` attribute), by weight name, in graph order."""
+    var2val = relax.analysis.get_var2val(func)
+    weights = {p.name for p in func.params[int(func.attrs["num_input"]):]}
+    found: dict[str, LinearUse] = {}
+
+    def visit(expr):
+        if isinstance(expr, relax.Call):
+            use = match_linear(expr, var2val, weights)
+            if use is not None:
+                found.setdefault(use.name, use)
+
+    relax.analysis.post_order_visit(func.body, visit)
+    return found

@@ -6,10 +6,12 @@ weights as named trailing parameters). Run before legalization.
 Guarantees: every ``matmul`` whose right operand is a 2-D weight parameter (see
 :mod:`lowbit.passes.linear_match`) becomes ``call_tir`` of a :mod:`lowbit.codegen.kernels` PrimFunc
 on packed, column-tiled weights: int8/int4 codes with scales (RTN) where the recipe quantizes it,
-float otherwise (ignored layers, ``fp32``, shapes the format cannot hold). GPTQ recipes need
-``statistics`` (weight name -> calibration statistics, see :mod:`lowbit.compiler.calibration`).
+float otherwise (ignored layers, ``fp32``, shapes the format cannot hold); W8A8 recipes get the
+kernels that quantize the activations too (per token, or with a static ``.act_scale`` per layer).
+GPTQ and static W8A8 recipes need ``statistics`` (weight name -> calibration statistics, see
+:mod:`lowbit.compiler.calibration`).
 Both entry functions get the same kernels' GEMV (``M == 1``) or GEMM (symbolic ``M``) variants and read the same new weights,
-named ``<weight>.qweight`` / ``.scales`` / ``.zeros`` (or ``.tiled`` for float). The original weight
+named ``<weight>.qweight`` / ``.scales`` / ``.zeros`` / ``.act_scale`` (or ``.tiled`` for float). The original weight
 stays only where something else still reads it (a tied embedding); ``sync_params`` drops the rest.
 Every decision is recorded in ``report`` (layer, format, reason) for the manifest.
 """
@@ -22,11 +24,12 @@ import numpy as np
 import tvm
 from tvm import relax, tirx
 
-from lowbit.codegen.kernels import LinearFormat, linear_kernel
+from lowbit.codegen.kernels import INT8_QMAX, LinearFormat, linear_kernel
 from lowbit.codegen.packing import INT4_PER_WORD, pack_int4, to_column_tiles
 from lowbit.compiler.errors import LowbitError
+from lowbit.compiler.recipes import Recipe, WeightQuant
 
-from .gptq import quantize_gptq
+from .gptq import quantize_gptq_validated
 from .linear_match import match_linear
 from .rtn import quantize_rtn
 
@@ -40,11 +43,11 @@ class PackedLinear:
     note: str
 
 
-def pack_linear(weight_nk: np.ndarray, recipe, name: str, tile: int, hessian: np.ndarray | None = None
-                ) -> PackedLinear:
+def pack_linear(weight_nk: np.ndarray, recipe, name: str, tile: int, statistics=None) -> PackedLinear:
     """Quantize (or just re-lay-out) one ``[N, K]`` weight for the kernels.
 
-    ``hessian`` (``X^T X / tokens`` of the layer's input) is required by GPTQ recipes.
+    ``statistics``, the layer input's :class:`~lowbit.compiler.calibration.LinearStatistics`, is
+    required by GPTQ recipes (its Hessian) and by static W8A8 recipes (its absmax).
     """
     n, k = weight_nk.shape
     wq = recipe.weights
@@ -58,14 +61,25 @@ def pack_linear(weight_nk: np.ndarray, recipe, name: str, tile: int, hessian: np
     if reason is not None:
         tiled = to_column_tiles(np.ascontiguousarray(weight_nk.T, dtype=np.float32), tile)
         return PackedLinear(LinearFormat("f32", tile), n, k, {"tiled": tiled}, reason)
-    q, method = _quantize(weight_nk, wq, name, hessian)
+    q, method = _quantize(weight_nk, wq, name, statistics)
     if wq.bits == 8:
         codes = (q.codes.astype(np.int16) - 128).astype(np.int8)
         tensors = {
             "qweight": to_column_tiles(codes, tile),
             "scales": to_column_tiles(q.scales, tile)[:, 0, :].copy(),
         }
-        return PackedLinear(LinearFormat("int8", tile), n, k, tensors, f"int8 per channel, {method}")
+        act = recipe.activations
+        if act is None:
+            return PackedLinear(LinearFormat("int8", tile), n, k, tensors, f"int8 per channel, {method}")
+        if q.group_size != k:
+            raise LowbitError(f"layer {name}: int8 activations need per-channel weight scales, "
+                              f"but the recipe groups weights by {q.group_size}")
+        note = f"int8 weights per channel ({method}), int8 activations per {act.granularity}"
+        if act.granularity == "token":
+            return PackedLinear(LinearFormat("w8a8", tile), n, k, tensors, note)
+        tensors["act_scale"] = _static_act_scale(statistics, name)
+        note += f" (static scale {tensors['act_scale'][0]:.4g})"
+        return PackedLinear(LinearFormat("w8a8_static", tile), n, k, tensors, note)
     codes = q.codes
     if wq.symmetric and wq.bits < 4:  # the int4 kernels' symmetric zero point is 8: recentre the codes
         codes = codes + np.uint8(8 - 2 ** (wq.bits - 1))
@@ -77,23 +91,32 @@ def pack_linear(weight_nk: np.ndarray, recipe, name: str, tile: int, hessian: np
     return PackedLinear(fmt, n, k, tensors, note)
 
 
-def _quantize(weight_nk, wq, name, hessian):
-    if wq.method == "rtn":
-        return quantize_rtn(weight_nk, wq.bits, wq.group_size, wq.symmetric), "rtn"
-    if hessian is None:
+def _static_act_scale(statistics, name) -> np.ndarray:
+    """The ``[1]`` scale of a static int8 activation grid: calibration absmax over all channels / 127."""
+    if statistics is None:
+        raise LowbitError(f"layer {name}: static int8 activations need calibration statistics for its input, "
+                          "and none were collected")
+    absmax = float(np.max(statistics.absmax))
+    return np.array([absmax / INT8_QMAX if absmax > 0 else 1.0], np.float32)
+
+
+def _quantize(weight_nk, wq, name, statistics):
+    if wq.method in ("rtn", "awq"):  # AWQ has already folded its scales into the float weights
+        return quantize_rtn(weight_nk, wq.bits, wq.group_size, wq.symmetric), wq.method
+    if statistics is None:
         raise LowbitError(f"layer {name}: GPTQ needs calibration statistics for it, and none were collected")
-    result = quantize_gptq(weight_nk, hessian, wq.bits, wq.group_size, wq.symmetric, damp=wq.damp,
-                           act_order=wq.act_order, name=name)
-    damp = "" if result.damp == wq.damp else f", damp raised to {result.damp:g}"
-    return result.weight, f"gptq{' act-order' if wq.act_order else ''}{damp}"
+    return quantize_gptq_validated(weight_nk, statistics, wq.bits, wq.group_size, wq.symmetric, damp=wq.damp,
+                                   act_order=wq.act_order, name=name)
 
 
 @tvm.transform.module_pass(opt_level=0, name="lowbit.QuantizeWeights")
 class QuantizeWeights:
     """See the module docstring. ``params`` is updated in place with the packed weights."""
 
-    def __init__(self, recipe, params: dict[str, np.ndarray], tile: int, statistics=None, progress=None):
+    def __init__(self, recipe, params: dict[str, np.ndarray], tile: int, statistics=None, kept=(), progress=None):
         self.recipe = recipe
+        self.kept = set(kept)  # layers kept in int8 per-channel RTN whatever the recipe
+        self._kept_recipe = Recipe(f"{recipe.name} (kept)", weights=WeightQuant(8))
         self.params = params
         self.tile = tile
         self.statistics = statistics or {}
@@ -106,12 +129,13 @@ class QuantizeWeights:
         if name not in self._packed:
             weight = self.params[name]
             stats = self.statistics.get(name)
-            entry = pack_linear(weight if transposed else weight.T, self.recipe, name, self.tile,
-                                None if stats is None else stats.hessian())
+            recipe = self._kept_recipe if name in self.kept else self.recipe
+            entry = pack_linear(weight if transposed else weight.T, recipe, name, self.tile, stats)
             if self.progress is not None:
                 self.progress.update(1)
             self._packed[name] = entry
-            self.report[name] = f"{entry.fmt.tag}: {entry.note}"
+            kept = ", kept by recipe" if name in self.kept else ""
+            self.report[name] = f"{entry.fmt.tag}: {entry.note}{kept}"
             for suffix, array in entry.tensors.items():
                 self.params[f"{name}.{suffix}"] = array
         return self._packed[name]

@@ -142,3 +142,38 @@ def test_eval_reports_perplexity(tiny_artifact, tmp_path):
     empty.write_text("  \n", encoding="utf-8")
     done = lowbit("eval", tiny_artifact, "--text", empty)
     assert done.returncode == 2 and f"text file {empty} is empty" in done.stderr
+
+
+def test_eval_model_with_recipe_compares_to_float(tiny_model_dir, tmp_path):
+    """A model evaluated under a recipe is built in memory and compared with its own fp32 build."""
+    text = tmp_path / "text.txt"
+    text.write_text("It was the best of times, it was the worst of times. " * 20, encoding="utf-8")
+    common = ("--text", text, "--tokens", "64", "--window", "32", "--json")
+    done = lowbit("eval", tiny_model_dir, "-r", "w4a16-rtn-g32", *common)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["recipe"] == "w4a16-rtn-g32" and result["tokens"] == 64
+    assert 0 < result["kl_vs_float"] < 0.05 and 0.9 <= result["top1_agreement"] <= 1
+    done = lowbit("eval", tiny_model_dir, *common)  # fp32: nothing to compare with
+    assert done.returncode == 0, done.stderr
+    assert "kl_vs_float" not in json.loads(done.stdout)
+
+
+def test_analyze_ranks_every_linear_worst_first(tiny_model_dir):
+    done = lowbit("analyze", tiny_model_dir, "-r", "w8a8-naive", "--calib-samples", "2", "--calib-seq-len", "64",
+                  "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    errors = [entry["relative_error"] for entry in result["layers"]]
+    assert len(errors) == 2 * 7 + 1  # q, k, v, o, gate, up, down per layer, and lm_head
+    assert errors == sorted(errors, reverse=True) and 0 < errors[-1] and errors[0] < 0.1
+
+
+@pytest.mark.parametrize("recipe,needle", [
+    ("w4a16-rtn-g32:keep=nothing.*", "keep pattern 'nothing.*' matches no linear layer"),
+    ("w4a16-rtn-g32:ignore=lm_head", "ignore pattern 'lm_head' matches no linear layer"),
+])
+def test_layer_patterns_that_match_nothing_are_errors(tiny_model_dir, tmp_path, recipe, needle):
+    done = lowbit("compile", tiny_model_dir, "-r", recipe, "-o", tmp_path / "out")
+    assert done.returncode == 2 and needle in done.stderr
+    assert not (tmp_path / "out").exists()

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from lowbit.compiler import load, perplexity
+from lowbit.compiler import load
+from lowbit.compiler.evaluate import evaluate_session
 
 from .conftest import PROMPT
 
@@ -20,7 +21,7 @@ def prompt_ids(smol_source):
 
 @pytest.fixture(scope="module")
 def fp32_ppl(artifacts, eval_tokens):
-    return perplexity(load(artifacts("fp32")), eval_tokens, window=256)[0]
+    return evaluate_session(load(artifacts("fp32")), eval_tokens, window=256).perplexity
 
 
 def test_fp32_logits_match_torch(artifacts, smol_source, prompt_ids):
@@ -47,8 +48,9 @@ def test_w8a16_generates_paris_and_keeps_perplexity(artifacts, eval_tokens, fp32
     generation = session.generate(PROMPT, max_new_tokens=16)
     assert "Paris" in generation.text
     assert generation.new_tokens >= 1 and generation.decode_tokens_per_s >= 0
-    ppl, count = perplexity(session, eval_tokens, window=256)
-    assert count == len(eval_tokens) - 1
+    result = evaluate_session(session, eval_tokens, window=256)
+    ppl = result.perplexity
+    assert result.tokens == len(eval_tokens) - 1
     assert abs(ppl / fp32_ppl - 1) < 0.01, f"w8a16 ppl {ppl:.3f} vs fp32 {fp32_ppl:.3f}"
 
 
@@ -57,7 +59,7 @@ def test_w4a16_g128_runs_with_bounded_perplexity(artifacts, eval_tokens, fp32_pp
     measured 48.8 vs 26.3 on these tokens. The bound guards that state against regressions;
     GPTQ/AWQ (the accuracy issue) are what bring int4 within a few percent."""
     session = load(artifacts("w4a16-rtn-g128"))
-    ppl, _ = perplexity(session, eval_tokens, window=256)
+    ppl = evaluate_session(session, eval_tokens, window=256).perplexity
     assert np.isfinite(ppl)
     assert ppl / fp32_ppl < 2.1, f"w4a16-g128 ppl {ppl:.3f} vs fp32 {fp32_ppl:.3f}"
     assert 10 < fp32_ppl < 100  # the float model itself is sane on real English

@@ -97,3 +97,42 @@ def test_gptq_compile_end_to_end_on_small_model(tiny_model_dir, tmp_path):
         lowbit_compile(str(tiny_model_dir), "w4a16-gptq-g32", "host", tmp_path / "art2",
                        progress=False, calib=str(short), calib_seq_len=64)
     assert not (tmp_path / "art2").exists()
+
+
+def _statistics(samples):
+    from lowbit.compiler.calibration import LinearStatistics
+
+    stats = LinearStatistics.empty(samples[0].shape[1], len(samples))
+    for rows in samples:
+        stats.add(rows)
+    return stats
+
+
+def test_validated_gptq_keeps_gptq_where_it_generalizes():
+    from lowbit.passes.gptq import quantize_gptq_validated
+
+    rng = np.random.default_rng(0)
+    mix = rng.standard_normal((64, 64)) * 0.3 + np.eye(64)
+    samples = [(rng.standard_normal((256, 64)) @ mix).astype(np.float32) for _ in range(4)]
+    weight = rng.standard_normal((32, 64)).astype(np.float32)
+    _, note = quantize_gptq_validated(weight, _statistics(samples), 4, 32, True)
+    assert note.startswith("gptq") and "held-out error" in note
+
+
+def test_validated_gptq_falls_back_to_rtn_when_calibration_misleads():
+    """Channels that merely echo others, faintly, in the fitting half but carry their own signal in the
+    held-out half: GPTQ fitted on the first half loads them with error."""
+    from lowbit.passes.gptq import quantize_gptq_validated
+    from lowbit.passes.rtn import quantize_rtn
+
+    rng = np.random.default_rng(1)
+    samples = []
+    for index in range(4):
+        rows = rng.standard_normal((256, 64)).astype(np.float32)
+        if index % 2 == 0:  # the samples GPTQ is fitted on
+            rows[:, 32:] = rows[:, :32] * 1e-2 + rows[:, 32:] * 1e-4
+        samples.append(rows)
+    weight = rng.standard_normal((32, 64)).astype(np.float32)
+    quantized, note = quantize_gptq_validated(weight, _statistics(samples), 4, 32, True)
+    assert note.startswith("rtn")
+    np.testing.assert_array_equal(quantized.codes, quantize_rtn(weight, 4, 32, True).codes)

@@ -6,7 +6,10 @@ import tvm
 from tvm import s_tir, tirx
 
 from lowbit.codegen.kernels import LinearFormat, linear_kernel
-from lowbit.compiler.recipes import Recipe, WeightQuant
+from lowbit.codegen.packing import from_column_tiles
+from lowbit.compiler.calibration import LinearStatistics
+from lowbit.compiler.errors import LowbitError
+from lowbit.compiler.recipes import ActQuant, Recipe, WeightQuant
 from lowbit.passes.quantize_weights import pack_linear
 from lowbit.passes.rtn import quantize_rtn
 from lowbit.targets import get_target
@@ -63,3 +66,65 @@ def test_int4_weights_are_an_eighth_of_float():
     packed = pack_linear(weight, RECIPES["int4_g32"], "layer", CHIP.linear_tile)
     assert packed.tensors["qweight"].nbytes == weight.nbytes // 8
     assert isinstance(packed.fmt, LinearFormat) and packed.fmt.group_size == 32
+
+
+W8A8_RECIPES = {
+    "w8a8": Recipe("w8a8-token", WeightQuant(8), ActQuant(8, "token")),
+    "w8a8_static": Recipe("w8a8-tensor", WeightQuant(8), ActQuant(8, "tensor")),
+}
+
+
+def _statistics(rows):
+    stats = LinearStatistics.empty(rows.shape[1])
+    stats.add(rows)
+    return stats
+
+
+def _w8a8_reference(packed, x):
+    """The W8A8 kernels' arithmetic in numpy: int8 activation codes, exact int32 dot products."""
+    w_codes = from_column_tiles(packed.tensors["qweight"], packed.n).astype(np.int32)  # [K, N]
+    w_scale = packed.tensors["scales"].reshape(-1)[: packed.n]
+    if "act_scale" in packed.tensors:
+        x_scale = np.full(x.shape[0], packed.tensors["act_scale"][0], np.float32)
+    else:
+        absmax = np.abs(x).max(axis=1)
+        x_scale = np.where(absmax > 0, absmax / np.float32(127), np.float32(1)).astype(np.float32)
+    x_codes = np.clip(np.rint(x / x_scale[:, None]), -127, 127).astype(np.int32)
+    return (x_codes @ w_codes).astype(np.float32) * x_scale[:, None] * w_scale
+
+
+@pytest.mark.parametrize("kind", sorted(W8A8_RECIPES))
+@pytest.mark.parametrize("m_rows", [1, 7])
+@pytest.mark.parametrize("n,k", [(48, 64), (40, 200)])
+def test_w8a8_kernel_matches_integer_reference(kind, m_rows, n, k):
+    rng = np.random.default_rng(n * k + m_rows)
+    weight = rng.standard_normal((n, k)).astype(np.float32)
+    x = rng.standard_normal((m_rows, k)).astype(np.float32)
+    x[0, 1] = 9.0  # an outlier: clipped by the static scale, widens its row's dynamic scale
+    if m_rows > 1:
+        x[-1] = 0.0  # an all-zero row takes the dynamic scale's guard
+    calibration = rng.standard_normal((16, k)).astype(np.float32)  # max about 3: static codes clip
+    packed = pack_linear(weight, W8A8_RECIPES[kind], "layer", CHIP.linear_tile, _statistics(calibration))
+    assert packed.fmt.kind == kind
+    got = _run_kernel(packed, m_rows, x)
+    want = _w8a8_reference(packed, x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("kind", sorted(W8A8_RECIPES))
+@pytest.mark.parametrize("m_rows", [1, 7])
+def test_w8a8_kernel_is_close_to_float_matmul(kind, m_rows):
+    """Int8 codes on both sides: within 2% of the float product's norm on Gaussian data."""
+    rng = np.random.default_rng(m_rows)
+    weight = rng.standard_normal((64, 256)).astype(np.float32)
+    x = rng.standard_normal((m_rows, 256)).astype(np.float32)
+    packed = pack_linear(weight, W8A8_RECIPES[kind], "layer", CHIP.linear_tile, _statistics(x))
+    got = _run_kernel(packed, m_rows, x)
+    want = x.astype(np.float64) @ weight.T.astype(np.float64)
+    assert np.linalg.norm(got - want) < 2e-2 * np.linalg.norm(want)
+
+
+def test_static_w8a8_without_statistics_names_the_layer():
+    weight = np.ones((16, 32), np.float32)
+    with pytest.raises(LowbitError, match="layer blocks.0.q_proj"):
+        pack_linear(weight, W8A8_RECIPES["w8a8_static"], "blocks.0.q_proj", CHIP.linear_tile)

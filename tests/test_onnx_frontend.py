@@ -160,3 +160,26 @@ def test_unreadable_file_is_refused_by_name(tmp_path):
     path.write_bytes(b"this is not a protobuf")
     with pytest.raises(LowbitError, match="broken.onnx is not a valid ONNX model"):
         lowbit_compile(str(path), recipe="fp32", target="host", output=tmp_path / "art", progress=False)
+
+
+def test_smoothing_groups_found_from_the_onnx_graph(tiny_llama, tmp_path):
+    """The same fold targets as the torch frontend, from an ONNX graph's pre-transposed weights.
+
+    The norm weights are made distinct first: the exporter merges identical initializers, and a
+    norm weight shared by several norms is (rightly) not a fold target."""
+    import copy
+
+    from lowbit.compiler.frontend_onnx import import_onnx_model
+    from lowbit.passes.scale_folding import find_smoothing_groups
+
+    model = copy.deepcopy(tiny_llama)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 1:
+                param.uniform_(0.5, 1.5)
+    path = _export(model, tmp_path / "distinct-norms.onnx", optimum_style=False)
+    groups = find_smoothing_groups(import_onnx_model(path, 64).mod["prefill"])
+    kinds = [(len(g.linears), g.target.kind if g.target else None) for g in groups]
+    assert kinds.count((3, "norm")) == NUM_LAYERS and kinds.count((2, "norm")) == NUM_LAYERS  # q/k/v, gate/up
+    assert kinds.count((1, "linear")) == NUM_LAYERS  # down_proj, folded into up_proj
+    assert all(not g.target.transposed for g in groups if g.target and g.target.kind == "linear")

@@ -17,13 +17,30 @@ def test_recipe_names_parse():
     assert not r.is_ignored("model.layers.1.mlp.up_proj.weight")
 
 
+def test_accuracy_recipes_parse():
+    sq = get_recipe("w8a8-smoothquant:alpha=auto")
+    assert sq.weights.bits == 8 and sq.activations.granularity == "token" and sq.smoothing.alpha is None
+    assert get_recipe("w8a8-naive-static").activations.granularity == "tensor"
+    assert get_recipe("w8a8-naive").smoothing is None
+    awq = get_recipe("w4a16-awq-g128")
+    assert awq.weights.method == "awq" and awq.needs_calibration
+    keep = get_recipe("w4a16-gptq-g128:keep=auto5;damp=0.1")
+    assert keep.keep.auto == 5 and keep.weights.damp == 0.1
+    assert get_recipe("w4a16-rtn-g128:keep=lm_head*").is_kept("lm_head.weight")
+
+
 @pytest.mark.parametrize("name,needle", [
     ("int4", "w8a16-rtn"),             # lists valid recipes
     ("w4a16-foo", "method .foo."),
     ("w4a16-rtn-g100", "group size 100"),
     ("w2a16-rtn-g128", "bits 2"),
     ("w8a16-rtn-g128", "per output channel"),
-    ("w4a16-rtn-g128:keep=3", "keep=3"),
+    ("w4a16-rtn-g128:frobnicate=3", "frobnicate=3"),
+    ("w8a8-smoothquant:alpha=1.5", "alpha 1.5 out of range"),
+    ("w8a8-smoothquant:alpha=high", "alpha='high' is not a number"),
+    ("w4a16-rtn-g128:alpha=0.5", "smoothquant recipes only"),
+    ("w4a16-awq-g128+kv8", "KV-cache quantization"),
+    ("w4a16-rtn-g128+fast", "unknown component"),
 ])
 def test_bad_recipes_name_the_problem(name, needle):
     with pytest.raises(LowbitError, match=needle):

@@ -1,0 +1,89 @@
+"""Accuracy of lowbit's recipes on SmolLM2-135M: perplexity, gap, KL and top-1 vs float, bytes, time.
+
+The model is imported and calibrated once; each recipe is quantized and built in memory and scored
+on held-out text (``alice29``) with the ``lowbit eval`` protocol (non-overlapping windows scored
+from an empty cache) against the fp32 build of the same import. Prints a markdown table and writes
+``bench/.cache/accuracy.json``.
+
+    python bench/bench_accuracy.py --calib-samples 16 --calib-seq-len 256 --tokens 2048 --window 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+from lowbit.codegen.build import build
+from lowbit.compiler.api import _calibrate, _import
+from lowbit.compiler.datasets import read_text
+from lowbit.compiler.evaluate import evaluate_session
+from lowbit.compiler.models import resolve_model
+from lowbit.compiler.pipeline import run_pipeline
+from lowbit.compiler.recipes import get_recipe
+from lowbit.compiler.runtime import Session
+from lowbit.targets import get_target
+
+RECIPES = ("w8a16-rtn", "w8a8-naive", "w8a8-smoothquant", "w8a8-smoothquant:alpha=auto", "w8a8-naive-static",
+           "w8a8-smoothquant-static", "w4a16-rtn-g128", "w4a16-awq-g128", "w4a16-gptq-g128", "w4a16-rtn",
+           "w4a16-awq", "w4a16-gptq", "w3a16-gptq-g128", "w4a16-rtn-g128:keep=auto10")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--calib-samples", type=int, default=16)
+    parser.add_argument("--calib-seq-len", type=int, default=256)
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--window", type=int, default=256)
+    parser.add_argument("--recipes", default=",".join(RECIPES))
+    args = parser.parse_args()
+
+    chip = get_target("host")
+    ir, tokenizer_folder, _ = _import(resolve_model(args.model), max(args.window, args.calib_seq_len) + 1)
+    started = time.perf_counter()
+    statistics = _calibrate(ir, chip, tokenizer_folder, "lcet10", args.calib_samples, args.calib_seq_len, True)
+    calibration_seconds = time.perf_counter() - started
+    from tokenizers import Tokenizer
+
+    tokenizer = Path(tokenizer_folder) / "tokenizer.json"
+    ids = Tokenizer.from_file(str(tokenizer)).encode(read_text("alice29")).ids[: args.tokens + 1]
+
+    def built(recipe: str):
+        recipe_obj = get_recipe(recipe)
+        start = time.perf_counter()
+        result = run_pipeline(ir, recipe_obj, chip, copy.deepcopy(statistics) if recipe_obj.needs_calibration else None)
+        seconds = time.perf_counter() - start
+        manifest = {"model": {"name": args.model}, "weight_names": list(result.ir.params), "kv_cache": vars(ir.kv),
+                    "max_context": ir.max_context}
+        session = Session.in_memory(build(result.ir.mod, chip), result.ir.params, manifest, tokenizer)
+        return session, result.ir.param_bytes(), seconds
+
+    reference, float_bytes, _ = built("fp32")
+    float_ppl = evaluate_session(reference, ids, args.window).perplexity
+    rows = [{"recipe": "fp32", "perplexity": float_ppl, "gap": 0.0, "weight_bytes": float_bytes}]
+    print(f"fp32 {float_ppl:.3f}", flush=True)
+    for recipe in args.recipes.split(","):
+        session, weight_bytes, seconds = built(recipe)
+        result = evaluate_session(session, ids, args.window, reference)
+        rows.append(dict(result.as_dict(), recipe=recipe, gap=result.perplexity / float_ppl - 1,
+                         weight_bytes=weight_bytes, quantize_seconds=round(seconds, 1)))
+        print(json.dumps(rows[-1]), flush=True)
+    out = {"args": vars(args), "calibration_seconds": round(calibration_seconds, 1), "rows": rows}
+    Path("bench/.cache").mkdir(parents=True, exist_ok=True)
+    Path("bench/.cache/accuracy.json").write_text(json.dumps(out, indent=2))
+    print(f"\ncalibration {calibration_seconds:.0f} s ({args.calib_samples} x {args.calib_seq_len} tokens), "
+          f"eval {len(ids) - 1} tokens of alice29, windows of {args.window}\n")
+    print("| recipe | PPL | gap | KL vs float | top-1 agreement | weight MB | quantize s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for row in rows:
+        kl = f"{row['kl_vs_float']:.4f}" if "kl_vs_float" in row else "-"
+        top1 = f"{100 * row['top1_agreement']:.1f} %" if "top1_agreement" in row else "-"
+        print(f"| {row['recipe']} | {row['perplexity']:.3f} | {100 * row['gap']:+.2f} % | {kl} | {top1} | "
+              f"{row['weight_bytes'] / 1e6:.1f} | {row.get('quantize_seconds', '-')} |")
+
+
+if __name__ == "__main__":
+    main()

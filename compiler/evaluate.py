@@ -1,0 +1,76 @@
+"""Accuracy of a model on real text: perplexity, and agreement with a float reference.
+
+The protocol (shared by ``lowbit eval`` on artifacts and on models): the text's token ids are cut
+into non-overlapping windows of ``window + 1`` tokens; each window is run from an empty cache and
+every token after the first is scored given its prefix. With a float reference run on the same
+windows, ``kl_vs_float`` is the mean over scored positions of KL(p_float || p_model) in nats (what
+llama.cpp's perplexity tool reports as mean KLD) and ``top1_agreement`` the share of positions where
+both models' most likely next token agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from .errors import LowbitError
+
+
+@dataclasses.dataclass
+class EvalResult:
+    perplexity: float
+    tokens: int
+    window: int
+    kl_vs_float: float | None = None
+    top1_agreement: float | None = None
+
+    def as_dict(self) -> dict:
+        out = {"perplexity": round(self.perplexity, 4), "tokens": self.tokens, "window": self.window}
+        if self.kl_vs_float is not None:
+            out["kl_vs_float"] = round(self.kl_vs_float, 6)
+            out["top1_agreement"] = round(self.top1_agreement, 4)
+        return out
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def windows(token_ids, window: int) -> list[list[int]]:
+    """Non-overlapping windows of ``window + 1`` ids (the last may be shorter; at least 2 ids each)."""
+    if window < 1:
+        raise LowbitError(f"evaluation window must be at least 1 token, got {window}")
+    ids = list(token_ids)
+    chunks = [ids[start:start + window + 1] for start in range(0, len(ids) - 1, window)]
+    chunks = [c for c in chunks if len(c) >= 2]
+    if not chunks:
+        raise LowbitError(f"evaluation text has {len(ids)} tokens; at least 2 are needed")
+    return chunks
+
+
+def evaluate_session(session, token_ids, window: int, reference=None, progress=None) -> EvalResult:
+    """Score ``token_ids`` with ``session`` (anything with ``logits(ids) -> [len, vocab]``).
+
+    ``reference``: a float session to compare against on the same windows (KL, top-1 agreement).
+    """
+    nll = kl = agree = 0.0
+    count = 0
+    for chunk in windows(token_ids, window):
+        inputs, targets = chunk[:-1], np.asarray(chunk[1:])
+        log_p = _log_softmax(session.logits(inputs))
+        if not np.isfinite(log_p).all():
+            raise LowbitError("the model produced NaN or Inf logits on the evaluation text")
+        nll -= float(log_p[np.arange(len(targets)), targets].sum())
+        if reference is not None:
+            log_ref = _log_softmax(reference.logits(inputs))
+            kl += float((np.exp(log_ref) * (log_ref - log_p)).sum())
+            agree += float((log_ref.argmax(axis=-1) == log_p.argmax(axis=-1)).sum())
+        count += len(targets)
+        if progress is not None:
+            progress.update(1)
+    result = EvalResult(float(np.exp(nll / count)), count, window)
+    if reference is not None:
+        result.kl_vs_float, result.top1_agreement = kl / count, agree / count
+    return result

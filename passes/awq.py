@@ -1,0 +1,99 @@
+"""AWQ (Lin et al., 2023): activation-aware per-channel scaling before weight-only quantization.
+
+For each smoothing group (:mod:`lowbit.passes.scale_folding`) with a fold target, the input
+channels are scaled by ``s = mean|x|^r`` (normalized by ``sqrt(max(s) min(s))``), ``r`` searched on
+a grid of :data:`RATIO_STEPS` points in ``[0, 1]`` (``r = 0`` is no scaling) for the smallest group
+output error ``sum_layers tr(dW H dW^T)`` with ``dW = Q(W diag(s)) diag(1/s) - W``, ``Q`` the
+recipe's round-to-nearest grid and ``H = X^T X / tokens`` from calibration: the exact mean squared
+output error on the calibration tokens. The chosen scale is folded into the producer of ``X``.
+Then every linear layer (foldable or not) gets the clipping search: per output channel and group,
+the weight range is shrunk by the ratio in :data:`CLIP_RATIOS` whose RTN grid gives the smallest
+group output error ``dW_g H_gg dW_g^T``, and the float weight is clamped to it, so that the later
+round to nearest uses the shrunk range.
+
+Requires: calibration statistics (``abssum``, ``xtx``) keyed by weight name, before weight
+quantization. Guarantees: only parameters change (the float model computes the same function);
+the statistics of every scaled input are rescaled in place, so a later GPTQ sees ``X / s``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .rtn import quantize_rtn
+from .scale_folding import find_smoothing_groups, fold_scales, rescale_statistics, weight_nk
+
+RATIO_STEPS = 20
+CLIP_RATIOS = tuple(np.round(np.arange(1.0, 0.49, -0.05), 2))
+
+
+def output_error(weights_nk: list[np.ndarray], hessian: torch.Tensor, s: np.ndarray, weight_quant) -> float:
+    """``sum tr(dW H dW^T)`` over the group for scales ``s`` (see the module docstring)."""
+    total = 0.0
+    for w in weights_nk:
+        q = quantize_rtn(w * s, weight_quant.bits, weight_quant.group_size, weight_quant.symmetric).dequantize()
+        delta = torch.from_numpy(q / s - w).double()
+        total += float(((delta @ hessian) * delta).sum())
+    return total
+
+
+def clip_search(weight: np.ndarray, hessian: np.ndarray, weight_quant) -> tuple[np.ndarray, float]:
+    """``weight[N, K]`` clamped per output channel and group to the best shrunk range; the mean ratio."""
+    n, k = weight.shape
+    group = weight_quant.group_size or k
+    clamped = weight.copy()
+    chosen = []
+    for start in range(0, k, group):
+        w = weight[:, start:start + group]
+        h = torch.from_numpy(hessian[start:start + group, start:start + group])
+        lo, hi = (np.minimum(w.min(axis=1, keepdims=True), 0), np.maximum(w.max(axis=1, keepdims=True), 0))
+        if weight_quant.symmetric:
+            hi = np.maximum(-lo, hi)
+            lo = -hi
+        best_error = np.full(n, np.inf)
+        best = np.ones(n, np.float32)
+        for ratio in CLIP_RATIOS:
+            trial = np.clip(w, lo * ratio, hi * ratio)
+            q = quantize_rtn(trial, weight_quant.bits, None, weight_quant.symmetric).dequantize()
+            delta = torch.from_numpy(q - w).double()
+            error = ((delta @ h) * delta).sum(dim=1).numpy()
+            better = error < best_error
+            best_error[better], best[better] = error[better], ratio
+        clamped[:, start:start + group] = np.clip(w, lo * best[:, None], hi * best[:, None])
+        chosen.append(best)
+    return clamped, float(np.concatenate(chosen).mean())
+
+
+def apply_awq(func, params: dict, statistics: dict, weight_quant, progress=None) -> dict[str, str]:
+    """Scale every foldable group of ``func`` (see the module docstring); returns a note per layer."""
+    notes: dict[str, str] = {}
+    for group in find_smoothing_groups(func):
+        names = [use.name for use in group.linears]
+        if group.target is None:
+            notes.update({name: "awq: no scaling (no op to fold it into)" for name in names})
+            continue
+        stats = statistics[names[0]]
+        hessian = torch.from_numpy(stats.hessian())
+        weights = [weight_nk(params, use) for use in group.linears]
+        mean_abs = np.maximum(stats.abssum / max(stats.tokens, 1), 1e-8)
+        best_ratio, best_s, best_error = 0.0, None, output_error(weights, hessian, np.ones_like(mean_abs), weight_quant)
+        for ratio in np.linspace(0, 1, RATIO_STEPS + 1)[1:]:
+            s = mean_abs**ratio
+            s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)
+            error = output_error(weights, hessian, s, weight_quant)
+            if error < best_error:
+                best_ratio, best_s, best_error = float(ratio), s, error
+        if best_s is not None:
+            fold_scales(params, group, best_s)
+            rescale_statistics(stats, best_s)
+        notes.update({name: f"awq ratio {best_ratio:.2f}" for name in names})
+        if progress is not None:
+            progress.update(1)
+    for group in find_smoothing_groups(func):
+        hessian = statistics[group.linears[0].name].hessian()
+        for use in group.linears:
+            clamped, ratio = clip_search(weight_nk(params, use), hessian, weight_quant)
+            params[use.name] = clamped if use.transposed else np.ascontiguousarray(clamped.T)
+            notes[use.name] = f"{notes[use.name]}, clip {ratio:.2f}"
+    return notes

@@ -1,0 +1,109 @@
+"""Scale folding, SmoothQuant and AWQ: structure found from the graph, equivalence, error reduction."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from lowbit.codegen.build import build
+from lowbit.compiler.calibration import LinearStatistics
+from lowbit.compiler.recipes import WeightQuant
+from lowbit.compiler.runtime import Session
+from lowbit.passes.awq import output_error
+from lowbit.passes.scale_folding import find_smoothing_groups, fold_scales
+from lowbit.passes.smoothquant import smoothing_scales, w8a8_error
+from lowbit.targets import get_target
+
+
+@pytest.fixture(scope="module")
+def tiny_ir(tiny_model_dir):
+    from lowbit.compiler.frontend_torch import import_torch_model
+    from lowbit.compiler.models import resolve_model
+
+    return import_torch_model(resolve_model(str(tiny_model_dir)).model, 64)
+
+
+def test_groups_and_fold_targets_come_from_the_graph(tiny_ir):
+    groups = {tuple(u.name.split(".")[-2] for u in g.linears): g for g in find_smoothing_groups(tiny_ir.mod["prefill"])}
+    assert groups[("q_proj", "k_proj", "v_proj")].target.name.endswith("input_layernorm.weight")
+    assert groups[("gate_proj", "up_proj")].target.name.endswith("post_attention_layernorm.weight")
+    assert groups[("down_proj",)].target.name.endswith("up_proj.weight")
+    assert groups[("o_proj",)].target is None  # attention output: nothing to fold into
+    assert groups[("lm_head",)].target is None  # tied to the embedding: scaling it would change the lookup
+
+
+def _logits(ir, params, ids):
+    from lowbit.compiler.pipeline import run_pipeline
+    from lowbit.compiler.recipes import get_recipe
+
+    chip = get_target("host")
+    result = run_pipeline(ir.__class__(**{**vars(ir), "params": params}), get_recipe("fp32"), chip)
+    manifest = {"model": {"name": "tiny"}, "weight_names": list(result.ir.params), "kv_cache": vars(ir.kv),
+                "max_context": ir.max_context}
+    return Session.in_memory(build(result.ir.mod, chip), result.ir.params, manifest, None).logits(ids)
+
+
+def test_folding_random_scales_keeps_the_model_function(tiny_ir):
+    rng = np.random.default_rng(0)
+    params = copy.deepcopy(dict(tiny_ir.params))
+    folded = 0
+    for group in find_smoothing_groups(tiny_ir.mod["prefill"]):
+        if group.target is not None:
+            fold_scales(params, group, rng.uniform(0.25, 4.0, group.width).astype(np.float32))
+            folded += 1
+    assert folded == 3 * 2  # q/k/v, gate/up and down in both layers
+    ids = list(range(100, 140))
+    want = _logits(tiny_ir, dict(tiny_ir.params), ids)
+    got = _logits(tiny_ir, params, ids)
+    assert np.abs(got - want).max() / np.abs(want).max() < 1e-4
+    changed = [n for n in params if not np.array_equal(params[n], tiny_ir.params[n])]
+    assert changed and all(n.endswith(("layernorm.weight", "proj.weight")) for n in changed)
+
+
+def _outlier_activations(rng, tokens=512, width=128, outliers=(3, 40, 77)):
+    x = rng.standard_normal((tokens, width)).astype(np.float32)
+    x[:, list(outliers)] *= 30.0  # a few channels carry most of the magnitude, as in real LLMs
+    return x
+
+
+def test_smoothquant_lowers_the_w8a8_error_on_outlier_channels():
+    rng = np.random.default_rng(1)
+    x = _outlier_activations(rng)
+    weights = [rng.standard_normal((64, 128)).astype(np.float32) * 0.05]
+    absmax = np.abs(x).max(axis=0)
+    for granularity in ("token", "tensor"):
+        naive = w8a8_error(x, weights, np.ones(128, np.float32), granularity, absmax)
+        smooth = w8a8_error(x, weights, smoothing_scales(absmax, weights, 0.5), granularity, absmax)
+        assert smooth < 0.5 * naive, (granularity, smooth, naive)
+
+
+def test_awq_scaling_lowers_the_int4_output_error():
+    rng = np.random.default_rng(2)
+    x = _outlier_activations(rng)
+    stats = LinearStatistics.empty(128)
+    stats.add(x)
+    hessian = torch.from_numpy(stats.hessian())
+    weights = [rng.standard_normal((64, 128)).astype(np.float32) * 0.05]
+    wq = WeightQuant(4, 32)
+    plain = output_error(weights, hessian, np.ones(128, np.float32), wq)
+    s = (stats.abssum / stats.tokens) ** 0.5
+    scaled = output_error(weights, hessian, (s / np.sqrt(s.max() * s.min())).astype(np.float32), wq)
+    assert scaled < 0.8 * plain, (scaled, plain)
+
+
+def test_awq_clipping_never_raises_a_groups_error():
+    from lowbit.passes.awq import clip_search
+    from lowbit.passes.rtn import quantize_rtn
+
+    rng = np.random.default_rng(3)
+    x = _outlier_activations(rng)
+    hessian = x.T.astype(np.float64) @ x / len(x)
+    weight = rng.standard_t(3, (64, 128)).astype(np.float32)  # heavy tails: clipping pays off
+    for wq in (WeightQuant(4, 32), WeightQuant(4, 32, symmetric=False), WeightQuant(3, None)):
+        clamped, ratio = clip_search(weight, hessian, wq)
+        errors = []
+        for w in (weight, clamped):
+            delta = quantize_rtn(w, wq.bits, wq.group_size, wq.symmetric).dequantize() - weight
+            errors.append(float(np.einsum("ij,jk,ik->", delta, hessian, delta)))
+        assert errors[1] <= errors[0] * (1 + 1e-6) and ratio < 1.0, (wq, errors, ratio)
