@@ -5,7 +5,7 @@ on held-out text (``alice29``) with the ``lowbit eval`` protocol (non-overlappin
 from an empty cache) against the fp32 build of the same import. Prints a markdown table and writes
 ``bench/.cache/accuracy.json``.
 
-    python bench/bench_accuracy.py --calib-samples 16 --calib-seq-len 256 --tokens 2048 --window 256
+    python bench/bench_accuracy.py --calib-samples 64 --calib-seq-len 512 --tokens 2048 --window 256
 """
 
 from __future__ import annotations
@@ -27,15 +27,16 @@ from lowbit.compiler.runtime import Session
 from lowbit.targets import get_target
 
 RECIPES = ("w8a16-rtn", "w8a8-naive", "w8a8-smoothquant", "w8a8-smoothquant:alpha=auto", "w8a8-naive-static",
-           "w8a8-smoothquant-static", "w4a16-rtn-g128", "w4a16-awq-g128", "w4a16-gptq-g128", "w4a16-rtn",
-           "w4a16-awq", "w4a16-gptq", "w3a16-gptq-g128", "w4a16-rtn-g128:keep=auto10")
+           "w8a8-smoothquant-static", "w4a16-rtn-g128", "w4a16-awq-g128", "w4a16-gptq-g128", "w4a16-awq-gptq-g128",
+           "w4a16-rtn", "w4a16-awq", "w4a16-gptq", "w3a16-rtn-g128", "w3a16-gptq-g128", "w4a16-rtn-g128:keep=auto10",
+           "w4a16-rtn-g128:keep=lm_head*")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--calib-samples", type=int, default=16)
-    parser.add_argument("--calib-seq-len", type=int, default=256)
+    parser.add_argument("--calib-samples", type=int, default=64)
+    parser.add_argument("--calib-seq-len", type=int, default=512)
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--recipes", default=",".join(RECIPES))

@@ -1,9 +1,9 @@
 """Lower a Relax module with lowbit kernels to a runnable library for a chip target.
 
 The pipeline is TVM's CPU pipeline with one step added after fusion: lowbit's linear kernels are
-scheduled by the target's own rule (they are marked opaque, so fusion leaves them whole), and the
-remaining generated kernels (norms, softmax, attention, elementwise) get dlight's CPU rules where
-they apply.
+scheduled by the target's own rule (they are marked opaque, so fusion leaves them whole); the
+attention products get :class:`lowbit.targets.cpu_rules.BatchMatmul`, and the remaining generated
+kernels (norms, softmax, elementwise) dlight's CPU rules where they apply.
 """
 
 from __future__ import annotations
@@ -63,7 +63,9 @@ def keep_unfusable_calls_apart(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
 def _cpu_fallback_rules():
     from tvm.s_tir import dlight
 
-    return dlight.ApplyDefaultSchedule(dlight.cpu.GEMV(), dlight.cpu.Reduction())
+    from lowbit.targets.cpu_rules import BatchMatmul
+
+    return dlight.ApplyDefaultSchedule(BatchMatmul(), dlight.cpu.GEMV(), dlight.cpu.Reduction())
 
 
 def _legalize_and_fuse(target):

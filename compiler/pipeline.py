@@ -3,7 +3,7 @@
 Order, each step optional per recipe:
 
 1. SmoothQuant smoothing (:mod:`lowbit.passes.smoothquant`) and AWQ scaling and clipping
-   (:mod:`lowbit.passes.awq`): parameter transforms that fold per-channel scales into the previous
+   (:mod:`lowbit.passes.awq`, for ``awq`` and ``awq-gptq``): parameter transforms that fold per-channel scales into the previous
    op; they rescale the calibration statistics they change, so later steps see the new inputs.
 2. Layer selection: ``ignore`` patterns stay float, ``keep`` patterns and the ``keep=autoN`` most
    sensitive layers (:mod:`lowbit.passes.sensitivity`) become int8 per-channel RTN.
@@ -51,7 +51,7 @@ def run_pipeline(ir: ModelIR, recipe, chip, statistics=None, progress=None) -> P
 
         notes.update(apply_smoothquant(prefill, params, statistics, recipe.smoothing.alpha,
                                        recipe.activations.granularity))
-    if recipe.weights is not None and recipe.weights.method == "awq":
+    if recipe.weights is not None and recipe.weights.scales_by_awq:
         from lowbit.passes.awq import apply_awq
 
         notes.update(apply_awq(prefill, params, statistics, recipe.weights))

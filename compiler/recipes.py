@@ -6,10 +6,11 @@ A recipe name is parsed, not enumerated, so every valid combination has a name:
 * ``w8a16-rtn``: int8 weights, one scale per output channel (absmax / round-to-nearest).
 * ``w4a16-rtn-g128``: int4 weights in groups of 128 along the input dimension; ``-g32``, ``-g64``;
   without ``-gN`` one group per output channel; ``-asym`` adds a zero point per group.
-* ``w4a16-gptq-g128``: the same grid, rounded by GPTQ from calibration statistics; ``-act`` adds
-  act-order (static groups); ``w3a16-gptq-g128`` uses 3-bit codes (stored in the int4 kernels).
+* ``w4a16-gptq-g128``: the same grid, rounded by GPTQ from calibration statistics, in act-order
+  (static groups); ``-noact`` keeps the natural column order; ``w3a16-gptq-g128`` uses 3-bit codes
+  (stored in the int4 kernels).
 * ``w4a16-awq-g128``: activation-aware scales folded into the previous op and a clipping search,
-  then the RTN grid.
+  then the RTN grid; ``w4a16-awq-gptq-g128``: the same scales and clipping, then GPTQ's rounding.
 * ``w8a8-smoothquant``: int8 weights per channel and int8 activations per token (dynamic), after
   SmoothQuant smoothing; ``w8a8-naive`` is the same without smoothing; ``-static`` quantizes
   activations with one calibrated scale per layer input instead.
@@ -33,7 +34,7 @@ from .errors import LowbitError
 
 SUPPORTED_BITS = (3, 4, 8)
 SUPPORTED_GROUP_SIZES = (32, 64, 128, 256)
-SUPPORTED_METHODS = ("rtn", "gptq", "awq")
+SUPPORTED_METHODS = ("rtn", "gptq", "awq", "awq-gptq")
 ACT_GRANULARITIES = ("token", "tensor")
 
 
@@ -45,9 +46,13 @@ class WeightQuant:
         bits: 3, 4 or 8.
         group_size: input channels sharing one scale; ``None`` means one scale per output channel.
         symmetric: symmetric (scale only) or asymmetric (scale and zero point).
-        method: ``rtn`` (round to nearest), ``gptq`` (error feedback through calibration Hessians)
-            or ``awq`` (activation-aware scaling and clipping, then round to nearest).
-        act_order: GPTQ only: quantize columns by decreasing activation energy (static groups).
+        method: ``rtn`` (round to nearest), ``gptq`` (error feedback through calibration Hessians),
+            ``awq`` (activation-aware scaling and clipping, then round to nearest) or ``awq-gptq``
+            (AWQ's scaling and clipping, then GPTQ's rounding).
+        act_order: GPTQ only: quantize columns by decreasing activation energy (static groups);
+            ``None`` (the default) means on for GPTQ. Without it, the few massive activation
+            channels of an LLM dominate the Hessian and GPTQ, while lowering each layer's
+            calibration error, leaves the model worse than RTN (bench/RESULTS.md).
         damp: GPTQ only: Hessian dampening as a fraction of its mean diagonal.
     """
 
@@ -55,14 +60,24 @@ class WeightQuant:
     group_size: int | None = None
     symmetric: bool = True
     method: str = "rtn"
-    act_order: bool = False
+    act_order: bool | None = None
     damp: float = 0.01
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method in ("gptq", "awq")
+        return self.method != "rtn"
+
+    @property
+    def scales_by_awq(self) -> bool:
+        return self.method in ("awq", "awq-gptq")
+
+    @property
+    def rounds_by_gptq(self) -> bool:
+        return self.method in ("gptq", "awq-gptq")
 
     def __post_init__(self):
+        if self.act_order is None:
+            object.__setattr__(self, "act_order", self.rounds_by_gptq)
         if self.bits not in SUPPORTED_BITS:
             raise LowbitError(f"recipe: weight bits {self.bits} not supported; use one of {SUPPORTED_BITS}")
         if self.group_size is not None and self.group_size not in SUPPORTED_GROUP_SIZES:
@@ -76,7 +91,7 @@ class WeightQuant:
             raise LowbitError(f"recipe: weight method {self.method!r} unknown; use one of {SUPPORTED_METHODS}")
         if not 0 < self.damp <= 1:
             raise LowbitError(f"recipe: damp {self.damp} out of range; use a value in (0, 1], e.g. 0.01")
-        if self.act_order and self.method != "gptq":
+        if self.act_order and not self.rounds_by_gptq:
             raise LowbitError("recipe: act_order applies to gptq only")
 
 
@@ -178,10 +193,10 @@ class Recipe:
 
 
 _WEIGHT_ONLY = re.compile(
-    r"^w(?P<bits>\d+)a16-(?P<method>[a-z]+)(?:-g(?P<group>\d+))?(?P<asym>-asym)?(?P<act>-act)?$"
+    r"^w(?P<bits>\d+)a16-(?P<method>awq-gptq|[a-z]+)(?:-g(?P<group>\d+))?(?P<asym>-asym)?(?P<noact>-noact)?$"
 )
 _W8A8 = re.compile(r"^w8a8-(?P<smoothing>naive|smoothquant)(?P<static>-static)?$")
-_GRAMMAR = ("w{3,4,8}a16-{rtn,gptq,awq}[-g{32,64,128,256}][-asym][-act] or w8a8-{naive,smoothquant}[-static], "
+_GRAMMAR = ("w{3,4,8}a16-{rtn,gptq,awq,awq-gptq}[-g{32,64,128,256}][-asym][-noact] or w8a8-{naive,smoothquant}[-static], "
             "then optional +kv8 and :options, or a .toml file")
 
 
@@ -195,19 +210,21 @@ def _parse_name(name: str) -> Recipe:
     match = _WEIGHT_ONLY.match(name)
     if not match:
         raise LowbitError(f"unknown recipe {name!r}; valid recipes: {', '.join(EXAMPLE_RECIPES)} (pattern: {_GRAMMAR})")
+    if match["noact"] and "gptq" not in match["method"]:
+        raise LowbitError(f"recipe {name}: -noact (GPTQ's column order) applies to gptq only")
     weights = WeightQuant(
         bits=int(match["bits"]),
         group_size=int(match["group"]) if match["group"] else None,
         symmetric=not match["asym"],
         method=match["method"],
-        act_order=bool(match["act"]),
+        act_order=False if match["noact"] else None,
     )
     return Recipe(name=name, weights=weights)
 
 
 EXAMPLE_RECIPES = ("fp32", "w8a16-rtn", "w4a16-rtn", "w4a16-rtn-g32", "w4a16-rtn-g64", "w4a16-rtn-g128",
-                   "w4a16-rtn-g128-asym", "w4a16-gptq-g128", "w4a16-gptq-g128-act", "w3a16-gptq-g128",
-                   "w4a16-awq-g128", "w8a8-naive", "w8a8-smoothquant", "w8a8-smoothquant-static")
+                   "w4a16-rtn-g128-asym", "w4a16-gptq-g128", "w4a16-gptq-g128-noact", "w3a16-gptq-g128",
+                   "w4a16-awq-g128", "w4a16-awq-gptq-g128", "w8a8-naive", "w8a8-smoothquant", "w8a8-smoothquant-static")
 DEFAULT_RECIPE = "w4a16-rtn-g128"
 _OPTIONS = "ignore=PATTERN[,PATTERN], keep=PATTERN[,PATTERN]|autoN, alpha=0.5|auto, damp=0.01"
 
@@ -246,7 +263,7 @@ def _apply_option(recipe: Recipe, spec: str, option: str) -> Recipe:
             raise LowbitError(f"recipe {spec!r}: alpha= applies to smoothquant recipes only")
         return dataclasses.replace(recipe, smoothing=Smoothing(None if value == "auto" else _number(spec, key, value)))
     if key == "damp":
-        if recipe.weights is None or recipe.weights.method != "gptq":
+        if recipe.weights is None or not recipe.weights.rounds_by_gptq:
             raise LowbitError(f"recipe {spec!r}: damp= applies to gptq recipes only")
         return dataclasses.replace(recipe, weights=dataclasses.replace(recipe.weights, damp=_number(spec, key, value)))
     raise LowbitError(f"recipe {spec!r}: unknown option {option!r}; supported: {_OPTIONS}")

@@ -101,7 +101,7 @@ def _static_act_scale(statistics, name) -> np.ndarray:
 
 
 def _quantize(weight_nk, wq, name, statistics):
-    if wq.method in ("rtn", "awq"):  # AWQ has already folded its scales into the float weights
+    if not wq.rounds_by_gptq:  # AWQ has already folded its scales into the float weights
         return quantize_rtn(weight_nk, wq.bits, wq.group_size, wq.symmetric), wq.method
     if statistics is None:
         raise LowbitError(f"layer {name}: GPTQ needs calibration statistics for it, and none were collected")

@@ -5,6 +5,7 @@ from lowbit.codegen.kernels import KERNEL_ATTR, W8A8_KINDS
 from .registry import ChipTarget, register_target
 
 W8A8_ROWS = 8  # rows of X sharing each widened int8 weight vector in the W8A8 GEMM
+GEMM_ROWS = 4  # rows of X sharing each dequantized weight vector in the GEMM register tile
 
 
 def schedule_w8a8_linear(sch, m_is_one: bool, tile: int) -> None:
@@ -31,6 +32,8 @@ def schedule_w8a8_linear(sch, m_is_one: bool, tile: int) -> None:
             sch.parallel(sch.get_loops(sch.get_sblock(name))[0])
     sch.vectorize(n_inner)
     sch.parallel(n_outer)
+    if not m_is_one:  # a predicate-free main loop over whole row blocks, then the tail
+        sch.annotate(row_loop, "pragma_loop_partition_hint", 1)
     matmul = sch.get_sblock("matmul")
     sch.compute_at(matmul, row_loop)
     sch.set_scope(matmul, 0, "local")
@@ -50,37 +53,36 @@ def schedule_linear(sch, m_is_one: bool, tile: int) -> None:
 
     W8A8 kernels go to :func:`schedule_w8a8_linear`.
 
-    GEMV (decode, ``M == 1``): dequantize inline, parallel over column tiles, vectorized across the
-    ``tile`` channels of a tile with a register accumulator, the 8 codes of a packed word unrolled.
-    GEMM (prefill): the same plus a ``4``-row register tile; each weight tile is dequantized once
-    into a small local buffer and reused by the 4 rows.
+    Parallel over column tiles; within a tile the ``tile`` channels are vectorized with register
+    accumulators and the 8 codes of a packed word unrolled; dequantization is inlined into the
+    product (never a float weight buffer). GEMV (decode, ``M == 1``): one accumulator row.
+    GEMM (prefill): a ``GEMM_ROWS``-row register tile, so each dequantized weight vector serves
+    that many rows (LLVM computes it once for the unrolled rows); the row-block loop is hinted for
+    loop partitioning, so the symbolic row count gets a predicate-free main loop and one tail.
     """
     if sch.mod["main"].attrs[KERNEL_ATTR].startswith(W8A8_KINDS):
         schedule_w8a8_linear(sch, m_is_one, tile)
         return
     matmul = sch.get_sblock("matmul")
-    dequant = sch.get_sblock("dequant")
     m, n, k = sch.get_loops(matmul)
     n_outer, n_inner = sch.split(n, [None, tile])
     k_outer, k_inner = sch.split(k, [None, 8])
     if m_is_one:
         sch.reorder(n_outer, m, k_outer, k_inner, n_inner)
-        sch.compute_inline(dequant)
-        tile_loop = n_outer
+        row_loop = n_outer
     else:
-        m_outer, m_inner = sch.split(m, [None, 4])
-        sch.reorder(m_outer, n_outer, k_outer, k_inner, m_inner, n_inner)
-        sch.compute_at(dequant, k_outer)
-        sch.set_scope(dequant, 0, "local")
-        sch.vectorize(sch.get_loops(dequant)[-1])
+        row_loop, m_inner = sch.split(m, [None, GEMM_ROWS])
+        sch.reorder(n_outer, row_loop, k_outer, k_inner, m_inner, n_inner)
         sch.unroll(m_inner)
-        tile_loop = sch.fuse(m_outer, n_outer)
+    sch.compute_inline(sch.get_sblock("dequant"))
     acc = sch.cache_write(matmul, 0, "local")
-    sch.reverse_compute_at(acc, tile_loop)
+    sch.reverse_compute_at(acc, row_loop)
     sch.vectorize(sch.get_loops(acc)[-1])
     sch.vectorize(n_inner)
     sch.unroll(k_inner)
-    sch.parallel(tile_loop)
+    sch.parallel(n_outer)
+    if not m_is_one:
+        sch.annotate(row_loop, "pragma_loop_partition_hint", 1)
     init = sch.decompose_reduction(matmul, k_outer)
     sch.vectorize(sch.get_loops(init)[-1])
 

@@ -78,15 +78,18 @@ def test_statistics_from_compiled_graph_match_torch(tiny_model_dir):
     np.testing.assert_allclose(got.absmax, np.abs(rows).max(0), rtol=1e-5)
 
 
-def test_gptq_compile_end_to_end_on_small_model(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("recipe", ["w4a16-gptq-g32", "w4a16-awq-gptq-g32"])
+def test_gptq_compile_end_to_end_on_small_model(tiny_model_dir, tmp_path, recipe):
     from lowbit.compiler import compile as lowbit_compile
     from lowbit.compiler import load
 
     text = tmp_path / "calib.txt"
     text.write_text("The quick brown fox jumps over the lazy dog near the river bank. " * 40, encoding="utf-8")
-    result = lowbit_compile(str(tiny_model_dir), "w4a16-gptq-g32-act", "host", tmp_path / "art",
+    result = lowbit_compile(str(tiny_model_dir), recipe, "host", tmp_path / "art",
                             progress=False, calib=str(text), calib_samples=4, calib_seq_len=64)
     assert all("gptq act-order" in note for note in result.layers.values())
+    if recipe.startswith("w4a16-awq"):  # AWQ scaled the foldable groups first
+        assert any("awq ratio" in note for note in result.layers.values())
     session = load(result.output)
     logits = session.prefill(session.encode("The quick brown fox"))
     assert np.isfinite(logits).all()

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import tvm
-from tvm import s_tir, tirx
+from tvm import s_tir, te, tirx
 
 from lowbit.codegen.kernels import LinearFormat, linear_kernel
 from lowbit.codegen.packing import from_column_tiles
@@ -46,7 +46,7 @@ def _run_kernel(packed, m_rows, x):
 
 
 @pytest.mark.parametrize("fmt", sorted(RECIPES))
-@pytest.mark.parametrize("m_rows", [1, 7])
+@pytest.mark.parametrize("m_rows", [1, 7, 19])  # GEMV; GEMM with a row tail; whole row blocks and a tail
 @pytest.mark.parametrize("n,k", [(48, 64), (40, 200)])  # second: N not a multiple of the tile, partial group
 def test_linear_kernel_matches_numpy(fmt, m_rows, n, k):
     rng = np.random.default_rng(n * k + m_rows)
@@ -94,7 +94,7 @@ def _w8a8_reference(packed, x):
 
 
 @pytest.mark.parametrize("kind", sorted(W8A8_RECIPES))
-@pytest.mark.parametrize("m_rows", [1, 7])
+@pytest.mark.parametrize("m_rows", [1, 7, 19])
 @pytest.mark.parametrize("n,k", [(48, 64), (40, 200)])
 def test_w8a8_kernel_matches_integer_reference(kind, m_rows, n, k):
     rng = np.random.default_rng(n * k + m_rows)
@@ -128,3 +128,47 @@ def test_static_w8a8_without_statistics_names_the_layer():
     weight = np.ones((16, 32), np.float32)
     with pytest.raises(LowbitError, match="layer blocks.0.q_proj"):
         pack_linear(weight, W8A8_RECIPES["w8a8_static"], "blocks.0.q_proj", CHIP.linear_tile)
+
+
+def _legalized_matmul(a_shape, b_shape):
+    """The PrimFunc TVM makes of ``relax.matmul`` on shapes that may hold symbolic lengths."""
+    from tvm import relax
+
+    a = relax.Var("a", relax.TensorType(a_shape, "float32"))
+    b = relax.Var("b", relax.TensorType(b_shape, "float32"))
+    builder = relax.BlockBuilder()
+    with builder.function("main", [a, b]):
+        builder.emit_func_output(builder.emit(relax.op.matmul(a, b)))
+    mod = relax.transform.LegalizeOps()(builder.get())
+    return next(f for f in mod.functions.values() if isinstance(f, tirx.PrimFunc))
+
+
+@pytest.mark.parametrize("query,keys", [(7, 13), (1, 5), (33, 70)])
+def test_attention_matmul_rule_matches_numpy(query, keys):
+    """Q K^T and P V as attention legalizes them (symbolic lengths), scheduled by BatchMatmul."""
+    from lowbit.targets.cpu_rules import BatchMatmul
+
+    n, m = tirx.Var("n", "int64"), tirx.Var("m", "int64")
+    rng = np.random.default_rng(0)
+    cases = {"qk": (([1, 3, n, 64], [1, 3, 64, m]), (query, 64), (64, keys)),
+             "pv": (([1, 3, n, m], [1, 3, m, 64]), (query, keys), (keys, 64))}
+    for name, (shapes, a_tail, b_tail) in cases.items():
+        sch = BatchMatmul().apply(_legalized_matmul(*shapes), CHIP.tvm(), False)
+        assert sch is not None, f"BatchMatmul did not match {name}"
+        lib = tvm.compile(tvm.IRModule({"main": sch.mod["main"].with_attr("global_symbol", "main")}), target=CHIP.tvm())
+        a = rng.standard_normal((1, 3, *a_tail)).astype(np.float32)
+        b = rng.standard_normal((1, 3, *b_tail)).astype(np.float32)
+        out = tvm.runtime.tensor(np.zeros((1, 3, a_tail[0], b_tail[1]), np.float32))
+        lib["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(b), out)
+        np.testing.assert_allclose(out.numpy(), a @ b, rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+def test_attention_matmul_rule_leaves_other_layouts_alone():
+    """A product whose columns are not contiguous in B (``B[..., j, k]``) is not BatchMatmul's."""
+    from lowbit.targets.cpu_rules import BatchMatmul
+
+    a = te.placeholder((2, 8, 16), name="a")
+    b = te.placeholder((2, 12, 16), name="b")
+    k = te.reduce_axis((0, 16), name="k")
+    c = te.compute((2, 8, 12), lambda g, i, j: te.sum(a[g, i, k] * b[g, j, k], axis=k), name="matmul")
+    assert BatchMatmul().apply(te.create_prim_func([a, b, c]), CHIP.tvm(), False) is None

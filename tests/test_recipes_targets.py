@@ -27,6 +27,9 @@ def test_accuracy_recipes_parse():
     keep = get_recipe("w4a16-gptq-g128:keep=auto5;damp=0.1")
     assert keep.keep.auto == 5 and keep.weights.damp == 0.1
     assert get_recipe("w4a16-rtn-g128:keep=lm_head*").is_kept("lm_head.weight")
+    assert get_recipe("w4a16-gptq-g128").weights.act_order  # GPTQ defaults to act-order
+    assert not get_recipe("w4a16-gptq-g128-noact").weights.act_order
+    assert not get_recipe("w4a16-awq-g128").weights.act_order
 
 
 @pytest.mark.parametrize("name,needle", [
@@ -41,6 +44,7 @@ def test_accuracy_recipes_parse():
     ("w4a16-rtn-g128:alpha=0.5", "smoothquant recipes only"),
     ("w4a16-awq-g128+kv8", "KV-cache quantization"),
     ("w4a16-rtn-g128+fast", "unknown component"),
+    ("w4a16-rtn-g128-noact", "gptq only"),
 ])
 def test_bad_recipes_name_the_problem(name, needle):
     with pytest.raises(LowbitError, match=needle):
