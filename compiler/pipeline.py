@@ -3,8 +3,9 @@
 Order, each step optional per recipe:
 
 1. SmoothQuant smoothing (:mod:`lowbit.passes.smoothquant`) and AWQ scaling and clipping
-   (:mod:`lowbit.passes.awq`, for ``awq`` and ``awq-gptq``): parameter transforms that fold per-channel scales into the previous
-   op; they rescale the calibration statistics they change, so later steps see the new inputs.
+   (:mod:`lowbit.passes.awq`, for ``awq`` and ``awq-gptq``): parameter transforms that fold
+   per-channel scales into the previous op; they rescale the calibration statistics they change,
+   so later steps see the new inputs (GPTQ's Hessians included).
 2. Layer selection: ``ignore`` patterns stay float, ``keep`` patterns and the ``keep=autoN`` most
    sensitive layers (:mod:`lowbit.passes.sensitivity`) become int8 per-channel RTN.
 3. Weight (and activation) quantization (:class:`~lowbit.passes.quantize_weights.QuantizeWeights`)

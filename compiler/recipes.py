@@ -196,8 +196,8 @@ _WEIGHT_ONLY = re.compile(
     r"^w(?P<bits>\d+)a16-(?P<method>awq-gptq|[a-z]+)(?:-g(?P<group>\d+))?(?P<asym>-asym)?(?P<noact>-noact)?$"
 )
 _W8A8 = re.compile(r"^w8a8-(?P<smoothing>naive|smoothquant)(?P<static>-static)?$")
-_GRAMMAR = ("w{3,4,8}a16-{rtn,gptq,awq,awq-gptq}[-g{32,64,128,256}][-asym][-noact] or w8a8-{naive,smoothquant}[-static], "
-            "then optional +kv8 and :options, or a .toml file")
+_GRAMMAR = ("w{3,4,8}a16-{rtn,gptq,awq,awq-gptq}[-g{32,64,128,256}][-asym][-noact] "
+            "or w8a8-{naive,smoothquant}[-static], then optional +kv8 and :options, or a .toml file")
 
 
 def _parse_name(name: str) -> Recipe:
@@ -224,7 +224,8 @@ def _parse_name(name: str) -> Recipe:
 
 EXAMPLE_RECIPES = ("fp32", "w8a16-rtn", "w4a16-rtn", "w4a16-rtn-g32", "w4a16-rtn-g64", "w4a16-rtn-g128",
                    "w4a16-rtn-g128-asym", "w4a16-gptq-g128", "w4a16-gptq-g128-noact", "w3a16-gptq-g128",
-                   "w4a16-awq-g128", "w4a16-awq-gptq-g128", "w8a8-naive", "w8a8-smoothquant", "w8a8-smoothquant-static")
+                   "w4a16-awq-g128", "w4a16-awq-gptq-g128", "w8a8-naive", "w8a8-smoothquant",
+                   "w8a8-smoothquant-static")
 DEFAULT_RECIPE = "w4a16-rtn-g128"
 _OPTIONS = "ignore=PATTERN[,PATTERN], keep=PATTERN[,PATTERN]|autoN, alpha=0.5|auto, damp=0.01"
 
