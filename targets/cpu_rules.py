@@ -40,10 +40,7 @@ class BatchMatmul(CPUScheduleRule):
         block = blocks[0]
         if not _is_batch_matmul(sch.get(block)):
             return None
-        loops = sch.get_loops(block)
-        if len(loops) < 3:
-            return None
-        *batch, rows, cols, k = loops
+        *batch, rows, cols, k = sch.get_loops(block)
         row_tile = _tile(sch.get(rows).extent, MATMUL_ROWS)
         col_tile = VECTORS_PER_ROW * max(1, llvm_get_vector_width(target) // 32)
         outer = sch.fuse(*batch) if batch else None

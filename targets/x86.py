@@ -74,6 +74,7 @@ def schedule_linear(sch, m_is_one: bool, tile: int) -> None:
         row_loop, m_inner = sch.split(m, [None, GEMM_ROWS])
         sch.reorder(n_outer, row_loop, k_outer, k_inner, m_inner, n_inner)
         sch.unroll(m_inner)
+        sch.annotate(row_loop, "pragma_loop_partition_hint", 1)  # main loop without bounds checks + tail
     sch.compute_inline(sch.get_sblock("dequant"))
     acc = sch.cache_write(matmul, 0, "local")
     sch.reverse_compute_at(acc, row_loop)
@@ -81,8 +82,6 @@ def schedule_linear(sch, m_is_one: bool, tile: int) -> None:
     sch.vectorize(n_inner)
     sch.unroll(k_inner)
     sch.parallel(n_outer)
-    if not m_is_one:
-        sch.annotate(row_loop, "pragma_loop_partition_hint", 1)
     init = sch.decompose_reduction(matmul, k_outer)
     sch.vectorize(sch.get_loops(init)[-1])
 
