@@ -5,7 +5,7 @@ on held-out text (``alice29``) with the ``lowbit eval`` protocol (non-overlappin
 from an empty cache) against the fp32 build of the same import. Prints a markdown table and writes
 ``bench/.cache/accuracy.json``.
 
-    python bench/bench_accuracy.py --calib-samples 64 --calib-seq-len 512 --tokens 2048 --window 256
+    python bench/bench_accuracy.py --calib-samples 64 --calib-seq-len 512 --tokens 4096 --window 512
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import json
 import time
 from pathlib import Path
 
+from accuracy_table import print_table
 from lowbit.codegen.build import build
 from lowbit.compiler.api import _calibrate, _import
 from lowbit.compiler.datasets import read_text
@@ -27,9 +28,9 @@ from lowbit.compiler.runtime import Session
 from lowbit.targets import get_target
 
 RECIPES = ("w8a16-rtn", "w8a8-naive", "w8a8-smoothquant", "w8a8-smoothquant:alpha=auto", "w8a8-naive-static",
-           "w8a8-smoothquant-static", "w4a16-rtn-g128", "w4a16-awq-g128", "w4a16-gptq-g128", "w4a16-awq-gptq-g128",
-           "w4a16-rtn", "w4a16-awq", "w4a16-gptq", "w3a16-rtn-g128", "w3a16-gptq-g128", "w4a16-rtn-g128:keep=auto10",
-           "w4a16-rtn-g128:keep=lm_head*")
+           "w8a8-smoothquant-static", "w4a16-rtn-g128", "w4a16-awq-g128", "w4a16-gptq-g128",
+           "w4a16-gptq-g128:stages=2", "w4a16-awq-gptq-g128", "w4a16-rtn", "w4a16-awq", "w4a16-gptq",
+           "w3a16-rtn-g128", "w3a16-gptq-g128", "w4a16-rtn-g128:keep=auto10", "w4a16-rtn-g128:keep=lm_head*")
 
 
 def main() -> None:
@@ -37,15 +38,16 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--calib-samples", type=int, default=64)
     parser.add_argument("--calib-seq-len", type=int, default=512)
-    parser.add_argument("--tokens", type=int, default=2048)
-    parser.add_argument("--window", type=int, default=256)
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--recipes", default=",".join(RECIPES))
     args = parser.parse_args()
 
     chip = get_target("host")
     ir, tokenizer_folder, _ = _import(resolve_model(args.model), max(args.window, args.calib_seq_len) + 1)
     started = time.perf_counter()
-    statistics = _calibrate(ir, chip, tokenizer_folder, "lcet10", args.calib_samples, args.calib_seq_len, True)
+    statistics, recalibrate = _calibrate(ir, chip, tokenizer_folder, "lcet10", args.calib_samples, args.calib_seq_len,
+                                         True)
     calibration_seconds = time.perf_counter() - started
     from tokenizers import Tokenizer
 
@@ -55,7 +57,8 @@ def main() -> None:
     def built(recipe: str):
         recipe_obj = get_recipe(recipe)
         start = time.perf_counter()
-        result = run_pipeline(ir, recipe_obj, chip, copy.deepcopy(statistics) if recipe_obj.needs_calibration else None)
+        stats = copy.deepcopy(statistics) if recipe_obj.needs_calibration else None
+        result = run_pipeline(ir, recipe_obj, chip, stats, recalibrate=recalibrate)
         seconds = time.perf_counter() - start
         manifest = {"model": {"name": args.model}, "weight_names": list(result.ir.params), "kv_cache": vars(ir.kv),
                     "max_context": ir.max_context}
@@ -77,13 +80,7 @@ def main() -> None:
     Path("bench/.cache/accuracy.json").write_text(json.dumps(out, indent=2))
     print(f"\ncalibration {calibration_seconds:.0f} s ({args.calib_samples} x {args.calib_seq_len} tokens), "
           f"eval {len(ids) - 1} tokens of alice29, windows of {args.window}\n")
-    print("| recipe | PPL | gap | KL vs float | top-1 agreement | weight MB | quantize s |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for row in rows:
-        kl = f"{row['kl_vs_float']:.4f}" if "kl_vs_float" in row else "-"
-        top1 = f"{100 * row['top1_agreement']:.1f} %" if "top1_agreement" in row else "-"
-        print(f"| {row['recipe']} | {row['perplexity']:.3f} | {100 * row['gap']:+.2f} % | {kl} | {top1} | "
-              f"{row['weight_bytes'] / 1e6:.1f} | {row.get('quantize_seconds', '-')} |")
+    print_table(rows, "recipe", "weight_bytes", "weight")
 
 
 if __name__ == "__main__":

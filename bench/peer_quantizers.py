@@ -6,7 +6,7 @@ logits), quantized by ``onnxruntime.quantization.matmul_nbits_quantizer`` (4-bit
 protocol (alice29, non-overlapping windows scored from scratch) against the float export: perplexity,
 gap, mean KL vs float, top-1 agreement. Prints a markdown table; writes ``bench/.cache/peer.json``.
 
-    python bench/peer_quantizers.py --tokens 2048 --window 256
+    python bench/peer_quantizers.py --tokens 4096 --window 512
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from unittest import mock
 
 import numpy as np
 
+from accuracy_table import print_table
 from lowbit.compiler.datasets import read_text
 from lowbit.compiler.evaluate import evaluate_session
 from lowbit.compiler.models import resolve_model
@@ -89,8 +90,8 @@ def main() -> None:
     import onnxruntime
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=2048)
-    parser.add_argument("--window", type=int, default=256)
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--methods", default="rtn-sym,rtn-asym,hqq")
     args = parser.parse_args()
     source = resolve_model("smollm2-135m")
@@ -111,13 +112,7 @@ def main() -> None:
     (CACHE / "peer.json").write_text(json.dumps({"onnxruntime": onnxruntime.__version__, "args": vars(args),
                                                  "rows": rows}, indent=2))
     print(f"\nonnxruntime {onnxruntime.__version__}; eval {len(ids) - 1} tokens of alice29, windows of {args.window}\n")
-    print("| quantizer | PPL | gap | KL vs float | top-1 agreement | model MB | quantize s |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for row in rows:
-        kl = f"{row['kl_vs_float']:.4f}" if "kl_vs_float" in row else "-"
-        top1 = f"{100 * row['top1_agreement']:.1f} %" if "top1_agreement" in row else "-"
-        print(f"| {row['recipe']} | {row['perplexity']:.3f} | {100 * row['gap']:+.2f} % | {kl} | {top1} | "
-              f"{row['bytes'] / 1e6:.1f} | {row.get('quantize_seconds', '-')} |")
+    print_table(rows, "quantizer", "bytes", "model")
 
 
 if __name__ == "__main__":

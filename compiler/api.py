@@ -106,12 +106,13 @@ def build_model(model: str = DEFAULT_MODEL, recipe: str = DEFAULT_RECIPE, target
             source = resolve_model(str(model))
         with stages.stage("importing into TVM Relax"):
             ir, tokenizer_folder, eos = _import(source, max_context)
-        statistics = None
+        statistics = recalibrate = None
         if recipe_obj.needs_calibration:
             with stages.stage(f"calibrating on {calib}"):
-                statistics = _calibrate(ir, chip, tokenizer_folder, calib, calib_samples, calib_seq_len, show)
+                statistics, recalibrate = _calibrate(ir, chip, tokenizer_folder, calib, calib_samples, calib_seq_len,
+                                                     show)
         with stages.stage(f"applying {recipe_obj.name}"), _bar(len(ir.params), "quantizing", show) as bar:
-            result = run_pipeline(ir, recipe_obj, chip, statistics, bar)
+            result = run_pipeline(ir, recipe_obj, chip, statistics, bar, recalibrate)
         with stages.stage(f"building for {chip.name}"):
             executable = build(result.ir.mod, chip)
     finally:
@@ -162,7 +163,9 @@ def _bar(total: int, description: str, enabled: bool):
 
 
 def _calibrate(ir, chip, tokenizer_folder, text_spec, samples, seq_len, show):
-    from .calibration import calibration_samples, collect_statistics
+    """Calibration statistics over ``samples`` windows of ``text_spec``, and ``recalibrate(params,
+    layers)``, which collects them again with other weights (for GPTQ's stages)."""
+    from .calibration import Calibrator, calibration_samples
 
     tokenizer_file = None if tokenizer_folder is None else Path(tokenizer_folder) / "tokenizer.json"
     if tokenizer_file is None or not tokenizer_file.is_file():
@@ -171,8 +174,15 @@ def _calibrate(ir, chip, tokenizer_folder, text_spec, samples, seq_len, show):
 
     ids = Tokenizer.from_file(str(tokenizer_file)).encode(read_text(text_spec)).ids
     windows = calibration_samples(ids, samples, min(seq_len, ir.max_context - 1))
+    calibrator = Calibrator(ir, chip, windows)
     with _bar(len(windows), "calibration samples", show) as bar:
-        return collect_statistics(ir, chip, windows, bar)
+        statistics = calibrator.collect(progress=bar)
+
+    def recalibrate(params, layers):
+        with _bar(len(windows), f"recalibrating {len(layers)} layers", show) as bar:
+            return calibrator.collect(params, layers, bar)
+
+    return statistics, recalibrate
 
 
 def _import(source, max_context):
@@ -279,7 +289,7 @@ def analyze(model: str, recipe: str = "w8a8-naive", target: str = "host", progre
         with stages.stage("importing into TVM Relax"):
             ir, tokenizer_folder, _ = _import(source, None)
         with stages.stage(f"calibrating on {calib}"):
-            statistics = _calibrate(ir, chip, tokenizer_folder, calib, calib_samples, calib_seq_len, show)
+            statistics, _ = _calibrate(ir, chip, tokenizer_folder, calib, calib_samples, calib_seq_len, show)
     finally:
         stages.close()
     ranked = rank_layers(find_linears(ir.mod["prefill"]), ir.params, statistics, recipe_obj)

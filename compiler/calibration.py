@@ -1,7 +1,8 @@
 """Calibration: run the model's own compiled graph over real text and keep per-layer input statistics.
 
 The prefill function is instrumented (:mod:`lowbit.passes.calibration`) to return the activations
-that feed linear layers; it is built for the host like any artifact and run one sample at a time.
+that feed linear layers; it is built for the host like any artifact (once: :class:`Calibrator`)
+and run one sample at a time, with the model's weights or with partly quantized ones.
 Each sample's activations are reduced at once to running statistics (``X^T X`` with BLAS, per
 channel ``max |x|`` and ``sum |x|``), so memory holds one sample's activations plus one ``[K, K]``
 matrix per distinct layer input. Works the same for a torch-exported and an ONNX model.
@@ -29,9 +30,10 @@ SAMPLE_ROWS = 512  # activation rows kept per layer input for error simulation
 class LinearStatistics:
     """Running statistics of one linear layer's input (shared by layers reading the same input).
 
-    GPTQ and AWQ read ``hessian()`` (GPTQ also ``split_hessians()`` to validate on held-out samples); SmoothQuant the per-channel magnitudes; sensitivity analysis
-    and activation-error estimates the ``sample``: up to :data:`SAMPLE_ROWS` token rows drawn
-    evenly from all calibration samples (a fixed seed, so results repeat).
+    GPTQ and AWQ read ``hessian()`` (GPTQ also ``split_hessians()`` to validate on held-out
+    samples); SmoothQuant the per-channel magnitudes; sensitivity analysis and activation-error
+    estimates the ``sample``: up to :data:`SAMPLE_ROWS` token rows drawn evenly from all
+    calibration samples (a fixed seed, so results repeat).
     """
 
     xtx: np.ndarray  # [K, K] float64
@@ -89,30 +91,63 @@ def calibration_samples(token_ids: list[int], samples: int, length: int) -> list
     return [token_ids[i * length:(i + 1) * length] for i in range(min(samples, available))]
 
 
+class Calibrator:
+    """The instrumented prefill, built once for the host and run over fixed calibration ``samples``.
+
+    :meth:`collect` may run it with other weights than the model's: GPTQ's later stages collect
+    their inputs with the earlier layers already quantized (see :mod:`lowbit.compiler.pipeline`).
+    """
+
+    def __init__(self, ir: ModelIR, chip, samples: list[list[int]]):
+        from lowbit.codegen.build import build
+
+        self.ir, self.chip, self.samples = ir, chip, samples
+        mod, weights, self.sites = self._instrumented(ir.params)
+        self.weight_names = list(weights)
+        self._weights = self._on_device(weights)
+        self.vm = relax.VirtualMachine(build(mod, chip), tvm.cpu())
+
+    def _instrumented(self, params: dict[str, np.ndarray]):
+        calibrate, sites = instrument_linear_inputs(self.ir.mod["prefill"])
+        params = dict(params)
+        mod = QuantizeWeights(Recipe("fp32"), params, self.chip.linear_tile)(tvm.IRModule({"calibrate": calibrate}))
+        mod = relax.transform.DeadCodeElimination(["calibrate"])(mod)
+        mod, params = sync_params(mod, params)
+        return mod, params, sites
+
+    @staticmethod
+    def _on_device(weights: dict[str, np.ndarray]) -> list:
+        return [tvm.runtime.tensor(v, tvm.cpu()) for v in weights.values()]
+
+    def collect(self, params: dict[str, np.ndarray] | None = None, layers=None,
+                progress=None) -> dict[str, LinearStatistics]:
+        """Statistics of the inputs of ``layers`` (weight names; default every linear layer) over the
+        samples, keyed by weight name, with ``params`` (default the model's) as the weights."""
+        weights = self._weights
+        if params is not None:
+            _, variant, _ = self._instrumented(params)
+            if list(variant) != self.weight_names:
+                raise LowbitError("calibration: the replacement weights do not match the model's parameters")
+            weights = self._on_device(variant)
+        wanted = [i for i, site in enumerate(self.sites) if layers is None or set(site.weights) & set(layers)]
+        stats = {i: LinearStatistics.empty(self.sites[i].width, len(self.samples)) for i in wanted}
+        device = tvm.cpu()
+        empty = np.zeros((1, self.ir.kv.num_kv_heads, 0, self.ir.kv.head_dim), np.float32)
+        cache = [tvm.runtime.tensor(empty, device) for _ in range(2 * self.ir.kv.num_layers)]
+        for sample in self.samples:
+            ids = tvm.runtime.tensor(np.asarray([sample], np.int64), device)
+            outputs = self.vm["calibrate"](ids, *cache, *weights)
+            for i in wanted:
+                rows = outputs[i].numpy()
+                if not np.isfinite(rows).all():
+                    raise LowbitError(f"calibration: the input of layer {self.sites[i].weights[0]} has NaN or Inf "
+                                      "values; check the model's weights")
+                stats[i].add(rows)
+            if progress is not None:
+                progress.update(1)
+        return {name: stat for i, stat in stats.items() for name in self.sites[i].weights}
+
+
 def collect_statistics(ir: ModelIR, chip, samples: list[list[int]], progress=None) -> dict[str, LinearStatistics]:
     """Statistics of every linear layer's input over ``samples``, keyed by weight name."""
-    from lowbit.codegen.build import build
-
-    calibrate, sites = instrument_linear_inputs(ir.mod["prefill"])
-    params = dict(ir.params)
-    mod = QuantizeWeights(Recipe("fp32"), params, chip.linear_tile)(tvm.IRModule({"calibrate": calibrate}))
-    mod = relax.transform.DeadCodeElimination(["calibrate"])(mod)
-    mod, params = sync_params(mod, params)
-    vm = relax.VirtualMachine(build(mod, chip), tvm.cpu())
-    device = tvm.cpu()
-    weights = [tvm.runtime.tensor(v, device) for v in params.values()]
-    empty = np.zeros((1, ir.kv.num_kv_heads, 0, ir.kv.head_dim), np.float32)
-    cache = [tvm.runtime.tensor(empty, device) for _ in range(2 * ir.kv.num_layers)]
-    stats = [LinearStatistics.empty(site.width, len(samples)) for site in sites]
-    for sample in samples:
-        ids = tvm.runtime.tensor(np.asarray([sample], np.int64), device)
-        outputs = vm["calibrate"](ids, *cache, *weights)
-        for site, stat, output in zip(sites, stats, outputs):
-            rows = output.numpy()
-            if not np.isfinite(rows).all():
-                raise LowbitError(f"calibration: the input of layer {site.weights[0]} has NaN or Inf values; "
-                                  "check the model's weights")
-            stat.add(rows)
-        if progress is not None:
-            progress.update(1)
-    return {name: stat for site, stat in zip(sites, stats) for name in site.weights}
+    return Calibrator(ir, chip, samples).collect(progress=progress)

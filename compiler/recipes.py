@@ -18,7 +18,8 @@ A recipe name is parsed, not enumerated, so every valid combination has a name:
 Options follow a colon, separated by ``;``: ``ignore=PATTERN[,PATTERN]`` keeps matching layers
 (glob over weight names, e.g. ``lm_head*``) in float; ``keep=PATTERN[,PATTERN]`` or ``keep=autoN``
 keeps the named layers, or the ``N`` most sensitive ones by calibration, in int8; ``alpha=0.5`` or
-``alpha=auto`` sets SmoothQuant's migration strength; ``damp=0.01`` GPTQ's dampening.
+``alpha=auto`` sets SmoothQuant's migration strength; ``damp=0.01`` GPTQ's dampening; ``stages=N``
+GPTQ's sequential stages (each one more calibration pass).
 A ``+kv8`` / ``+kv4`` suffix composes KV-cache quantization.
 """
 
@@ -36,6 +37,7 @@ SUPPORTED_BITS = (3, 4, 8)
 SUPPORTED_GROUP_SIZES = (32, 64, 128, 256)
 SUPPORTED_METHODS = ("rtn", "gptq", "awq", "awq-gptq")
 ACT_GRANULARITIES = ("token", "tensor")
+MAX_STAGES = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +56,9 @@ class WeightQuant:
             channels of an LLM dominate the Hessian and GPTQ, while lowering each layer's
             calibration error, leaves the model worse than RTN (bench/RESULTS.md).
         damp: GPTQ only: Hessian dampening as a fraction of its mean diagonal.
+        stages: GPTQ only: the layers, in graph order, are quantized in this many stages, and each
+            stage after the first is calibrated again with the earlier stages' weights quantized,
+            so later layers correct for the error of earlier ones (one calibration pass per stage).
     """
 
     bits: int
@@ -62,6 +67,7 @@ class WeightQuant:
     method: str = "rtn"
     act_order: bool | None = None
     damp: float = 0.01
+    stages: int = 1
 
     @property
     def needs_calibration(self) -> bool:
@@ -93,6 +99,10 @@ class WeightQuant:
             raise LowbitError(f"recipe: damp {self.damp} out of range; use a value in (0, 1], e.g. 0.01")
         if self.act_order and not self.rounds_by_gptq:
             raise LowbitError("recipe: act_order applies to gptq only")
+        if not 1 <= self.stages <= MAX_STAGES:
+            raise LowbitError(f"recipe: stages={self.stages} out of range; use 1 to {MAX_STAGES}")
+        if self.stages > 1 and not self.rounds_by_gptq:
+            raise LowbitError("recipe: stages (sequential calibration) applies to gptq only")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,7 +237,7 @@ EXAMPLE_RECIPES = ("fp32", "w8a16-rtn", "w4a16-rtn", "w4a16-rtn-g32", "w4a16-rtn
                    "w4a16-awq-g128", "w4a16-awq-gptq-g128", "w8a8-naive", "w8a8-smoothquant",
                    "w8a8-smoothquant-static")
 DEFAULT_RECIPE = "w4a16-rtn-g128"
-_OPTIONS = "ignore=PATTERN[,PATTERN], keep=PATTERN[,PATTERN]|autoN, alpha=0.5|auto, damp=0.01"
+_OPTIONS = "ignore=PATTERN[,PATTERN], keep=PATTERN[,PATTERN]|autoN, alpha=0.5|auto, damp=0.01, stages=2"
 
 
 def get_recipe(spec: str) -> Recipe:
@@ -267,6 +277,12 @@ def _apply_option(recipe: Recipe, spec: str, option: str) -> Recipe:
         if recipe.weights is None or not recipe.weights.rounds_by_gptq:
             raise LowbitError(f"recipe {spec!r}: damp= applies to gptq recipes only")
         return dataclasses.replace(recipe, weights=dataclasses.replace(recipe.weights, damp=_number(spec, key, value)))
+    if key == "stages":
+        if recipe.weights is None or not recipe.weights.rounds_by_gptq:
+            raise LowbitError(f"recipe {spec!r}: stages= applies to gptq recipes only")
+        if not value.isdigit():
+            raise LowbitError(f"recipe {spec!r}: stages={value!r} is not a whole number")
+        return dataclasses.replace(recipe, weights=dataclasses.replace(recipe.weights, stages=int(value)))
     raise LowbitError(f"recipe {spec!r}: unknown option {option!r}; supported: {_OPTIONS}")
 
 

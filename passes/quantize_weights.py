@@ -31,7 +31,7 @@ from lowbit.compiler.recipes import Recipe, WeightQuant
 
 from .gptq import quantize_gptq_validated
 from .linear_match import match_linear
-from .rtn import quantize_rtn
+from .rtn import QuantizedWeight, quantize_rtn
 
 
 @dataclasses.dataclass
@@ -41,6 +41,7 @@ class PackedLinear:
     k: int
     tensors: dict[str, np.ndarray]  # suffix -> array, in kernel argument order
     note: str
+    quantized: QuantizedWeight | None = None  # the codes and grid, unless the layer stays float
 
 
 def pack_linear(weight_nk: np.ndarray, recipe, name: str, tile: int, statistics=None) -> PackedLinear:
@@ -70,16 +71,16 @@ def pack_linear(weight_nk: np.ndarray, recipe, name: str, tile: int, statistics=
         }
         act = recipe.activations
         if act is None:
-            return PackedLinear(LinearFormat("int8", tile), n, k, tensors, f"int8 per channel, {method}")
+            return PackedLinear(LinearFormat("int8", tile), n, k, tensors, f"int8 per channel, {method}", q)
         if q.group_size != k:
             raise LowbitError(f"layer {name}: int8 activations need per-channel weight scales, "
                               f"but the recipe groups weights by {q.group_size}")
         note = f"int8 weights per channel ({method}), int8 activations per {act.granularity}"
         if act.granularity == "token":
-            return PackedLinear(LinearFormat("w8a8", tile), n, k, tensors, note)
+            return PackedLinear(LinearFormat("w8a8", tile), n, k, tensors, note, q)
         tensors["act_scale"] = _static_act_scale(statistics, name)
         note += f" (static scale {tensors['act_scale'][0]:.4g})"
-        return PackedLinear(LinearFormat("w8a8_static", tile), n, k, tensors, note)
+        return PackedLinear(LinearFormat("w8a8_static", tile), n, k, tensors, note, q)
     codes = q.codes
     if wq.symmetric and wq.bits < 4:  # the int4 kernels' symmetric zero point is 8: recentre the codes
         codes = codes + np.uint8(8 - 2 ** (wq.bits - 1))
@@ -88,7 +89,7 @@ def pack_linear(weight_nk: np.ndarray, recipe, name: str, tile: int, statistics=
         tensors["zeros"] = to_column_tiles(q.zeros, tile)
     fmt = LinearFormat("int4", tile, q.group_size, not wq.symmetric)
     note = f"{wq.bits}-bit group {q.group_size}{'' if wq.symmetric else ' asym'}, {method}"
-    return PackedLinear(fmt, n, k, tensors, note)
+    return PackedLinear(fmt, n, k, tensors, note, q)
 
 
 def _static_act_scale(statistics, name) -> np.ndarray:

@@ -28,7 +28,7 @@ def bench(smol_source):
     """Import + calibrate once; ``bench(recipe) -> EvalResult`` (memoized), scored against fp32."""
     chip = get_target("host")
     ir, tokenizer_folder, _ = _import(smol_source, 1024)
-    statistics = _calibrate(ir, chip, tokenizer_folder, "lcet10", CALIB_SAMPLES, CALIB_LEN, False)
+    statistics, recalibrate = _calibrate(ir, chip, tokenizer_folder, "lcet10", CALIB_SAMPLES, CALIB_LEN, False)
     tokenizer = tokenizer_folder / "tokenizer.json"
     from tokenizers import Tokenizer
 
@@ -40,7 +40,7 @@ def bench(smol_source):
         if recipe not in sessions:
             recipe_obj = get_recipe(recipe)
             stats = copy.deepcopy(statistics) if recipe_obj.needs_calibration else None
-            result = run_pipeline(ir, recipe_obj, chip, stats)
+            result = run_pipeline(ir, recipe_obj, chip, stats, recalibrate=recalibrate)
             manifest = {"model": {"name": "smollm2-135m"}, "weight_names": list(result.ir.params),
                         "kv_cache": vars(ir.kv), "max_context": ir.max_context}
             sessions[recipe] = Session.in_memory(build(result.ir.mod, chip), result.ir.params, manifest, tokenizer)

@@ -78,7 +78,7 @@ def test_statistics_from_compiled_graph_match_torch(tiny_model_dir):
     np.testing.assert_allclose(got.absmax, np.abs(rows).max(0), rtol=1e-5)
 
 
-@pytest.mark.parametrize("recipe", ["w4a16-gptq-g32", "w4a16-awq-gptq-g32"])
+@pytest.mark.parametrize("recipe", ["w4a16-gptq-g32", "w4a16-awq-gptq-g32", "w4a16-gptq-g32:stages=2"])
 def test_gptq_compile_end_to_end_on_small_model(tiny_model_dir, tmp_path, recipe):
     from lowbit.compiler import compile as lowbit_compile
     from lowbit.compiler import load
@@ -100,6 +100,47 @@ def test_gptq_compile_end_to_end_on_small_model(tiny_model_dir, tmp_path, recipe
         lowbit_compile(str(tiny_model_dir), "w4a16-gptq-g32", "host", tmp_path / "art2",
                        progress=False, calib=str(short), calib_seq_len=64)
     assert not (tmp_path / "art2").exists()
+
+
+def test_staged_gptq_calibrates_later_layers_on_quantized_earlier_ones(tiny_model_dir):
+    """With ``stages=2`` the second half of the layers (graph order) is calibrated again, with the
+    first half replaced by the weights their codes stand for, and quantized from those statistics."""
+    from transformers import AutoModelForCausalLM
+
+    from lowbit.compiler.calibration import Calibrator
+    from lowbit.compiler.frontend_torch import import_torch_model
+    from lowbit.compiler.pipeline import run_pipeline
+    from lowbit.compiler.recipes import get_recipe
+    from lowbit.passes.linear_match import find_linears
+    from lowbit.targets import get_target
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype="float32").eval()
+    ir = import_torch_model(model, 128)
+    chip = get_target("host")
+    calibrator = Calibrator(ir, chip, [list(range(start, start + 48)) for start in (100, 700, 1300, 1900)])
+    float_stats = calibrator.collect()
+    name = "model.layers.1.mlp.down_proj.weight"
+    np.testing.assert_array_equal(calibrator.collect(dict(ir.params), [name])[name].xtx, float_stats[name].xtx)
+
+    calls = []
+
+    def recalibrate(params, layers):
+        calls.append((dict(params), list(layers)))
+        return calibrator.collect(params, layers)
+
+    stats = dict(float_stats)
+    run_pipeline(ir, get_recipe("w4a16-gptq-g32:stages=2"), chip, stats, recalibrate=recalibrate)
+    linears = list(find_linears(ir.mod["prefill"]))
+    assert len(calls) == 1
+    params, later = calls[0]
+    assert 0 < len(later) < len(linears) and later == linears[-len(later):] and name in later
+    earlier = linears[0]
+    assert not np.array_equal(params[earlier], ir.params[earlier])  # dequantized int4
+    np.testing.assert_allclose(params[earlier], ir.params[earlier], atol=np.abs(ir.params[earlier]).max() / 7)
+    np.testing.assert_array_equal(params[later[0]], ir.params[later[0]])  # still float
+    assert stats[name] is not float_stats[name] and stats[name].tokens == float_stats[name].tokens
+    relative = np.abs(stats[name].xtx - float_stats[name].xtx).max() / np.abs(float_stats[name].xtx).max()
+    assert 1e-4 < relative < 0.5, relative  # the quantized first half changed the later inputs, a little
 
 
 def _statistics(samples):

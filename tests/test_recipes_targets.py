@@ -30,6 +30,7 @@ def test_accuracy_recipes_parse():
     assert get_recipe("w4a16-gptq-g128").weights.act_order  # GPTQ defaults to act-order
     assert not get_recipe("w4a16-gptq-g128-noact").weights.act_order
     assert not get_recipe("w4a16-awq-g128").weights.act_order
+    assert get_recipe("w4a16-gptq-g128:stages=3").weights.stages == 3
 
 
 @pytest.mark.parametrize("name,needle", [
@@ -45,6 +46,9 @@ def test_accuracy_recipes_parse():
     ("w4a16-awq-g128+kv8", "KV-cache quantization"),
     ("w4a16-rtn-g128+fast", "unknown component"),
     ("w4a16-rtn-g128-noact", "gptq only"),
+    ("w4a16-awq-g128:stages=2", "gptq recipes only"),
+    ("w4a16-gptq-g128:stages=0", "stages=0 out of range"),
+    ("w4a16-gptq-g128:stages=two", "not a whole number"),
 ])
 def test_bad_recipes_name_the_problem(name, needle):
     with pytest.raises(LowbitError, match=needle):
