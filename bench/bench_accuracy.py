@@ -11,7 +11,6 @@ from an empty cache) against the fp32 build of the same import. Prints a markdow
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import time
 from pathlib import Path
@@ -46,8 +45,7 @@ def main() -> None:
     chip = get_target("host")
     ir, tokenizer_folder, _ = _import(resolve_model(args.model), max(args.window, args.calib_seq_len) + 1)
     started = time.perf_counter()
-    statistics, recalibrate = _calibrate(ir, chip, tokenizer_folder, "lcet10", args.calib_samples, args.calib_seq_len,
-                                         True)
+    calibration = _calibrate(ir, chip, tokenizer_folder, "lcet10", args.calib_samples, args.calib_seq_len, True)
     calibration_seconds = time.perf_counter() - started
     from tokenizers import Tokenizer
 
@@ -57,8 +55,7 @@ def main() -> None:
     def built(recipe: str):
         recipe_obj = get_recipe(recipe)
         start = time.perf_counter()
-        stats = copy.deepcopy(statistics) if recipe_obj.needs_calibration else None
-        result = run_pipeline(ir, recipe_obj, chip, stats, recalibrate=recalibrate)
+        result = run_pipeline(ir, recipe_obj, chip, calibration.copy() if recipe_obj.needs_calibration else None)
         seconds = time.perf_counter() - start
         manifest = {"model": {"name": args.model}, "weight_names": list(result.ir.params), "kv_cache": vars(ir.kv),
                     "max_context": ir.max_context}

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from .artifact import MANIFEST, write_artifact
+from .calibration import Calibration
 from .datasets import DEFAULT_CALIB_TEXT, DEFAULT_EVAL_TEXT, read_text
 from .errors import LowbitError
 from .models import DEFAULT_MODEL, HFModel, resolve_model
@@ -106,13 +107,12 @@ def build_model(model: str = DEFAULT_MODEL, recipe: str = DEFAULT_RECIPE, target
             source = resolve_model(str(model))
         with stages.stage("importing into TVM Relax"):
             ir, tokenizer_folder, eos = _import(source, max_context)
-        statistics = recalibrate = None
+        calibration = None
         if recipe_obj.needs_calibration:
             with stages.stage(f"calibrating on {calib}"):
-                statistics, recalibrate = _calibrate(ir, chip, tokenizer_folder, calib, calib_samples, calib_seq_len,
-                                                     show)
+                calibration = _calibrate(ir, chip, tokenizer_folder, calib, calib_samples, calib_seq_len, show)
         with stages.stage(f"applying {recipe_obj.name}"), _bar(len(ir.params), "quantizing", show) as bar:
-            result = run_pipeline(ir, recipe_obj, chip, statistics, bar, recalibrate)
+            result = run_pipeline(ir, recipe_obj, chip, calibration, bar)
         with stages.stage(f"building for {chip.name}"):
             executable = build(result.ir.mod, chip)
     finally:
@@ -162,10 +162,11 @@ def _bar(total: int, description: str, enabled: bool):
         bar.close()
 
 
-def _calibrate(ir, chip, tokenizer_folder, text_spec, samples, seq_len, show):
-    """Calibration statistics over ``samples`` windows of ``text_spec``, and ``recalibrate(params,
-    layers)``, which collects them again with other weights (for GPTQ's stages)."""
+def _calibrate(ir, chip, tokenizer_folder, text_spec, samples, seq_len, show) -> Calibration:
+    """Calibration over ``samples`` windows of ``text_spec``: the statistics, a recalibration with
+    other weights (GPTQ's stages) and an output probe on the first window, built when first asked."""
     from .calibration import Calibrator, calibration_samples
+    from .output_probe import OutputProbe
 
     tokenizer_file = None if tokenizer_folder is None else Path(tokenizer_folder) / "tokenizer.json"
     if tokenizer_file is None or not tokenizer_file.is_file():
@@ -182,7 +183,14 @@ def _calibrate(ir, chip, tokenizer_folder, text_spec, samples, seq_len, show):
         with _bar(len(windows), f"recalibrating {len(layers)} layers", show) as bar:
             return calibrator.collect(params, layers, bar)
 
-    return statistics, recalibrate
+    probe: list[OutputProbe] = []
+
+    def output_kl(name, weight_nk):
+        if not probe:
+            probe.append(OutputProbe(ir, chip, windows[0]))
+        return probe[0].kl(name, weight_nk)
+
+    return Calibration(statistics, recalibrate, output_kl)
 
 
 def _import(source, max_context):
@@ -282,17 +290,20 @@ def analyze(model: str, recipe: str = "w8a8-naive", target: str = "host", progre
         raise LowbitError(f"recipe {recipe_obj.name} quantizes nothing; analyze a quantized recipe")
     chip = get_target(target)
     show = _show(progress)
-    stages = _Stages(3, show)
+    stages = _Stages(4, show)
     try:
         with stages.stage(f"loading {model}"):
             source = resolve_model(str(model))
         with stages.stage("importing into TVM Relax"):
             ir, tokenizer_folder, _ = _import(source, None)
         with stages.stage(f"calibrating on {calib}"):
-            statistics, _ = _calibrate(ir, chip, tokenizer_folder, calib, calib_samples, calib_seq_len, show)
+            calibration = _calibrate(ir, chip, tokenizer_folder, calib, calib_samples, calib_seq_len, show)
+        linears = find_linears(ir.mod["prefill"])
+        with stages.stage("measuring each layer"), _bar(len(linears), "layers", show) as bar:
+            ranked = rank_layers(linears, ir.params, calibration.statistics, recipe_obj, calibration.output_kl, bar)
     finally:
         stages.close()
-    ranked = rank_layers(find_linears(ir.mod["prefill"]), ir.params, statistics, recipe_obj)
-    tokens = next(iter(statistics.values())).tokens
+    tokens = next(iter(calibration.statistics.values())).tokens
     return {"model": source.name, "recipe": recipe_obj.name, "calibration_tokens": tokens,
-            "layers": [{"layer": e.layer, "relative_error": e.relative_error} for e in ranked]}
+            "layers": [{"layer": e.layer, "relative_error": e.relative_error}
+                       | ({} if e.output_kl is None else {"output_kl": e.output_kl}) for e in ranked]}

@@ -10,7 +10,9 @@ matrix per distinct layer input. Works the same for a torch-exported and an ONNX
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+from collections.abc import Callable
 
 import numpy as np
 import tvm
@@ -76,6 +78,24 @@ class LinearStatistics:
             return None
         fit = (self.xtx - self.heldout_xtx) / (self.tokens - self.heldout_tokens)
         return fit, self.heldout_xtx / self.heldout_tokens
+
+
+@dataclasses.dataclass
+class Calibration:
+    """What calibration hands the pipeline: the statistics, and ways to measure again.
+
+    ``recalibrate(params, layers)`` collects the statistics of ``layers`` again with other weights
+    (GPTQ's stages); ``output_kl(name, weight_nk)`` measures the model's output with one weight
+    replaced (the ranking of ``keep=autoN``, :mod:`lowbit.compiler.output_probe`).
+    """
+
+    statistics: dict[str, LinearStatistics]
+    recalibrate: Callable[[dict, list[str]], dict[str, LinearStatistics]] | None = None
+    output_kl: Callable[[str, np.ndarray], float] | None = None
+
+    def copy(self) -> "Calibration":
+        """The same, with statistics of its own (the pipeline changes them in place)."""
+        return dataclasses.replace(self, statistics=copy.deepcopy(self.statistics))
 
 
 def calibration_samples(token_ids: list[int], samples: int, length: int) -> list[list[int]]:

@@ -130,10 +130,13 @@ def _print_human(command: str, result, args) -> None:
             print(f"vs float: mean KL {result['kl_vs_float']:.5f} nats, top-1 agreement "
                   f"{100 * result['top1_agreement']:.2f} %")
     elif command == "analyze":
-        print(f"{result['recipe']}: relative output error per layer on {result['calibration_tokens']} "
-              "calibration tokens, worst first")
+        end_to_end = "output_kl" in result["layers"][0]
+        print(f"{result['recipe']}: per layer, the layer's relative output error on {result['calibration_tokens']} "
+              "calibration tokens" + (" and the model's mean KL vs float with only that layer quantized"
+                                      if end_to_end else "") + ", worst first")
         for entry in result["layers"][: args.top]:
-            print(f"  {entry['relative_error']:10.3e}  {entry['layer']}")
+            kl = f"  KL {entry['output_kl']:10.3e}" if end_to_end else ""
+            print(f"  {entry['relative_error']:10.3e}{kl}  {entry['layer']}")
     elif command == "inspect":
         m = result
         print(f"model    {m['model']['name']} ({m['model']['kind']})")

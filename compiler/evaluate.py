@@ -33,7 +33,8 @@ class EvalResult:
         return out
 
 
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-probabilities, in float64."""
     shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
@@ -59,12 +60,12 @@ def evaluate_session(session, token_ids, window: int, reference=None, progress=N
     count = 0
     for chunk in windows(token_ids, window):
         inputs, targets = chunk[:-1], np.asarray(chunk[1:])
-        log_p = _log_softmax(session.logits(inputs))
+        log_p = log_softmax(session.logits(inputs))
         if not np.isfinite(log_p).all():
             raise LowbitError("the model produced NaN or Inf logits on the evaluation text")
         nll -= float(log_p[np.arange(len(targets)), targets].sum())
         if reference is not None:
-            log_ref = _log_softmax(reference.logits(inputs))
+            log_ref = log_softmax(reference.logits(inputs))
             kl += float((np.exp(log_ref) * (log_ref - log_p)).sum())
             agree += float((log_ref.argmax(axis=-1) == log_p.argmax(axis=-1)).sum())
         count += len(targets)

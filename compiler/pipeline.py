@@ -2,12 +2,13 @@
 
 Order, each step optional per recipe:
 
-1. SmoothQuant smoothing (:mod:`lowbit.passes.smoothquant`) and AWQ scaling and clipping
+1. Layer selection, on the float model: ``ignore`` patterns stay float, ``keep`` patterns and the
+   ``keep=autoN`` most sensitive layers (:mod:`lowbit.passes.sensitivity`, as ``lowbit analyze``
+   ranks them) become int8 per-channel RTN.
+2. SmoothQuant smoothing (:mod:`lowbit.passes.smoothquant`) and AWQ scaling and clipping
    (:mod:`lowbit.passes.awq`, for ``awq`` and ``awq-gptq``): parameter transforms that fold
    per-channel scales into the previous op; they rescale the calibration statistics they change,
    so later steps see the new inputs (GPTQ's Hessians included).
-2. Layer selection: ``ignore`` patterns stay float, ``keep`` patterns and the ``keep=autoN`` most
-   sensitive layers (:mod:`lowbit.passes.sensitivity`) become int8 per-channel RTN.
 3. GPTQ in stages (recipe option ``stages``): the linear layers, in graph order, are quantized
    stage by stage; before each stage after the first the calibration is run again with every
    earlier layer replaced by the float weight its codes stand for, so a layer's Hessian comes
@@ -27,6 +28,7 @@ from tvm import relax
 from lowbit.passes.linear_match import find_linears
 from lowbit.passes.quantize_weights import QuantizeWeights
 
+from .calibration import Calibration
 from .errors import LowbitError
 from .model_ir import ENTRY_FUNCTIONS, ModelIR, sync_params
 
@@ -38,21 +40,22 @@ class PipelineResult:
     kept: list[str]  # layers kept in int8 by the recipe's keep option, most sensitive first
 
 
-def run_pipeline(ir: ModelIR, recipe, chip, statistics=None, progress=None, recalibrate=None) -> PipelineResult:
+def run_pipeline(ir: ModelIR, recipe, chip, calibration: Calibration | None = None, progress=None) -> PipelineResult:
     """Apply ``recipe`` to ``ir`` for ``chip``; returns a new :class:`ModelIR` and a per-layer report.
 
-    ``statistics`` (from :meth:`lowbit.compiler.calibration.Calibrator.collect`) feeds the methods
-    that need calibration; it is changed in place by smoothing and by GPTQ's stages.
-    ``recalibrate(params, layers)`` (e.g. ``Calibrator.collect``) is needed by GPTQ recipes with
-    more than one stage. ``progress`` (a tqdm bar) advances once per weight quantized. ``ir``
-    itself is not changed.
+    ``calibration`` feeds the methods that need it; its statistics are changed in place by
+    smoothing and by GPTQ's stages (give each run a :meth:`Calibration.copy`). GPTQ in stages
+    needs its ``recalibrate``; ``keep=autoN`` ranks by its ``output_kl`` where given. ``progress``
+    (a tqdm bar) advances once per weight quantized. ``ir`` itself is not changed.
     """
     params = dict(ir.params)
     prefill = ir.mod["prefill"]
     linears = find_linears(prefill)
     _check_patterns(recipe, linears)
-    if recipe.needs_calibration and statistics is None:
+    if recipe.needs_calibration and calibration is None:
         raise LowbitError(f"recipe {recipe.name} needs calibration statistics")
+    statistics = None if calibration is None else calibration.statistics
+    kept = _kept_layers(recipe, linears, params, calibration)
     notes: dict[str, str] = {}
     if recipe.smoothing is not None:
         from lowbit.passes.smoothquant import apply_smoothquant
@@ -63,14 +66,13 @@ def run_pipeline(ir: ModelIR, recipe, chip, statistics=None, progress=None, reca
         from lowbit.passes.awq import apply_awq
 
         notes.update(apply_awq(prefill, params, statistics, recipe.weights))
-    kept = _kept_layers(recipe, linears, params, statistics)
     quantize = QuantizeWeights(recipe, params, tile=chip.linear_tile, statistics=statistics, kept=kept,
                                progress=progress)
     if recipe.weights is not None and recipe.weights.stages > 1:
-        if recalibrate is None:
-            raise LowbitError(f"recipe {recipe.name}: GPTQ in stages needs to run calibration again; "
-                              "pass recalibrate")
-        _quantize_in_stages(quantize, linears, params, statistics, recalibrate, recipe.weights.stages)
+        if calibration.recalibrate is None:
+            raise LowbitError(f"recipe {recipe.name}: GPTQ in stages needs to run calibration again, "
+                              "and this calibration cannot")
+        _quantize_in_stages(quantize, linears, params, statistics, calibration.recalibrate, recipe.weights.stages)
     mod = quantize(ir.mod)
     mod = relax.transform.DeadCodeElimination(list(ENTRY_FUNCTIONS))(mod)
     mod, params = sync_params(mod, params)
@@ -105,11 +107,13 @@ def _check_patterns(recipe, linears) -> None:
                                   f"(layers are named like {examples})")
 
 
-def _kept_layers(recipe, linears, params, statistics) -> list[str]:
+def _kept_layers(recipe, linears, params, calibration) -> list[str]:
+    """Layers ``keep`` names, then the ``keep=autoN`` most sensitive others as ``lowbit analyze``
+    ranks them: on the float model, before smoothing or AWQ change it."""
     kept = [name for name in linears if recipe.is_kept(name)]
     if recipe.keep.auto:
         from lowbit.passes.sensitivity import rank_layers
 
-        ranked = [entry.layer for entry in rank_layers(linears, params, statistics, recipe) if entry.layer not in kept]
-        kept += ranked[: recipe.keep.auto]
+        ranking = rank_layers(linears, params, calibration.statistics, recipe, calibration.output_kl)
+        kept += [entry.layer for entry in ranking if entry.layer not in kept][: recipe.keep.auto]
     return kept

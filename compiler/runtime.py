@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from pathlib import Path
@@ -84,6 +85,25 @@ class Session:
         empty = np.zeros((1, self.kv_heads, 0, self.head_dim), np.float32)
         self._cache = [self._tvm.runtime.tensor(empty, self.device) for _ in range(2 * self.num_layers)]
         self.position = 0
+
+    @contextlib.contextmanager
+    def weights_replaced(self, arrays: dict[str, np.ndarray]):
+        """Run with the named weights replaced by ``arrays`` (same shapes and dtypes), restored on exit."""
+        names = self.manifest["weight_names"]
+        saved = {}
+        try:
+            for name, array in arrays.items():
+                index = names.index(name)
+                old = self._weights[index]
+                if tuple(old.shape) != array.shape or str(old.dtype) != str(array.dtype):
+                    raise LowbitError(f"weight {name}: replacement {array.dtype}{list(array.shape)} does not match "
+                                      f"{old.dtype}{list(old.shape)}")
+                saved[index] = old
+                self._weights[index] = self._tvm.runtime.tensor(array, self.device)
+            yield self
+        finally:
+            for index, old in saved.items():
+                self._weights[index] = old
 
     # -- model calls ---------------------------------------------------------------------------
     def _run(self, entry: str, token_ids: np.ndarray) -> np.ndarray:

@@ -5,8 +5,14 @@ LinearStatistics` ``.sample``) and the float weights. For each layer, with ``X``
 rows and ``W`` the weight, the relative error is ``||Qa(X) Qw(W)^T - X W^T||^2 / ||X W^T||^2`` where
 ``Qw`` is the recipe's weight grid (round to nearest: GPTQ and AWQ are ranked by the RTN grid they
 start from) and ``Qa`` its activation quantization (per token, or per tensor with the calibrated
-absmax), if any. Layers are then ranked worst first; ``keep=autoN`` keeps the first ``N`` in int8.
-The model is not changed.
+absmax), if any.
+
+Weight-only recipes can also be measured end to end: given ``output_kl(name, weight_nk)`` (the
+mean KL divergence of the model's output with that one weight replaced, see
+:mod:`lowbit.compiler.output_probe`), each layer's ``output_kl`` under its RTN-dequantized weight
+is measured and ranks the layers, since a layer's own error says little about how far it
+propagates (an output head's error reaches the logits unattenuated). Layers are ranked worst
+first; ``keep=autoN`` keeps the first ``N`` in int8. The model is not changed.
 """
 
 from __future__ import annotations
@@ -24,6 +30,12 @@ from .rtn import quantize_rtn
 class LayerSensitivity:
     layer: str
     relative_error: float
+    output_kl: float | None = None
+
+    @property
+    def severity(self) -> float:
+        """What the ranking sorts by: the end-to-end KL when measured, else the layer's own error."""
+        return self.relative_error if self.output_kl is None else self.output_kl
 
 
 def quantize_activations(x: np.ndarray, granularity: str, absmax: np.ndarray) -> np.ndarray:
@@ -51,12 +63,24 @@ def layer_error(weight_nk: np.ndarray, statistics, recipe) -> float:
     return float((error**2).sum() / max((reference**2).sum(), 1e-30))
 
 
-def rank_layers(linears, params: dict[str, np.ndarray], statistics: dict, recipe) -> list[LayerSensitivity]:
-    """Every layer in ``linears`` (weight name -> :class:`LinearUse`) with statistics, worst first."""
+def rank_layers(linears, params: dict[str, np.ndarray], statistics: dict, recipe,
+                output_kl=None, progress=None) -> list[LayerSensitivity]:
+    """Every layer in ``linears`` (weight name -> :class:`LinearUse`) with statistics, worst first.
+
+    ``output_kl`` (see the module docstring) is used for weight-only recipes; ``progress`` (a tqdm
+    bar) advances once per layer measured.
+    """
+    end_to_end = output_kl is not None and recipe.activations is None
     ranked = []
     for name, use in linears.items():
         if name not in statistics or recipe.is_ignored(name):
             continue
-        weight = params[name] if use.transposed else params[name].T
-        ranked.append(LayerSensitivity(name, layer_error(np.asarray(weight, np.float32), statistics[name], recipe)))
-    return sorted(ranked, key=lambda entry: -entry.relative_error)
+        weight = np.asarray(params[name] if use.transposed else params[name].T, np.float32)
+        kl = None
+        if end_to_end:
+            wq = recipe.weights
+            kl = output_kl(name, quantize_rtn(weight, wq.bits, wq.group_size, wq.symmetric).dequantize())
+            if progress is not None:
+                progress.update(1)
+        ranked.append(LayerSensitivity(name, layer_error(weight, statistics[name], recipe), kl))
+    return sorted(ranked, key=lambda entry: -entry.severity)

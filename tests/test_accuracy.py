@@ -5,8 +5,6 @@ text); each recipe is quantized and built in memory and scored on 1024 held-out 
 (windows of 256). gap = PPL / PPL_float - 1.
 """
 
-import copy
-
 import pytest
 
 from lowbit.codegen.build import build
@@ -28,7 +26,7 @@ def bench(smol_source):
     """Import + calibrate once; ``bench(recipe) -> EvalResult`` (memoized), scored against fp32."""
     chip = get_target("host")
     ir, tokenizer_folder, _ = _import(smol_source, 1024)
-    statistics, recalibrate = _calibrate(ir, chip, tokenizer_folder, "lcet10", CALIB_SAMPLES, CALIB_LEN, False)
+    calibration = _calibrate(ir, chip, tokenizer_folder, "lcet10", CALIB_SAMPLES, CALIB_LEN, False)
     tokenizer = tokenizer_folder / "tokenizer.json"
     from tokenizers import Tokenizer
 
@@ -39,8 +37,7 @@ def bench(smol_source):
     def session(recipe: str) -> Session:
         if recipe not in sessions:
             recipe_obj = get_recipe(recipe)
-            stats = copy.deepcopy(statistics) if recipe_obj.needs_calibration else None
-            result = run_pipeline(ir, recipe_obj, chip, stats, recalibrate=recalibrate)
+            result = run_pipeline(ir, recipe_obj, chip, calibration.copy() if recipe_obj.needs_calibration else None)
             manifest = {"model": {"name": "smollm2-135m"}, "weight_names": list(result.ir.params),
                         "kv_cache": vars(ir.kv), "max_context": ir.max_context}
             sessions[recipe] = Session.in_memory(build(result.ir.mod, chip), result.ir.params, manifest, tokenizer)
@@ -73,13 +70,16 @@ def test_smoothquant_halves_the_w8a8_gap(bench):
 
 @pytest.mark.parametrize("recipe", ["w4a16-awq-g128", "w4a16-gptq-g128"])
 def test_calibrated_int4_beats_round_to_nearest(bench, recipe):
-    """The issue's bar is gap <= 0.6 x RTN's, met on 2048 tokens with 64 x 512 calibration tokens
+    """The issue's bar is gap <= 0.6 x RTN's, met on 4096 tokens with 64 x 512 calibration tokens
     (bench/RESULTS.md). This cheaper setting guards the improvement with some margin."""
     (rtn_result, rtn), (result, gap) = bench("w4a16-rtn-g128"), bench(recipe)
     assert gap <= 0.75 * rtn, f"{recipe} gap {gap:.4f} vs rtn {rtn:.4f}"
     assert result.kl_vs_float < rtn_result.kl_vs_float
 
 
-def test_keep_auto_keeps_the_most_sensitive_layers_in_int8(bench):
-    (_, rtn), (_, kept) = bench("w4a16-rtn-g128"), bench("w4a16-rtn-g128:keep=auto10")
-    assert kept < 0.95 * rtn, f"keep=auto10 gap {kept:.4f} vs rtn {rtn:.4f}"
+def test_keep_auto_keeps_the_layers_that_move_the_output_most(bench):
+    """Ranked end to end (the model's KL with one layer quantized), four layers of 211 kept in int8
+    recover a large part of RTN's gap (ten layers ranked by their own output error recovered 7 %)."""
+    (rtn_result, rtn), (result, kept) = bench("w4a16-rtn-g128"), bench("w4a16-rtn-g128:keep=auto4")
+    assert kept < 0.6 * rtn, f"keep=auto4 gap {kept:.4f} vs rtn {rtn:.4f}"
+    assert result.kl_vs_float < 0.7 * rtn_result.kl_vs_float

@@ -171,6 +171,14 @@ def test_analyze_ranks_every_linear_worst_first(tiny_model_dir):
     assert errors == sorted(errors, reverse=True) and 0 < errors[-1] and errors[0] < 0.1
 
 
+def test_analyze_weight_only_recipe_ranks_by_output_kl(tiny_model_dir):
+    done = lowbit("analyze", tiny_model_dir, "-r", "w4a16-rtn-g32", "--calib-samples", "2", "--calib-seq-len", "64",
+                  "--json")
+    assert done.returncode == 0, done.stderr
+    kls = [entry["output_kl"] for entry in json.loads(done.stdout)["layers"]]
+    assert len(kls) == 2 * 7 + 1 and kls == sorted(kls, reverse=True) and kls[-1] > 0
+
+
 @pytest.mark.parametrize("recipe,needle", [
     ("w4a16-rtn-g32:keep=nothing.*", "keep pattern 'nothing.*' matches no linear layer"),
     ("w4a16-rtn-g32:ignore=lm_head", "ignore pattern 'lm_head' matches no linear layer"),

@@ -107,7 +107,7 @@ def test_staged_gptq_calibrates_later_layers_on_quantized_earlier_ones(tiny_mode
     first half replaced by the weights their codes stand for, and quantized from those statistics."""
     from transformers import AutoModelForCausalLM
 
-    from lowbit.compiler.calibration import Calibrator
+    from lowbit.compiler.calibration import Calibration, Calibrator
     from lowbit.compiler.frontend_torch import import_torch_model
     from lowbit.compiler.pipeline import run_pipeline
     from lowbit.compiler.recipes import get_recipe
@@ -129,7 +129,7 @@ def test_staged_gptq_calibrates_later_layers_on_quantized_earlier_ones(tiny_mode
         return calibrator.collect(params, layers)
 
     stats = dict(float_stats)
-    run_pipeline(ir, get_recipe("w4a16-gptq-g32:stages=2"), chip, stats, recalibrate=recalibrate)
+    run_pipeline(ir, get_recipe("w4a16-gptq-g32:stages=2"), chip, Calibration(stats, recalibrate))
     linears = list(find_linears(ir.mod["prefill"]))
     assert len(calls) == 1
     params, later = calls[0]
@@ -141,6 +141,31 @@ def test_staged_gptq_calibrates_later_layers_on_quantized_earlier_ones(tiny_mode
     assert stats[name] is not float_stats[name] and stats[name].tokens == float_stats[name].tokens
     relative = np.abs(stats[name].xtx - float_stats[name].xtx).max() / np.abs(float_stats[name].xtx).max()
     assert 1e-4 < relative < 0.5, relative  # the quantized first half changed the later inputs, a little
+
+
+def test_output_probe_matches_torch_with_one_layer_replaced(tiny_model_dir):
+    """The probe's KL with one weight replaced equals torch's on the same tokens, and the session
+    gets its float weight back afterwards."""
+    from transformers import AutoModelForCausalLM
+
+    from lowbit.compiler.frontend_torch import import_torch_model
+    from lowbit.compiler.output_probe import OutputProbe
+    from lowbit.targets import get_target
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype="float32").eval()
+    ids = list(range(300, 360))
+    probe = OutputProbe(import_torch_model(model, 128), get_target("host"), ids)
+    name = "model.layers.0.mlp.down_proj.weight"
+    weight = model.get_parameter(name).detach().numpy().copy()
+    quantized = quantize_rtn(weight, 4, 32, True).dequantize()
+    got = probe.kl(name, quantized)
+    with torch.no_grad():
+        reference = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
+        model.get_parameter(name).copy_(torch.from_numpy(quantized))
+        changed = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
+    want = float((reference.exp() * (reference - changed)).sum(-1).mean())
+    assert want > 0 and abs(got - want) <= 0.02 * want, (got, want)
+    assert probe.kl(name, weight) < 1e-3 * want
 
 
 def _statistics(samples):
