@@ -57,6 +57,8 @@ def linear_kernel(fmt: LinearFormat, m, n: int, k: int, dtype: str = "float32") 
     tiles = n // t
     if fmt.kind in W8A8_KINDS:
         return w8a8_kernel(fmt, m, k, tiles, dtype)
+    if fmt.kind == "int4" and isinstance(m, int) and m == 1:
+        return int4_gemv_kernel(fmt, k, tiles, dtype)
     x = te.placeholder((m, k), dtype, name="X")
     if fmt.kind in ("f32", "int8"):
         w = te.placeholder((tiles, k, t), dtype if fmt.kind == "f32" else "int8", name="W")
@@ -79,13 +81,12 @@ def linear_kernel(fmt: LinearFormat, m, n: int, k: int, dtype: str = "float32") 
             zero = te.placeholder((tiles, groups, t), dtype, name="zero")
             inputs.append(zero)
 
+        codes = _int4_codes(w, t, dtype)
+
         def _dequant(kk, nn):
-            word = w[nn // t, kk // INT4_PER_WORD, nn % t]
-            shift = ((kk % INT4_PER_WORD) * 4).astype("uint32")
-            code = ((word >> shift) & tirx.const(0xF, "uint32")).astype(dtype)
             g = kk // fmt.group_size
             z = zero[nn // t, g, nn % t] if fmt.has_zeros else tirx.const(8.0, dtype)
-            return (code - z) * scale[nn // t, g, nn % t]
+            return (codes(kk, nn) - z) * scale[nn // t, g, nn % t]
     else:
         raise ValueError(f"unknown linear format {fmt.kind!r}")
     dequant = te.compute((k, n), _dequant, name="dequant")
@@ -93,6 +94,62 @@ def linear_kernel(fmt: LinearFormat, m, n: int, k: int, dtype: str = "float32") 
     y = te.compute((m, n), lambda i, j: te.sum(x[i, r] * dequant[r, j], axis=r), name="matmul")
     func = te.create_prim_func([x, *inputs, y])
     return func.with_attrs({KERNEL_ATTR: fmt.tag, GEMV_ATTR: isinstance(m, int) and m == 1})
+
+
+def _int4_codes(w, t: int, dtype: str):
+    """``codes(kk, nn)``: the 4-bit code of input ``kk``, output channel ``nn``, as ``dtype``."""
+
+    def codes(kk, nn):
+        word = w[nn // t, kk // INT4_PER_WORD, nn % t]
+        shift = ((kk % INT4_PER_WORD) * 4).astype("uint32")
+        return ((word >> shift) & tirx.const(0xF, "uint32")).astype(dtype)
+
+    return codes
+
+
+def int4_gemv_kernel(fmt: LinearFormat, k: int, tiles: int, dtype: str = "float32") -> tirx.PrimFunc:
+    """The int4 GEMV (``M == 1``, decode) with the scale and zero point applied once per group.
+
+    Same arguments and result as :func:`linear_kernel`'s int4 format; computes::
+
+        partial[g, n] = sum_{kk in group g} X[0, kk] * code[kk, n]
+        xsum[g]       = sum_{kk in group g} X[0, kk]
+        Y[0, n]       = sum_g scale[g, n] * (partial[g, n] - zero[g, n] * xsum[g])
+
+    which equals ``X @ ((code - zero) * scale)`` but costs one multiply-add per weight instead of
+    a subtract, a multiply and a multiply-add. Blocks: ``partial``, ``xsum``, ``matmul``.
+    """
+    t = fmt.tile
+    size = fmt.group_size
+    groups = -(-k // size)
+    x = te.placeholder((1, k), dtype, name="X")
+    w = te.placeholder((tiles, k // INT4_PER_WORD, t), "uint32", name="W")
+    scale = te.placeholder((tiles, groups, t), dtype, name="scale")
+    inputs = [w, scale]
+    if fmt.has_zeros:
+        zero = te.placeholder((tiles, groups, t), dtype, name="zero")
+        inputs.append(zero)
+    codes = _int4_codes(w, t, dtype)
+
+    def in_group(g, r, value):  # the last group may be partial: inputs past K count as zero
+        if k % size == 0:
+            return value
+        return tirx.if_then_else(g * size + r < k, value, tirx.const(0.0, dtype))
+
+    r = te.reduce_axis((0, size), name="r")
+    partial = te.compute((groups, tiles * t), lambda g, nn: te.sum(
+        in_group(g, r, x[0, g * size + r] * codes(g * size + r, nn)), axis=r), name="partial")
+    rs = te.reduce_axis((0, size), name="rs")
+    xsum = te.compute((groups,), lambda g: te.sum(in_group(g, rs, x[0, g * size + rs]), axis=rs), name="xsum")
+    rg = te.reduce_axis((0, groups), name="g")
+
+    def zero_point(g, nn):
+        return zero[nn // t, g, nn % t] if fmt.has_zeros else tirx.const(8.0, dtype)
+
+    y = te.compute((1, tiles * t), lambda i, nn: te.sum(
+        scale[nn // t, rg, nn % t] * (partial[rg, nn] - zero_point(rg, nn) * xsum[rg]), axis=rg), name="matmul")
+    func = te.create_prim_func([x, *inputs, y])
+    return func.with_attrs({KERNEL_ATTR: fmt.tag, GEMV_ATTR: True})
 
 
 def w8a8_kernel(fmt: LinearFormat, m, k: int, tiles: int, dtype: str = "float32") -> tirx.PrimFunc:

@@ -134,12 +134,16 @@ def compile(model: str = DEFAULT_MODEL, recipe: str = DEFAULT_RECIPE, target: st
     started = time.perf_counter()
     recipe_obj = get_recipe(recipe)
     output = Path(output or f"out/{Path(str(model)).stem}-{recipe_obj.name.replace(':', '_')}")
+    from lowbit.targets import get_target
+
+    library_compiler = get_target(target).library_compiler()  # a missing cross compiler fails before the work
     stages = _Stages(5 + recipe_obj.needs_calibration, _show(progress))
     try:
         built = build_model(model, recipe, target, max_context, progress, calib, calib_samples, calib_seq_len,
                             stages)
         with stages.stage(f"writing {output}"):
-            write_artifact(output, built.executable, built.result.ir.params, built.manifest, built.tokenizer_folder)
+            write_artifact(output, built.executable, built.result.ir.params, built.manifest, built.tokenizer_folder,
+                           library_compiler)
     finally:
         stages.close()
     return CompileResult(output=Path(output).resolve(), recipe=built.recipe.name, target=built.chip.name,

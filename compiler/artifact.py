@@ -38,15 +38,23 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_artifact(out_dir: Path, executable, params: dict, manifest: dict, tokenizer_folder: Path | None) -> Path:
-    """Write everything into a temp dir beside ``out_dir``, then swap it into place."""
+def write_artifact(out_dir: Path, executable, params: dict, manifest: dict, tokenizer_folder: Path | None,
+                   library_compiler=None) -> Path:
+    """Write everything into a temp dir beside ``out_dir``, then swap it into place.
+
+    ``library_compiler``: links ``model.so`` (a cross compiler for another chip; default the host's).
+    """
     from safetensors.numpy import save_file
 
     out_dir = Path(out_dir).resolve()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     try:
-        executable.export_library(str(tmp / LIBRARY))
+        try:
+            executable.export_library(str(tmp / LIBRARY), fcompile=library_compiler)
+        except RuntimeError as exc:  # the C++ compiler's own message, e.g. a linker for the wrong chip
+            lines = [line for line in str(exc).splitlines() if line.strip()]
+            raise LowbitError(f"linking {LIBRARY} failed: {' | '.join(lines[-3:])}") from None
         save_file({k: v for k, v in params.items()}, str(tmp / WEIGHTS))
         if tokenizer_folder is not None:
             for name in TOKENIZER_FILES:

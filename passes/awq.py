@@ -2,7 +2,8 @@
 
 For each smoothing group (:mod:`lowbit.passes.scale_folding`) with a fold target, the input
 channels are scaled by ``s = mean|x|^r`` (normalized by ``sqrt(max(s) min(s))``), ``r`` searched on
-a grid of :data:`RATIO_STEPS` points in ``[0, 1]`` (``r = 0`` is no scaling) for the smallest group
+a grid of :data:`RATIO_STEPS` points in ``[0, 1]`` (``r = 0`` is no scaling; made admissible for
+the fold, see :meth:`~lowbit.passes.scale_folding.SmoothingGroup.admissible`) for the smallest group
 output error ``sum_layers tr(dW H dW^T)`` with ``dW = Q(W diag(s)) diag(1/s) - W``, ``Q`` the
 recipe's round-to-nearest grid and ``H = X^T X / tokens`` from calibration: the exact mean squared
 output error on the calibration tokens. The chosen scale is folded into the producer of ``X``.
@@ -79,7 +80,7 @@ def apply_awq(func, params: dict, statistics: dict, weight_quant, progress=None)
         mean_abs = np.maximum(stats.abssum / max(stats.tokens, 1), 1e-8)
         best_ratio, best_s, best_error = 0.0, None, output_error(weights, hessian, np.ones_like(mean_abs), weight_quant)
         for ratio in np.linspace(0, 1, RATIO_STEPS + 1)[1:]:
-            s = mean_abs**ratio
+            s = group.admissible(mean_abs**ratio)
             s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)
             error = output_error(weights, hessian, s, weight_quant)
             if error < best_error:

@@ -11,12 +11,20 @@ the dataflow graph (a networkx view of the entry function's bindings), never fro
 * ``linear``: ``X = multiply(a, y)`` (or ``X = y``) where ``y`` is, possibly through reshapes, the
   output of a linear layer whose output and weight have no other reader: that layer's output
   channels ``/= s``.
-* anything else (attention output, a norm weight shared, a multiply by a non-linear term on both
-  sides, a group weight read elsewhere such as a tied embedding): no target; not smoothable.
+* ``linear`` through attention (v -> o): ``X`` is the attention output ``P @ V`` (through reshapes,
+  permutes, the KV-cache concat and grouped-query broadcasts) and ``V`` a linear layer's output.
+  ``P @ V`` scales with each channel of ``V``, so ``V``'s producer can absorb the scale, but under
+  grouped-query attention one ``V`` channel feeds several channels of ``X``: the target's
+  ``channel_map`` (``X`` channel -> ``V`` channel) is found by running the op chain on channel
+  indices, and a scale must be equal on the channels sharing a ``V`` channel
+  (:meth:`SmoothingGroup.admissible` makes it so). The KV cache then holds the scaled values,
+  consistently for prefill and decode.
+* anything else (a norm weight shared, a multiply by a non-linear term on both sides, a bias
+  between, a group weight read elsewhere such as a tied embedding): no target; not smoothable.
 
 Requires: an entry function of a :class:`~lowbit.compiler.model_ir.ModelIR`, before quantization.
-Guarantees: :func:`fold_scales` changes only parameters, and the function computes the same outputs
-up to float rounding.
+Guarantees: :func:`fold_scales` of an admissible scale changes only parameters, and the function
+computes the same outputs up to float rounding.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from tvm import relax
 from .linear_match import LinearUse, _op_name, match_linear
 
 _PASS_THROUGH = ("relax.reshape", "relax.astype")
+_LAYOUT_OPS = ("relax.reshape", "relax.astype", "relax.permute_dims", "relax.expand_dims", "relax.broadcast_to")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +46,7 @@ class FoldTarget:
     kind: str  # "norm" or "linear"
     name: str  # the parameter that absorbs 1 / s
     transposed: bool = True  # linear targets: weight stored [N, K] (True) or [K, N]
+    channel_map: tuple[int, ...] | None = None  # through attention: X channel -> the target's output channel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,10 +55,20 @@ class SmoothingGroup:
     width: int  # K, the channels of X
     target: FoldTarget | None  # where 1 / s goes; None if the group cannot be smoothed
 
+    def admissible(self, s: np.ndarray) -> np.ndarray:
+        """``s`` made foldable: through attention, the geometric mean over the ``X`` channels that
+        share a target channel, for each of them; elsewhere ``s`` itself."""
+        if self.target is None or self.target.channel_map is None:
+            return s
+        index = np.asarray(self.target.channel_map)
+        log_s = np.log(np.maximum(s.astype(np.float64), 1e-30))
+        shared = np.bincount(index, weights=log_s) / np.maximum(np.bincount(index), 1)
+        return np.exp(shared[index]).astype(np.float32)
+
 
 def dataflow_graph(func: relax.Function) -> nx.DiGraph:
     """Nodes: the function's parameters and bound variables (``op`` attribute: the producing op);
-    edges: variable -> the variable bound to a call that reads it."""
+    edges: variable -> the variable bound to a call that reads it (directly or in a tuple argument)."""
     graph = nx.DiGraph()
     for param in func.params:
         graph.add_node(param, op="param")
@@ -56,8 +76,9 @@ def dataflow_graph(func: relax.Function) -> nx.DiGraph:
         graph.add_node(var, op=_op_name(value) or type(value).__name__)
         if isinstance(value, relax.Call):
             for arg in value.args:
-                if isinstance(arg, relax.Var):
-                    graph.add_edge(arg, var)
+                for operand in arg.fields if isinstance(arg, relax.Tuple) else [arg]:  # concat((a, b))
+                    if isinstance(operand, relax.Var):
+                        graph.add_edge(operand, var)
     return graph
 
 
@@ -104,16 +125,126 @@ def _fold_target(x, width, var2val, weights, graph, linear_of_output) -> FoldTar
 
 
 def _linear_target(var, var2val, weights, graph, linear_of_output) -> FoldTarget | None:
-    """``var`` is (reshapes of) a linear layer's output, read only along this path."""
+    """``var`` is (reshapes of) a linear layer's output, read only along this path, or the output
+    of attention whose values are one (see the module docstring)."""
+    start = var
     while isinstance(var, relax.Var) and _single_reader(graph, var):
         if var in linear_of_output:
             use = linear_of_output[var]
             return FoldTarget("linear", use.name, use.transposed) if _single_reader(graph, weights[use.name]) else None
         value = var2val.get(var)
         if _op_name(value) not in _PASS_THROUGH:
-            return None
+            return _attention_value_target(start, var2val, weights, graph, linear_of_output)
         var = value.args[0]
     return None
+
+
+def _attention_value_target(x, var2val, weights, graph, linear_of_output) -> FoldTarget | None:
+    """``x = P @ V`` (through layout ops, the cache concat and broadcasts) with ``V`` a linear
+    layer's output: a target with the channel map, or ``None`` if any op on the way is not one of
+    those or anything else reads the path (the cache output aside)."""
+    chain, var = [], x
+    while var not in linear_of_output:
+        value = var2val.get(var)
+        op = _op_name(value)
+        if not isinstance(var, relax.Var) or not _single_reader(graph, var) and op != "relax.concat":
+            return None
+        if op in _LAYOUT_OPS:
+            upstream = value.args[0]
+        elif op == "relax.matmul" and not _has_matmul(chain):  # V is the right operand of P @ V
+            upstream = value.args[1]
+        elif op == "relax.concat":  # the KV cache: past values (a function input) then the new ones
+            parts = [part for part in _tuple_fields(value.args[0], var2val) if not _is_param(part, graph)]
+            if len(parts) != 1:
+                return None
+            upstream = parts[0]
+        else:
+            return None
+        chain.append((var, value))
+        var = upstream
+    if not _has_matmul(chain):
+        return None
+    use = linear_of_output[var]
+    if not _single_reader(graph, var) or not _single_reader(graph, weights[use.name]):
+        return None
+    try:
+        channel_map = _trace_channels(var, chain[::-1], var2val)
+    except _Untraceable:
+        return None
+    if channel_map is None:
+        return None
+    return FoldTarget("linear", use.name, use.transposed, tuple(int(c) for c in channel_map))
+
+
+def _has_matmul(chain) -> bool:
+    return any(_op_name(value) == "relax.matmul" for _, value in chain)
+
+
+def _tuple_fields(expr, var2val) -> list:
+    if isinstance(expr, relax.Var):
+        expr = var2val.get(expr, expr)
+    return list(expr.fields) if isinstance(expr, relax.Tuple) else []
+
+
+def _is_param(var, graph) -> bool:
+    return isinstance(var, relax.Var) and graph.nodes.get(var, {}).get("op") == "param"
+
+
+def _concrete(shape) -> tuple[int, ...]:
+    """A symbolic shape with every size variable set to 1 (one new token, one cached)."""
+    return tuple(_evaluate(dim) for dim in shape)
+
+
+def _evaluate(expr) -> int:
+    from tvm import tirx
+
+    if isinstance(expr, (int, tirx.IntImm)):
+        return int(expr)
+    if isinstance(expr, tirx.Var):
+        return 1
+    ops = {tirx.Add: lambda a, b: a + b, tirx.Sub: lambda a, b: a - b, tirx.Mul: lambda a, b: a * b,
+           tirx.FloorDiv: lambda a, b: a // b, tirx.FloorMod: lambda a, b: a % b}
+    for kind, apply in ops.items():
+        if isinstance(expr, kind):
+            return apply(_evaluate(expr.a), _evaluate(expr.b))
+    raise _Untraceable(f"shape expression {expr}")
+
+
+class _Untraceable(Exception):
+    """The attention path has a shape or op the channel trace does not model."""
+
+
+def _trace_channels(v_out, chain, var2val) -> np.ndarray | None:
+    """Run ``chain`` (forward, from the linear output ``v_out``) on channel indices: the ``V``
+    channel behind each channel of the last tensor, or ``None`` if the attention product would
+    mix channels (a channel index on the contracted axis)."""
+    width = _concrete(v_out.ty.shape)[-1]
+    ids = np.broadcast_to(np.arange(width, dtype=np.int64), _concrete(v_out.ty.shape)).copy()
+    current = v_out
+    for var, value in chain:
+        op = _op_name(value)
+        shape = _concrete(var.ty.shape)
+        if op in ("relax.reshape", "relax.astype"):
+            ids = ids.reshape(shape)
+        elif op == "relax.permute_dims":
+            axes = value.attrs.axes
+            ids = np.transpose(ids, None if axes is None else [int(a) for a in axes])
+        elif op == "relax.expand_dims":
+            ids = np.expand_dims(ids, tuple(int(a) for a in value.attrs.axis))
+        elif op == "relax.broadcast_to":
+            ids = np.broadcast_to(ids, shape)
+        elif op == "relax.concat":
+            parts = [ids if part.same_as(current) else np.full(_concrete(part.ty.shape), -1, np.int64)
+                     for part in _tuple_fields(value.args[0], var2val)]
+            ids = np.concatenate(parts, axis=int(value.attrs.axis))
+        else:  # P @ V: each output row mixes V's rows; the newest row stands for them
+            rows = ids.reshape(-1, *ids.shape[-2:])
+            if any(not np.array_equal(row[-1], other) for row in rows for other in row[:-1] if (other >= 0).any()):
+                return None
+            ids = np.broadcast_to(ids[..., -1:, :], shape)
+        current = var
+    channels = ids.reshape(-1, ids.shape[-1])[-1]
+    return None if (channels < 0).any() else channels
 
 
 def weight_nk(params: dict[str, np.ndarray], use: LinearUse) -> np.ndarray:
@@ -127,12 +258,22 @@ def fold_scales(params: dict[str, np.ndarray], group: SmoothingGroup, s: np.ndar
         raise ValueError("fold_scales: the group has no fold target")
     s = s.astype(np.float32)
     target = group.target
+    if target.channel_map is not None:  # through attention: one scale per target output channel
+        index = np.asarray(target.channel_map)
+        if not np.allclose(group.admissible(s), s, rtol=1e-5):
+            raise ValueError("fold_scales: the scale differs between channels that share a value channel; "
+                             "pass group.admissible(s)")
+        per_output = np.ones(int(index.max()) + 1, np.float32)
+        per_output[index] = s
+        s_target = per_output
+    else:
+        s_target = s
     if target.kind == "norm":
         params[target.name] = (params[target.name] / s).astype(np.float32)
     elif target.transposed:  # [N, K]: output channels are rows
-        params[target.name] = (params[target.name] / s[:, None]).astype(np.float32)
+        params[target.name] = (params[target.name] / s_target[:, None]).astype(np.float32)
     else:
-        params[target.name] = (params[target.name] / s[None, :]).astype(np.float32)
+        params[target.name] = (params[target.name] / s_target[None, :]).astype(np.float32)
     for use in group.linears:
         weight = params[use.name]
         params[use.name] = (weight * s[None, :] if use.transposed else weight * s[:, None]).astype(np.float32)

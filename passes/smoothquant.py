@@ -2,8 +2,9 @@
 
 For each smoothing group (:mod:`lowbit.passes.scale_folding`: the linears reading one activation
 ``X`` and the op that can absorb a per-channel scale), ``s_j = max|X_j|^alpha / max_i |W_ij|^(1-alpha)``
-(the weight maximum over all the group's layers), ``X' = X / s`` folded into the producer and
-``W' = W * s``. ``alpha=None`` picks alpha per group from a grid by the simulated W8A8 output error
+(the weight maximum over all the group's layers; made admissible for the fold, i.e. shared by the
+channels of one value channel under grouped-query attention), ``X' = X / s`` folded into the
+producer and ``W' = W * s``. ``alpha=None`` picks alpha per group from a grid by the simulated W8A8 output error
 on the calibration sample rows (int8 per-channel weights, int8 activations at the recipe's
 granularity), keeping ``s = 1`` when no alpha beats it.
 
@@ -55,13 +56,13 @@ def apply_smoothquant(func, params: dict, statistics: dict, alpha: float | None,
         stats = statistics[names[0]]
         weights = [weight_nk(params, use) for use in group.linears]
         if alpha is None:
-            chosen = _search_alpha(stats, weights, granularity)
+            chosen = _search_alpha(stats, weights, granularity, group.admissible)
         else:
             chosen = alpha
         if chosen is None:
             notes.update({name: "not smoothed (no alpha lowers the W8A8 error)" for name in names})
             continue
-        s = smoothing_scales(stats.absmax, weights, chosen)
+        s = group.admissible(smoothing_scales(stats.absmax, weights, chosen))
         fold_scales(params, group, s)
         rescale_statistics(stats, s)
         notes.update({name: f"smoothed alpha {chosen:g} into {group.target.name}" for name in names})
@@ -70,11 +71,11 @@ def apply_smoothquant(func, params: dict, statistics: dict, alpha: float | None,
     return notes
 
 
-def _search_alpha(stats, weights, granularity) -> float | None:
+def _search_alpha(stats, weights, granularity, admissible) -> float | None:
     best, best_error = None, w8a8_error(stats.sample, weights, np.ones(stats.absmax.shape, np.float32),
                                          granularity, stats.absmax)
     for alpha in ALPHA_GRID:
-        s = smoothing_scales(stats.absmax, weights, alpha)
+        s = admissible(smoothing_scales(stats.absmax, weights, alpha))
         error = w8a8_error(stats.sample, weights, s, granularity, stats.absmax)
         if error < best_error:
             best, best_error = float(alpha), error

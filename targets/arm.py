@@ -12,6 +12,7 @@ ARM_DOTPROD = register_target(
         vector_bytes=16,
         schedule_linear=simd_schedule_linear,
         linear_tile=16,
+        cross_compiler="aarch64-linux-gnu-g++",
         description="AArch64 NEON with dot product (Cortex-A76+, Graviton2, Apple M1)",
     )
 )
@@ -29,6 +30,7 @@ ARM_I8MM = register_target(
         vector_bytes=16,
         schedule_linear=simd_schedule_linear,
         linear_tile=16,
+        cross_compiler="aarch64-linux-gnu-g++",
         description="AArch64 NEON with int8 matrix multiply (Graviton3, Neoverse V1/N2)",
     )
 )

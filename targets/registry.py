@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import platform
+import shutil
 from typing import Any, Callable
 
 from lowbit.compiler.errors import LowbitError
@@ -24,6 +26,8 @@ class ChipTarget:
         schedule_linear: the rule that schedules lowbit's linear kernels,
             ``(schedule, m_is_one, tile) -> None`` (see :mod:`lowbit.codegen.kernels`).
         linear_tile: output channels per weight column tile, fixed when weights are packed.
+        cross_compiler: the C++ compiler that links ``model.so`` when the target is not this
+            machine's (e.g. ``aarch64-linux-gnu-g++``); ``LOWBIT_CROSS_CXX`` overrides it.
     """
 
     name: str
@@ -35,6 +39,7 @@ class ChipTarget:
     host_cpu_flags: tuple[str, ...] = ()
     schedule_linear: Callable | None = None
     linear_tile: int = 16
+    cross_compiler: str | None = None
 
     def tvm(self):
         """The :class:`tvm.target.Target` for this chip."""
@@ -52,6 +57,22 @@ class ChipTarget:
             return False
         flags = _cpu_flags()
         return all(f in flags for f in self.host_cpu_flags)
+
+    def library_compiler(self) -> Callable | None:
+        """What links ``model.so`` for this target: ``None`` for the host's compiler, else TVM's
+        cross compiler wrapper. Raises a :class:`LowbitError` if the cross compiler is missing."""
+        if self.cross_compiler is None or self.runs_on_this_machine():
+            return None
+        compiler = os.environ.get("LOWBIT_CROSS_CXX", self.cross_compiler)
+        if shutil.which(compiler) is None:
+            raise LowbitError(
+                f"target {self.name}: linking model.so for {self.tvm_target.get('mtriple', self.family)} needs the "
+                f"cross compiler {compiler}, which is not on PATH; install it (Debian/Ubuntu: "
+                f"apt install g++-aarch64-linux-gnu) or name another with LOWBIT_CROSS_CXX"
+            )
+        from tvm.support import cc
+
+        return cc.cross_compiler(compiler)
 
     def as_dict(self) -> dict[str, Any]:
         return {

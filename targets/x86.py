@@ -48,10 +48,42 @@ def schedule_w8a8_linear(sch, m_is_one: bool, tile: int) -> None:
     sch.vectorize(sch.get_loops(init)[-1])
 
 
+def schedule_int4_gemv(sch, tile: int) -> None:
+    """Schedule the int4 GEMV (:func:`lowbit.codegen.kernels.int4_gemv_kernel`) for SIMD.
+
+    Parallel over column tiles. For each tile and group, the ``tile`` partial sums live in vector
+    registers while the group's codes stream past (the 8 codes of a packed word unrolled, one
+    multiply-add each); the group's scale and zero point are then applied to the tile's output
+    accumulators, also in registers. A partial last group is split off by loop partitioning.
+    """
+    matmul = sch.get_sblock("matmul")
+    _, n, g = sch.get_loops(matmul)
+    n_outer, n_inner = sch.split(n, [None, tile])
+    sch.reorder(n_outer, g, n_inner)
+    sch.parallel(n_outer)
+    acc = sch.cache_write(matmul, 0, "local")
+    sch.reverse_compute_at(acc, n_outer)
+    sch.vectorize(sch.get_loops(acc)[-1])
+    partial = sch.get_sblock("partial")
+    sch.compute_at(partial, g)
+    sch.set_scope(partial, 0, "local")
+    channels, r = sch.get_loops(partial)[-2:]
+    r_outer, r_inner = sch.split(r, [None, 8])
+    sch.reorder(r_outer, r_inner, channels)
+    sch.vectorize(channels)
+    sch.unroll(r_inner)
+    sch.vectorize(n_inner)
+    sch.annotate(g, "pragma_loop_partition_hint", 1)
+    init = sch.decompose_reduction(partial, r_outer)
+    sch.vectorize(sch.get_loops(init)[-1])
+    init = sch.decompose_reduction(matmul, g)
+    sch.vectorize(sch.get_loops(init)[-1])
+
+
 def schedule_linear(sch, m_is_one: bool, tile: int) -> None:
     """Schedule a ``lowbit.kernel`` linear PrimFunc (see :mod:`lowbit.codegen.kernels`) for x86 SIMD.
 
-    W8A8 kernels go to :func:`schedule_w8a8_linear`.
+    W8A8 kernels go to :func:`schedule_w8a8_linear`, the int4 GEMV to :func:`schedule_int4_gemv`.
 
     Parallel over column tiles; within a tile the ``tile`` channels are vectorized with register
     accumulators and the 8 codes of a packed word unrolled; dequantization is inlined into the
@@ -62,6 +94,9 @@ def schedule_linear(sch, m_is_one: bool, tile: int) -> None:
     """
     if sch.mod["main"].attrs[KERNEL_ATTR].startswith(W8A8_KINDS):
         schedule_w8a8_linear(sch, m_is_one, tile)
+        return
+    if m_is_one and sch.mod["main"].attrs[KERNEL_ATTR].startswith("int4"):
+        schedule_int4_gemv(sch, tile)
         return
     matmul = sch.get_sblock("matmul")
     m, n, k = sch.get_loops(matmul)

@@ -181,5 +181,12 @@ def test_smoothing_groups_found_from_the_onnx_graph(tiny_llama, tmp_path):
     groups = find_smoothing_groups(import_onnx_model(path, 64).mod["prefill"])
     kinds = [(len(g.linears), g.target.kind if g.target else None) for g in groups]
     assert kinds.count((3, "norm")) == NUM_LAYERS and kinds.count((2, "norm")) == NUM_LAYERS  # q/k/v, gate/up
-    assert kinds.count((1, "linear")) == NUM_LAYERS  # down_proj, folded into up_proj
+    assert kinds.count((1, "linear")) == 2 * NUM_LAYERS  # down_proj into up_proj, o_proj into v_proj
+    through_attention = [g for g in groups if g.target and g.target.channel_map]
+    config = tiny_llama.config
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = config.hidden_size // heads
+    expected = tuple(h // (heads // kv_heads) * head_dim + d for h in range(heads) for d in range(head_dim))
+    assert len(through_attention) == NUM_LAYERS
+    assert all(g.target.channel_map == expected for g in through_attention)
     assert all(not g.target.transposed for g in groups if g.target and g.target.kind == "linear")

@@ -29,11 +29,28 @@ def test_groups_and_fold_targets_come_from_the_graph(tiny_ir):
     assert groups[("q_proj", "k_proj", "v_proj")].target.name.endswith("input_layernorm.weight")
     assert groups[("gate_proj", "up_proj")].target.name.endswith("post_attention_layernorm.weight")
     assert groups[("down_proj",)].target.name.endswith("up_proj.weight")
-    assert groups[("o_proj",)].target is None  # attention output: nothing to fold into
     assert groups[("lm_head",)].target is None  # tied to the embedding: scaling it would change the lookup
+    value = groups[("o_proj",)].target  # the attention output, through P @ V, into v_proj
+    assert value.name.endswith("v_proj.weight")
+    heads, kv_heads, head_dim = 4, 2, 16  # the tiny model's grouped-query attention
+    assert value.channel_map == tuple(h // (heads // kv_heads) * head_dim + d for h in range(heads)
+                                      for d in range(head_dim))
+
+
+def test_scales_through_attention_are_shared_by_query_heads(tiny_ir):
+    group = next(g for g in find_smoothing_groups(tiny_ir.mod["prefill"]) if g.target and g.target.channel_map)
+    s = np.random.default_rng(1).uniform(0.5, 2.0, group.width).astype(np.float32)
+    with pytest.raises(ValueError, match="admissible"):
+        fold_scales(dict(tiny_ir.params), group, s)
+    tied = group.admissible(s)
+    index = np.asarray(group.target.channel_map)
+    for channel in np.unique(index):
+        shared = s[index == channel]
+        np.testing.assert_allclose(tied[index == channel], np.exp(np.log(shared).mean()), rtol=1e-5)
 
 
 def _logits(ir, params, ids):
+    """Prefill logits of ``ids`` and, after them, the decode logits of one more token (through the cache)."""
     from lowbit.compiler.pipeline import run_pipeline
     from lowbit.compiler.recipes import get_recipe
 
@@ -41,7 +58,9 @@ def _logits(ir, params, ids):
     result = run_pipeline(ir.__class__(**{**vars(ir), "params": params}), get_recipe("fp32"), chip)
     manifest = {"model": {"name": "tiny"}, "weight_names": list(result.ir.params), "kv_cache": vars(ir.kv),
                 "max_context": ir.max_context}
-    return Session.in_memory(build(result.ir.mod, chip), result.ir.params, manifest, None).logits(ids)
+    session = Session.in_memory(build(result.ir.mod, chip), result.ir.params, manifest, None)
+    prefill = session.prefill(ids)
+    return np.concatenate([prefill, session.decode(ids[0])[None]])
 
 
 def test_folding_random_scales_keeps_the_model_function(tiny_ir):
@@ -50,9 +69,9 @@ def test_folding_random_scales_keeps_the_model_function(tiny_ir):
     folded = 0
     for group in find_smoothing_groups(tiny_ir.mod["prefill"]):
         if group.target is not None:
-            fold_scales(params, group, rng.uniform(0.25, 4.0, group.width).astype(np.float32))
+            fold_scales(params, group, group.admissible(rng.uniform(0.25, 4.0, group.width).astype(np.float32)))
             folded += 1
-    assert folded == 3 * 2  # q/k/v, gate/up and down in both layers
+    assert folded == 4 * 2  # q/k/v, o (into v), gate/up and down in both layers
     ids = list(range(100, 140))
     want = _logits(tiny_ir, dict(tiny_ir.params), ids)
     got = _logits(tiny_ir, params, ids)
