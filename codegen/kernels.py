@@ -73,20 +73,11 @@ def linear_kernel(fmt: LinearFormat, m, n: int, k: int, dtype: str = "float32") 
             def _dequant(kk, nn):
                 return w[nn // t, kk, nn % t].astype(dtype) * scale[nn // t, nn % t]
     elif fmt.kind == "int4":
-        groups = -(-k // fmt.group_size)  # the last group may be partial
-        w = te.placeholder((tiles, k // INT4_PER_WORD, t), "uint32", name="W")
-        scale = te.placeholder((tiles, groups, t), dtype, name="scale")
-        inputs = [w, scale]
-        if fmt.has_zeros:
-            zero = te.placeholder((tiles, groups, t), dtype, name="zero")
-            inputs.append(zero)
-
-        codes = _int4_codes(w, t, dtype)
+        inputs, codes, scale_at, zero_at = _int4_weights(fmt, k, tiles, dtype)
 
         def _dequant(kk, nn):
             g = kk // fmt.group_size
-            z = zero[nn // t, g, nn % t] if fmt.has_zeros else tirx.const(8.0, dtype)
-            return (codes(kk, nn) - z) * scale[nn // t, g, nn % t]
+            return (codes(kk, nn) - zero_at(g, nn)) * scale_at(g, nn)
     else:
         raise ValueError(f"unknown linear format {fmt.kind!r}")
     dequant = te.compute((k, n), _dequant, name="dequant")
@@ -96,15 +87,30 @@ def linear_kernel(fmt: LinearFormat, m, n: int, k: int, dtype: str = "float32") 
     return func.with_attrs({KERNEL_ATTR: fmt.tag, GEMV_ATTR: isinstance(m, int) and m == 1})
 
 
-def _int4_codes(w, t: int, dtype: str):
-    """``codes(kk, nn)``: the 4-bit code of input ``kk``, output channel ``nn``, as ``dtype``."""
+def _int4_weights(fmt: LinearFormat, k: int, tiles: int, dtype: str):
+    """The int4 format's placeholders and accessors: ``(inputs, codes(kk, nn), scale_at(g, nn),
+    zero_at(g, nn))``, codes as ``dtype``; the zero point is 8 without a ``zero`` input."""
+    t = fmt.tile
+    groups = -(-k // fmt.group_size)  # the last group may be partial
+    w = te.placeholder((tiles, k // INT4_PER_WORD, t), "uint32", name="W")
+    scale = te.placeholder((tiles, groups, t), dtype, name="scale")
+    inputs = [w, scale]
+    if fmt.has_zeros:
+        zero = te.placeholder((tiles, groups, t), dtype, name="zero")
+        inputs.append(zero)
 
     def codes(kk, nn):
         word = w[nn // t, kk // INT4_PER_WORD, nn % t]
         shift = ((kk % INT4_PER_WORD) * 4).astype("uint32")
         return ((word >> shift) & tirx.const(0xF, "uint32")).astype(dtype)
 
-    return codes
+    def scale_at(g, nn):
+        return scale[nn // t, g, nn % t]
+
+    def zero_at(g, nn):
+        return zero[nn // t, g, nn % t] if fmt.has_zeros else tirx.const(8.0, dtype)
+
+    return inputs, codes, scale_at, zero_at
 
 
 def int4_gemv_kernel(fmt: LinearFormat, k: int, tiles: int, dtype: str = "float32") -> tirx.PrimFunc:
@@ -123,13 +129,7 @@ def int4_gemv_kernel(fmt: LinearFormat, k: int, tiles: int, dtype: str = "float3
     size = fmt.group_size
     groups = -(-k // size)
     x = te.placeholder((1, k), dtype, name="X")
-    w = te.placeholder((tiles, k // INT4_PER_WORD, t), "uint32", name="W")
-    scale = te.placeholder((tiles, groups, t), dtype, name="scale")
-    inputs = [w, scale]
-    if fmt.has_zeros:
-        zero = te.placeholder((tiles, groups, t), dtype, name="zero")
-        inputs.append(zero)
-    codes = _int4_codes(w, t, dtype)
+    inputs, codes, scale_at, zero_at = _int4_weights(fmt, k, tiles, dtype)
 
     def in_group(g, r, value):  # the last group may be partial: inputs past K count as zero
         if k % size == 0:
@@ -142,12 +142,8 @@ def int4_gemv_kernel(fmt: LinearFormat, k: int, tiles: int, dtype: str = "float3
     rs = te.reduce_axis((0, size), name="rs")
     xsum = te.compute((groups,), lambda g: te.sum(in_group(g, rs, x[0, g * size + rs]), axis=rs), name="xsum")
     rg = te.reduce_axis((0, groups), name="g")
-
-    def zero_point(g, nn):
-        return zero[nn // t, g, nn % t] if fmt.has_zeros else tirx.const(8.0, dtype)
-
     y = te.compute((1, tiles * t), lambda i, nn: te.sum(
-        scale[nn // t, rg, nn % t] * (partial[rg, nn] - zero_point(rg, nn) * xsum[rg]), axis=rg), name="matmul")
+        scale_at(rg, nn) * (partial[rg, nn] - zero_at(rg, nn) * xsum[rg]), axis=rg), name="matmul")
     func = te.create_prim_func([x, *inputs, y])
     return func.with_attrs({KERNEL_ATTR: fmt.tag, GEMV_ATTR: True})
 

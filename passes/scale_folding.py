@@ -33,7 +33,7 @@ import dataclasses
 
 import networkx as nx
 import numpy as np
-from tvm import relax
+from tvm import relax, tirx
 
 from .linear_match import LinearUse, _op_name, match_linear
 
@@ -142,13 +142,13 @@ def _linear_target(var, var2val, weights, graph, linear_of_output) -> FoldTarget
 def _attention_value_target(x, var2val, weights, graph, linear_of_output) -> FoldTarget | None:
     """``x = P @ V`` (through layout ops, the cache concat and broadcasts) with ``V`` a linear
     layer's output: a target with the channel map, or ``None`` if any op on the way is not one of
-    those or anything else reads the path (the cache output aside)."""
+    those or any other op reads the path (returning the cache as an output is fine)."""
     chain, var = [], x
     while var not in linear_of_output:
+        if not isinstance(var, relax.Var) or not _single_reader(graph, var):
+            return None
         value = var2val.get(var)
         op = _op_name(value)
-        if not isinstance(var, relax.Var) or not _single_reader(graph, var) and op != "relax.concat":
-            return None
         if op in _LAYOUT_OPS:
             upstream = value.args[0]
         elif op == "relax.matmul" and not _has_matmul(chain):  # V is the right operand of P @ V
@@ -196,8 +196,6 @@ def _concrete(shape) -> tuple[int, ...]:
 
 
 def _evaluate(expr) -> int:
-    from tvm import tirx
-
     if isinstance(expr, (int, tirx.IntImm)):
         return int(expr)
     if isinstance(expr, tirx.Var):
