@@ -4,9 +4,14 @@ For each smoothing group (:mod:`lowbit.passes.scale_folding`: the linears readin
 ``X`` and the op that can absorb a per-channel scale), ``s_j = max|X_j|^alpha / max_i |W_ij|^(1-alpha)``
 (the weight maximum over all the group's layers; made admissible for the fold, i.e. shared by the
 channels of one value channel under grouped-query attention), ``X' = X / s`` folded into the
-producer and ``W' = W * s``. ``alpha=None`` picks alpha per group from a grid by the simulated W8A8 output error
-on the calibration sample rows (int8 per-channel weights, int8 activations at the recipe's
-granularity), keeping ``s = 1`` when no alpha beats it.
+producer and ``W' = W * s``. ``alpha=None`` picks alpha per group from a grid by the simulated
+W8A8 output error on the calibration sample rows (int8 per-channel weights, int8 activations at
+the recipe's granularity), keeping ``s = 1`` when no alpha beats it.
+
+With a fixed alpha, the attention output (v -> o, folded through ``P @ V``) is left alone, as the
+reference implementation does: smoothing it at alpha 0.5 raised SmolLM2's W8A8 perplexity gap
+from +1.68 % to +2.12 % (bench/RESULTS.md). ``alpha=auto`` includes it, where the search keeps
+``s = 1`` unless smoothing lowers that layer's simulated error.
 
 Requires: calibration statistics (per-channel ``absmax`` and ``sample`` rows) keyed by weight name,
 before weight quantization. Guarantees: only parameters change (the float model computes the same
@@ -52,6 +57,9 @@ def apply_smoothquant(func, params: dict, statistics: dict, alpha: float | None,
         names = [use.name for use in group.linears]
         if group.target is None:
             notes.update({name: "not smoothed (no op to fold the scale into)" for name in names})
+            continue
+        if alpha is not None and group.target.channel_map is not None:
+            notes.update({name: "not smoothed (attention output: only alpha=auto smooths it)" for name in names})
             continue
         stats = statistics[names[0]]
         weights = [weight_nk(params, use) for use in group.linears]
