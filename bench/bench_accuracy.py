@@ -17,7 +17,7 @@ from pathlib import Path
 
 from accuracy_table import print_table
 from lowbit.codegen.build import build
-from lowbit.compiler.api import _calibrate, _import
+from lowbit.compiler.api import CalibrationText, _calibrate, _import
 from lowbit.compiler.datasets import read_text
 from lowbit.compiler.evaluate import evaluate_session
 from lowbit.compiler.models import resolve_model
@@ -45,7 +45,8 @@ def main() -> None:
     chip = get_target("host")
     ir, tokenizer_folder, _ = _import(resolve_model(args.model), max(args.window, args.calib_seq_len) + 1)
     started = time.perf_counter()
-    calibration = _calibrate(ir, chip, tokenizer_folder, "lcet10", args.calib_samples, args.calib_seq_len, True)
+    calibration = _calibrate(ir, chip, tokenizer_folder, CalibrationText("lcet10", read_text("lcet10"), args.calib_samples, args.calib_seq_len),
+                             True)
     calibration_seconds = time.perf_counter() - started
     from tokenizers import Tokenizer
 
@@ -57,7 +58,7 @@ def main() -> None:
         start = time.perf_counter()
         result = run_pipeline(ir, recipe_obj, chip, calibration.copy() if recipe_obj.needs_calibration else None)
         seconds = time.perf_counter() - start
-        manifest = {"model": {"name": args.model}, "weight_names": list(result.ir.params), "kv_cache": vars(ir.kv),
+        manifest = {"model": {"name": args.model}, "vocab_size": ir.vocab_size, "kv_cache": vars(ir.kv),
                     "max_context": ir.max_context}
         session = Session.in_memory(build(result.ir.mod, chip), result.ir.params, manifest, tokenizer)
         return session, result.ir.param_bytes(), seconds

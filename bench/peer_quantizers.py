@@ -28,7 +28,7 @@ CACHE = Path("bench/.cache/peer")
 
 
 class OrtSession:
-    """``logits(ids)`` for :func:`lowbit.compiler.evaluate.evaluate_session`, from an ONNX file."""
+    """``prefill(ids)`` for :func:`lowbit.compiler.evaluate.evaluate_session`, from an ONNX file."""
 
     def __init__(self, path: Path):
         import onnxruntime
@@ -37,7 +37,7 @@ class OrtSession:
         options.intra_op_num_threads = 2
         self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
-    def logits(self, ids) -> np.ndarray:
+    def prefill(self, ids) -> np.ndarray:
         return self.session.run(["logits"], {"input_ids": np.asarray([ids], np.int64)})[0][0]
 
 

@@ -73,13 +73,20 @@ def _fetch_all(folder: Path) -> None:
 
 def read_text(spec: str) -> str:
     """A bundled text name or a path to a UTF-8 text file."""
-    path = text_path(spec) if spec in TEXTS else Path(spec)
+    return read_text_file(text_path(spec) if spec in TEXTS else Path(spec))
+
+
+def read_text_file(path: Path) -> str:
+    """The non-empty UTF-8 text in the file at ``path``."""
+    path = Path(path)
     if not path.is_file():
         raise LowbitError(f"text file {path} does not exist")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8")  # universal newlines: "\r\n" reads as "\n"
     except UnicodeDecodeError:
         raise LowbitError(f"text file {path} is not UTF-8 text") from None
+    except OSError as exc:
+        raise LowbitError(f"text file {path} cannot be read ({exc.strerror})") from None
     if not text.strip():
         raise LowbitError(f"text file {path} is empty")
     return text

@@ -52,7 +52,7 @@ def windows(token_ids, window: int) -> list[list[int]]:
 
 
 def evaluate_session(session, token_ids, window: int, reference=None, progress=None) -> EvalResult:
-    """Score ``token_ids`` with ``session`` (anything with ``logits(ids) -> [len, vocab]``).
+    """Score ``token_ids`` with ``session`` (anything with ``prefill(ids) -> [len, vocab]``, from an empty cache).
 
     ``reference``: a float session to compare against on the same windows (KL, top-1 agreement).
     """
@@ -60,12 +60,12 @@ def evaluate_session(session, token_ids, window: int, reference=None, progress=N
     count = 0
     for chunk in windows(token_ids, window):
         inputs, targets = chunk[:-1], np.asarray(chunk[1:])
-        log_p = log_softmax(session.logits(inputs))
+        log_p = log_softmax(session.prefill(inputs))
         if not np.isfinite(log_p).all():
             raise LowbitError("the model produced NaN or Inf logits on the evaluation text")
         nll -= float(log_p[np.arange(len(targets)), targets].sum())
         if reference is not None:
-            log_ref = log_softmax(reference.logits(inputs))
+            log_ref = log_softmax(reference.prefill(inputs))
             kl += float((np.exp(log_ref) * (log_ref - log_p)).sum())
             agree += float((log_ref.argmax(axis=-1) == log_p.argmax(axis=-1)).sum())
         count += len(targets)

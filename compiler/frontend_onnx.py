@@ -35,7 +35,6 @@ def import_onnx_model(path, max_context: int | None = None) -> ModelIR:
     """Load the ONNX decoder at ``path``, check it, and import it into Relax."""
     model = _load(Path(path))
     graph = model.graph
-    check_onnx_ops(graph, path)
     inputs, kv, vocab_size = _checked_signature(graph, path)
     input_names = ["input_ids"] + kv_names("past_key_values", kv.num_layers)
     output_names = ["logits"] + kv_names("present", kv.num_layers)
@@ -85,13 +84,20 @@ def _checked_signature(graph, path) -> tuple[dict, KVLayout, int]:
 
 
 def _load(path: Path):
+    """Parse, name every operator lowbit cannot import (before ``onnx.checker``, which stops at the
+    first op it does not know), then check the model."""
     import onnx
 
     try:
-        onnx.checker.check_model(str(path))  # by path, so that files over 2 GB are checked too
         model = onnx.load(str(path))
-    except Exception as exc:  # protobuf and checker errors share no base class
+    except Exception as exc:  # protobuf errors share no base class
         raise LowbitError(f"ONNX file {path} is not a valid ONNX model: {type(exc).__name__}: {exc}") from None
+    check_onnx_ops(model.graph, path)
+    try:
+        onnx.checker.check_model(str(path))  # by path, so that files over 2 GB are checked too
+    except Exception as exc:  # checker and protobuf errors share no base class
+        first_line = next(iter(str(exc).splitlines()), "")
+        raise LowbitError(f"ONNX file {path} is not a valid ONNX model: {type(exc).__name__}: {first_line}") from None
     return model
 
 
@@ -203,7 +209,11 @@ def _name_problems(kind: str, got: list[str], required: list[str], optional) -> 
 def _check_dtype(value_info, dtype: str, path) -> None:
     import onnx
 
-    got = onnx.helper.tensor_dtype_to_np_dtype(value_info.type.tensor_type.elem_type)
+    code = value_info.type.tensor_type.elem_type
+    try:
+        got = onnx.helper.tensor_dtype_to_np_dtype(code)
+    except KeyError:
+        got = f"element type {code} (undefined)"
     if str(got) != dtype:
         raise LowbitError(f"ONNX file {path}: input {value_info.name} is {got}; lowbit needs {dtype}")
 

@@ -18,6 +18,8 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from lowbit.passes.bounded_gather import bounded_gather
+
 ENTRY_FUNCTIONS = ("prefill", "decode")
 
 
@@ -75,7 +77,7 @@ def make_entry_module(prefill: relax.Function, decode: relax.Function, num_input
         "prefill": prefill.with_attrs({"num_input": num_input, "global_symbol": "prefill"}),
         "decode": decode.with_attrs({"num_input": num_input, "global_symbol": "decode"}),
     })
-    return relax.transform.Normalize()(mod)
+    return relax.transform.Normalize()(bounded_gather(mod))
 
 
 def kv_names(prefix: str, num_layers: int) -> list[str]:

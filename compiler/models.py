@@ -7,6 +7,7 @@ dequantized once by transformers and cached as an fp32 Hugging Face folder (safe
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib.util
@@ -79,8 +80,12 @@ def resolve_model(source: str) -> HFModel | OnnxModel:
             raise LowbitError(f"model folder {path} has no config.json; it is not a Hugging Face model folder")
         return _load_hf_folder(path.name, path)
     if path.suffix == ".gguf":
+        if not path.is_file():
+            raise LowbitError(f"model {path} is not a file; a .gguf model is one file")
         return _load_hf_folder(path.stem, _converted_gguf_folder(path))
     if path.suffix == ".onnx":
+        if not path.is_file():
+            raise LowbitError(f"model {path} is not a file; an .onnx model is one file")
         tokenizer_folder = path.parent if (path.parent / "tokenizer.json").is_file() else None
         return OnnxModel(name=path.stem, path=path, tokenizer_folder=tokenizer_folder)
     raise LowbitError(f"model file {path} has suffix {path.suffix!r}; lowbit reads .gguf and .onnx files")
@@ -99,6 +104,25 @@ def _registered_folder(entry: RegisteredModel, name: str) -> Path:
     return _converted_gguf_folder(gguf_path)
 
 
+def check_gguf(gguf_path: Path) -> None:
+    """Raise a :class:`LowbitError` naming the problem unless ``gguf_path`` is a readable GGUF file:
+    a valid header and key-value table, an architecture, every tensor's data inside the file."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(gguf_path)
+    except Exception as exc:  # the reader fails with struct, numpy and value errors alike on a bad file
+        raise LowbitError(f"GGUF file {gguf_path} is damaged or not a GGUF file ({type(exc).__name__}: "
+                          f"{next(iter(str(exc).splitlines()), '')})") from None
+    if "general.architecture" not in reader.fields:
+        raise LowbitError(f"GGUF file {gguf_path} has no general.architecture field; it is not a model file")
+    size = gguf_path.stat().st_size
+    for tensor in reader.tensors:
+        if tensor.data_offset + tensor.n_bytes > size:
+            raise LowbitError(f"GGUF file {gguf_path}: tensor {tensor.name} ends past the end of the file "
+                              "(truncated?)")
+
+
 def _converted_gguf_folder(gguf_path: Path) -> Path:
     """Dequantize a GGUF file into a cached fp32 Hugging Face folder (once per file content)."""
     stat = gguf_path.stat()
@@ -106,16 +130,20 @@ def _converted_gguf_folder(gguf_path: Path) -> Path:
     folder = cache_dir() / "models" / f"{gguf_path.stem}-{key}"
     if (folder / "config.json").is_file():
         return folder
+    check_gguf(gguf_path)
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf_path.parent, gguf_file=gguf_path.name, dtype="float32"
-        )
-        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    except (ValueError, KeyError, OSError) as exc:
-        raise LowbitError(f"GGUF file {gguf_path} could not be read by transformers: {exc}") from None
+        with _quiet_transformers():
+            model, info = AutoModelForCausalLM.from_pretrained(
+                gguf_path.parent, gguf_file=gguf_path.name, dtype="float32", output_loading_info=True
+            )
+            tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    except Exception as exc:  # transformers' GGUF conversion raises many types on files it cannot take
+        raise LowbitError(f"GGUF file {gguf_path} could not be converted by transformers ({type(exc).__name__}: "
+                          f"{next(iter(str(exc).splitlines()), '')})") from None
+    _check_loaded(model, info, f"GGUF file {gguf_path}")
     config = model.config
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
@@ -135,12 +163,44 @@ def _converted_gguf_folder(gguf_path: Path) -> Path:
     return folder
 
 
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers' own progress bars and load reports off: lowbit reports its stages itself."""
+    from transformers.utils import logging
+
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
+
+
+def _check_loaded(model, info: dict, where: str) -> None:
+    """Refuse a model that transformers completed with random weights (it only warns): every
+    parameter must come from the file, but for an output head tied to the embedding."""
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    missing = [name for name in info.get("missing_keys", ()) if name not in tied]
+    mismatched = [entry[0] if isinstance(entry, tuple) else entry for entry in info.get("mismatched_keys", ())]
+    if missing or mismatched:
+        problems = missing + mismatched
+        raise LowbitError(f"{where} lacks weights the model needs or has them in another shape: "
+                          f"{', '.join(problems[:5])}{' ...' if len(problems) > 5 else ''}; the file is incomplete "
+                          "or does not match its config")
+
+
 def _load_hf_folder(name: str, folder: Path) -> HFModel:
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype="float32")
-    except (ValueError, OSError) as exc:
-        raise LowbitError(f"model folder {folder}: transformers cannot load it as a causal LM: {exc}") from None
+        with _quiet_transformers():
+            model, info = AutoModelForCausalLM.from_pretrained(folder, dtype="float32", output_loading_info=True)
+    except Exception as exc:  # config, weight and code errors all mean "not a loadable causal LM"
+        raise LowbitError(f"model folder {folder}: transformers cannot load it as a causal LM "
+                          f"({type(exc).__name__}: {next(iter(str(exc).splitlines()), '')})") from None
+    _check_loaded(model, info, f"model folder {folder}")
     model.eval()
     return HFModel(name=name, folder=folder, model=model)

@@ -31,7 +31,7 @@ class OutputProbe:
         from .pipeline import run_pipeline
 
         result = run_pipeline(ir, Recipe("fp32"), chip)
-        manifest = {"model": {"name": "output probe"}, "weight_names": list(result.ir.params),
+        manifest = {"model": {"name": "output probe"}, "vocab_size": ir.vocab_size,
                     "kv_cache": vars(ir.kv), "max_context": ir.max_context}
         self.session = Session.in_memory(build(result.ir.mod, chip), result.ir.params, manifest, None)
         self.tile = chip.linear_tile

@@ -50,8 +50,7 @@ def run_pipeline(ir: ModelIR, recipe, chip, calibration: Calibration | None = No
     """
     params = dict(ir.params)
     prefill = ir.mod["prefill"]
-    linears = find_linears(prefill)
-    _check_patterns(recipe, linears)
+    linears = check_layer_patterns(recipe, ir)
     if recipe.needs_calibration and calibration is None:
         raise LowbitError(f"recipe {recipe.name} needs calibration statistics")
     statistics = None if calibration is None else calibration.statistics
@@ -98,13 +97,20 @@ def _quantize_in_stages(quantize: QuantizeWeights, linears, params, statistics, 
                 simulated[name] = weight if use.transposed else weight.T.copy()
 
 
-def _check_patterns(recipe, linears) -> None:
+def check_layer_patterns(recipe, ir: ModelIR) -> dict:
+    """Raise if a recipe's ``ignore`` / ``keep`` pattern matches no linear layer of ``ir`` or
+    ``keep=autoN`` asks for more layers than there are; returns the linear layers."""
+    linears = find_linears(ir.mod["prefill"])
+    if recipe.keep.auto > len(linears):
+        raise LowbitError(f"recipe {recipe.name}: keep=auto{recipe.keep.auto} asks for more layers than the "
+                          f"model's {len(linears)} linear layers")
     for option, patterns in (("ignore", recipe.ignore), ("keep", recipe.keep.patterns)):
         for pattern in patterns:
             if not any(fnmatch.fnmatchcase(name, pattern) for name in linears):
                 examples = ", ".join(list(linears)[:3])
                 raise LowbitError(f"recipe {recipe.name}: {option} pattern {pattern!r} matches no linear layer "
                                   f"(layers are named like {examples})")
+    return linears
 
 
 def _kept_layers(recipe, linears, params, calibration) -> list[str]:

@@ -20,7 +20,7 @@ Options follow a colon, separated by ``;``: ``ignore=PATTERN[,PATTERN]`` keeps m
 keeps the named layers, or the ``N`` most sensitive ones by calibration, in int8; ``alpha=0.5`` or
 ``alpha=auto`` sets SmoothQuant's migration strength; ``damp=0.01`` GPTQ's dampening; ``stages=N``
 GPTQ's sequential stages (each one more calibration pass).
-A ``+kv8`` / ``+kv4`` suffix composes KV-cache quantization.
+A ``+kv8`` / ``+kv4`` suffix (KV-cache quantization) is reserved and refused until it is implemented.
 """
 
 from __future__ import annotations
@@ -38,6 +38,12 @@ SUPPORTED_GROUP_SIZES = (32, 64, 128, 256)
 SUPPORTED_METHODS = ("rtn", "gptq", "awq", "awq-gptq")
 ACT_GRANULARITIES = ("token", "tensor")
 MAX_STAGES = 64
+
+
+def _check_field(owner: str, field: str, value, kinds: tuple, what: str) -> None:
+    """Raise naming ``owner.field`` unless ``value`` is one of ``kinds`` (a bool is not a number)."""
+    if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
+        raise LowbitError(f"recipe: {owner} {field} must be {what}, got {type(value).__name__} {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +88,13 @@ class WeightQuant:
         return self.method in ("gptq", "awq-gptq")
 
     def __post_init__(self):
+        _check_field("weights", "bits", self.bits, (int,), "a whole number")
+        _check_field("weights", "group_size", self.group_size, (int, type(None)), "a whole number or none")
+        _check_field("weights", "symmetric", self.symmetric, (bool,), "true or false")
+        _check_field("weights", "method", self.method, (str,), "a method name")
+        _check_field("weights", "act_order", self.act_order, (bool, type(None)), "true or false")
+        _check_field("weights", "damp", self.damp, (int, float), "a number")
+        _check_field("weights", "stages", self.stages, (int,), "a whole number")
         if self.act_order is None:
             object.__setattr__(self, "act_order", self.rounds_by_gptq)
         if self.bits not in SUPPORTED_BITS:
@@ -123,6 +136,8 @@ class ActQuant:
         return self.granularity == "tensor"
 
     def __post_init__(self):
+        _check_field("activations", "bits", self.bits, (int,), "a whole number")
+        _check_field("activations", "granularity", self.granularity, (str,), "token or tensor")
         if self.bits != 8:
             raise LowbitError(f"recipe: activation bits {self.bits} not supported; use 8")
         if self.granularity not in ACT_GRANULARITIES:
@@ -142,6 +157,7 @@ class Smoothing:
     alpha: float | None = 0.5
 
     def __post_init__(self):
+        _check_field("smoothing", "alpha", self.alpha, (int, float, type(None)), "a number")
         if self.alpha is not None and not 0 <= self.alpha <= 1:
             raise LowbitError(f"recipe: alpha {self.alpha} out of range; use a value in [0, 1] or 'auto'")
 
@@ -155,8 +171,11 @@ class Keep:
     auto: int = 0
 
     def __post_init__(self):
+        _check_field("keep", "auto", self.auto, (int,), "a whole number")
         if self.auto < 0:
             raise LowbitError(f"recipe: keep=auto{self.auto} must keep a non-negative number of layers")
+        for pattern in self.patterns:
+            _check_field("keep", "pattern", pattern, (str,), "a glob pattern")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,7 +226,7 @@ _WEIGHT_ONLY = re.compile(
 )
 _W8A8 = re.compile(r"^w8a8-(?P<smoothing>naive|smoothquant)(?P<static>-static)?$")
 _GRAMMAR = ("w{3,4,8}a16-{rtn,gptq,awq,awq-gptq}[-g{32,64,128,256}][-asym][-noact] "
-            "or w8a8-{naive,smoothquant}[-static], then optional +kv8 and :options, or a .toml file")
+            "or w8a8-{naive,smoothquant}[-static], then optional :options, or a .toml file")
 
 
 def _parse_name(name: str) -> Recipe:
@@ -242,15 +261,22 @@ _OPTIONS = "ignore=PATTERN[,PATTERN], keep=PATTERN[,PATTERN]|autoN, alpha=0.5|au
 
 def get_recipe(spec: str) -> Recipe:
     """Resolve a recipe from a name (``w4a16-gptq-g128:keep=auto5``) or a ``.toml`` file path."""
+    return _resolve(spec, ())
+
+
+def _resolve(spec: str, bases: tuple[Path, ...]) -> Recipe:
+    """:func:`get_recipe`, inside the chain of TOML files ``bases`` that named ``spec`` as their base."""
+    if not isinstance(spec, str):
+        raise LowbitError(f"recipe must be a name or a .toml path, got {type(spec).__name__} {spec!r}")
     if spec.endswith(".toml"):
-        return _from_toml(Path(spec))
+        return _from_toml(Path(spec), bases)
     base, _, options = spec.partition(":")
     name, *compose = base.split("+")
     recipe = _parse_name(name)
     for part in compose:
         if re.fullmatch(r"kv\d+", part):
             raise LowbitError(f"recipe {spec!r}: KV-cache quantization ({part}) is not available yet; drop +{part}")
-        raise LowbitError(f"recipe {spec!r}: unknown component +{part}; only +kv8/+kv4 compose")
+        raise LowbitError(f"recipe {spec!r}: unknown component +{part}; no recipe component composes yet")
     for option in filter(None, options.split(";")):
         recipe = _apply_option(recipe, spec, option)
     return dataclasses.replace(recipe, name=spec)
@@ -266,8 +292,14 @@ def _apply_option(recipe: Recipe, spec: str, option: str) -> Recipe:
     if key == "keep":
         if recipe.weights is None:
             raise LowbitError(f"recipe {spec!r}: keep= needs a quantized recipe")
-        auto = re.fullmatch(r"auto(\d+)", value)
-        keep = Keep(auto=int(auto[1])) if auto else Keep(patterns=values)
+        if value.startswith("auto"):
+            auto = re.fullmatch(r"auto([1-9]\d{0,5})", value)
+            if auto is None:
+                raise LowbitError(f"recipe {spec!r}: keep={value} is not autoN with N a whole number from 1; "
+                                  "write keep=auto10, or name layers: keep=lm_head*")
+            keep = Keep(auto=int(auto[1]))
+        else:
+            keep = Keep(patterns=values)
         return dataclasses.replace(recipe, keep=keep)
     if key == "alpha":
         if recipe.smoothing is None:
@@ -293,19 +325,28 @@ def _number(spec: str, key: str, value: str) -> float:
         raise LowbitError(f"recipe {spec!r}: {key}={value!r} is not a number") from None
 
 
-def _from_toml(path: Path) -> Recipe:
-    """``name``, optional ``base`` (a recipe name), ``[weights]``, ``[activations]``, ``[smoothing]``,
-    ``ignore = [...]`` and ``keep = [...]`` or ``keep_auto = N``."""
+def _from_toml(path: Path, bases: tuple[Path, ...] = ()) -> Recipe:
+    """``name``, optional ``base`` (a recipe name or another .toml file), ``[weights]``,
+    ``[activations]``, ``[smoothing]``, ``ignore = [...]`` and ``keep = [...]`` or ``keep_auto = N``."""
     if not path.is_file():
         raise LowbitError(f"recipe file {path} does not exist")
+    if path.resolve() in bases:
+        chain = " -> ".join(str(p) for p in (*bases, path.resolve()))
+        raise LowbitError(f"recipe file {path}: its base chain loops ({chain}); a recipe cannot be its own base")
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as exc:
         raise LowbitError(f"recipe file {path}: not valid TOML ({exc})") from None
     known = {"name", "base", "weights", "activations", "smoothing", "ignore", "keep", "keep_auto"}
     if set(data) - known:
         raise LowbitError(f"recipe file {path}: unknown field(s) {sorted(set(data) - known)}; use {sorted(known)}")
-    recipe = get_recipe(data["base"]) if "base" in data else Recipe(name="fp32")
+    for field in ("name", "base"):
+        if field in data and not isinstance(data[field], str):
+            raise LowbitError(f"recipe file {path}: {field} must be a string, got {data[field]!r}")
+    base = data.get("base")
+    if base is not None and base.endswith(".toml"):  # a base file is found next to the file naming it
+        base = str(path.parent / base)
+    recipe = _resolve(base, (*bases, path.resolve())) if base is not None else Recipe(name="fp32")
     tables = {"weights": WeightQuant, "activations": ActQuant, "smoothing": Smoothing}
     for field, cls in tables.items():
         if field in data:
@@ -313,13 +354,24 @@ def _from_toml(path: Path) -> Recipe:
             fields = {f.name for f in dataclasses.fields(cls)}
             if not isinstance(table, dict) or set(table) - fields:
                 raise LowbitError(f"recipe file {path}: [{field}] takes {sorted(fields)}")
-            recipe = dataclasses.replace(recipe, **{field: cls(**table)})
+            required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
+            if set(required) - set(table):
+                raise LowbitError(f"recipe file {path}: [{field}] needs {', '.join(required)}")
+            try:
+                recipe = dataclasses.replace(recipe, **{field: cls(**table)})
+            except LowbitError as exc:
+                raise LowbitError(f"recipe file {path}: {exc}") from None
     lists = {}
     for field in ("ignore", "keep"):
         value = data.get(field, [])
         if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
             raise LowbitError(f"recipe file {path}: {field} must be a list of glob patterns")
         lists[field] = tuple(value)
-    keep = Keep(patterns=lists["keep"] or recipe.keep.patterns, auto=int(data.get("keep_auto", recipe.keep.auto)))
+    keep_auto = data.get("keep_auto", recipe.keep.auto)
+    if isinstance(keep_auto, bool) or not isinstance(keep_auto, int) or keep_auto < 0:
+        raise LowbitError(f"recipe file {path}: keep_auto must be a whole number >= 0, got {keep_auto!r}")
+    keep = Keep(patterns=lists["keep"] or recipe.keep.patterns, auto=keep_auto)
+    if (keep.patterns or keep.auto) and recipe.weights is None:
+        raise LowbitError(f"recipe file {path}: keep needs a quantized recipe ([weights] or a quantized base)")
     return dataclasses.replace(recipe, name=data.get("name", path.stem), ignore=lists["ignore"] or recipe.ignore,
                                keep=keep)

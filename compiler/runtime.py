@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import time
 from pathlib import Path
 
@@ -34,31 +35,37 @@ class Generation:
 
 
 class Session:
-    """A loaded artifact with its own KV cache. Not thread-safe: one session per generation stream."""
+    """A loaded artifact with its own KV cache. Not thread-safe: one session per generation stream.
 
-    def __init__(self, artifact_dir: str | Path):
-        import tvm
-        from safetensors.numpy import load_file
+    The cache holds one conversation: :meth:`prefill` starts a new one, :meth:`extend` and
+    :meth:`decode` continue it, :meth:`generate` starts a new one; :attr:`position` is its length.
+    Token ids are checked against the vocabulary the artifact records before they reach a kernel.
+    """
 
+    def __init__(self, artifact_dir: str | Path, trusted_keys=None):
         path = Path(artifact_dir)
-        manifest = read_manifest(path)  # verifies every checksum before anything loads
-        arrays = load_file(str(path / WEIGHTS))
-        missing = [name for name in manifest["weight_names"] if name not in arrays]
-        if missing:
-            raise LowbitError(f"artifact {path}: {WEIGHTS} lacks weight {missing[0]}; recompile it")
+        # verifies the signature (if asked) and every checksum before anything loads
+        manifest = read_manifest(path, trusted_keys)
+        arrays = _load_weights(path, manifest)
         tokenizer = path / "tokenizer.json"
-        self._setup(tvm.runtime.load_module(str(path / LIBRARY)), arrays, manifest,
-                    tokenizer if tokenizer.is_file() else None, str(path))
+        self._setup(_load_library(path), arrays, manifest, tokenizer if tokenizer.is_file() else None,
+                    f"artifact {path}", verify=True)
 
     @classmethod
     def in_memory(cls, executable, params: dict[str, np.ndarray], manifest: dict,
                   tokenizer_file: Path | None) -> "Session":
-        """A session on a freshly built module, without writing an artifact (``lowbit eval MODEL``)."""
+        """A session on a freshly built module, without writing an artifact (``lowbit eval MODEL``).
+
+        ``manifest`` needs ``model``, ``kv_cache``, ``max_context`` and ``vocab_size``; the weights
+        are ``params``, in the order the module's functions take them."""
+        weights = [{"name": n, "shape": list(a.shape), "dtype": str(a.dtype)} for n, a in params.items()]
         session = cls.__new__(cls)
-        session._setup(executable, params, manifest, tokenizer_file, manifest["model"]["name"])
+        session._setup(executable, params, dict(manifest, weights=weights), tokenizer_file, manifest["model"]["name"])
         return session
 
-    def _setup(self, library, arrays: dict, manifest: dict, tokenizer_file: Path | None, where: str) -> None:
+    def _setup(self, library, arrays: dict, manifest: dict, tokenizer_file: Path | None, where: str,
+               verify: bool = False) -> None:
+        """``verify``: check that the library's entry functions take what the manifest lists."""
         import tvm
         from tvm import relax
 
@@ -67,17 +74,47 @@ class Session:
         self.device = tvm.cpu()
         self._tvm = tvm
         self._vm = relax.VirtualMachine(library, self.device)
-        self._weights = [tvm.runtime.tensor(arrays[name], self.device) for name in manifest["weight_names"]]
+        self._weight_names = [entry["name"] for entry in manifest["weights"]]
+        if verify:
+            self._check_signature()
+        self._weights = [tvm.runtime.tensor(arrays[name], self.device) for name in self._weight_names]
         kv = manifest["kv_cache"]
         self.num_layers, self.kv_heads, self.head_dim = kv["num_layers"], kv["num_kv_heads"], kv["head_dim"]
         self.max_context = int(manifest["max_context"])
+        self.vocab_size = int(manifest["vocab_size"])
         self.eos_token_ids = set(manifest.get("eos_token_ids", []))
         self.tokenizer = None
         if tokenizer_file is not None:
             from tokenizers import Tokenizer
 
-            self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
+            try:
+                self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
+            except Exception as exc:  # tokenizers raises its own exception type for any bad file
+                raise LowbitError(f"{where}: tokenizer.json cannot be read ({exc}); recompile the artifact") \
+                    from None
         self.reset()
+
+    def _check_signature(self) -> None:
+        """The entry functions take as many inputs as the manifest lists, then exactly its weights, in
+        its order."""
+        if self.manifest["entry_functions"] != ["prefill", "decode"]:
+            raise LowbitError(f"{self.where}: entry_functions must be prefill and decode; recompile the artifact")
+        kv = self.manifest["kv_cache"]
+        if len(self.manifest["inputs"]) != 1 + 2 * kv["num_layers"]:
+            raise LowbitError(f"{self.where}: manifest.json lists {len(self.manifest['inputs'])} inputs for "
+                              f"{kv['num_layers']} layers; recompile the artifact")
+        for entry in self.manifest["entry_functions"]:
+            try:
+                arity = self._vm._get_function_arity(entry)
+                names = [self._vm._get_function_param_name(entry, i) for i in range(arity)]
+            except Exception:  # TVM reports an unknown function by its own error type
+                raise LowbitError(f"{self.where}: model.so has no function {entry!r}; recompile the artifact") \
+                    from None
+            inputs = len(self.manifest["inputs"])
+            if len(names) != inputs + len(self._weight_names) or names[inputs:] != self._weight_names:
+                raise LowbitError(f"{self.where}: manifest.json does not describe model.so ({entry} takes "
+                                  f"{len(names)} arguments, the manifest lists {inputs} inputs and "
+                                  f"{len(self._weight_names)} weights, or another order); recompile the artifact")
 
     # -- cache -------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -89,7 +126,7 @@ class Session:
     @contextlib.contextmanager
     def weights_replaced(self, arrays: dict[str, np.ndarray]):
         """Run with the named weights replaced by ``arrays`` (same shapes and dtypes), restored on exit."""
-        names = self.manifest["weight_names"]
+        names = self._weight_names
         saved = {}
         try:
             for name, array in arrays.items():
@@ -106,34 +143,66 @@ class Session:
                 self._weights[index] = old
 
     # -- model calls ---------------------------------------------------------------------------
-    def _run(self, entry: str, token_ids: np.ndarray) -> np.ndarray:
-        count = token_ids.shape[1]
+    def _checked_ids(self, token_ids) -> np.ndarray:
+        """``token_ids`` as ``int64[1, n]``, every id an integer in ``[0, vocab_size)``."""
+        try:
+            ids = np.asarray(token_ids)
+        except (ValueError, TypeError) as exc:
+            raise LowbitError(f"token ids must be a sequence of integers ({exc})") from None
+        if ids.size and (ids.dtype == np.bool_ or not np.issubdtype(ids.dtype, np.integer)):
+            raise LowbitError(f"token ids must be integers, got {ids.dtype} values")
+        ids = ids.reshape(1, -1)
+        if ids.shape[1] == 0:
+            raise LowbitError("no token ids given: give at least one token")
+        bad = np.flatnonzero((ids < 0) | (ids >= self.vocab_size))
+        if bad.size:
+            raise LowbitError(f"token id {ids[0, bad[0]]} at position {bad[0]} is outside the vocabulary "
+                              f"[0, {self.vocab_size}) of {self.where}")
+        return ids.astype(np.int64)
+
+    def _run(self, entry: str, ids: np.ndarray) -> np.ndarray:
+        count = ids.shape[1]
         if self.position + count > self.max_context:
             raise LowbitError(
-                f"{self.position + count} tokens exceed the model's context of {self.max_context} "
-                "tokens; shorten the prompt or lower --max-new-tokens"
+                f"{self.position + count} tokens exceed the context of {self.max_context} tokens of "
+                f"{self.where}; shorten the prompt or lower --max-new-tokens"
             )
-        inputs = [self._tvm.runtime.tensor(token_ids.astype(np.int64), self.device)]
-        outputs = self._vm[entry](*inputs, *self._cache, *self._weights)
+        inputs = [self._tvm.runtime.tensor(ids, self.device)]
+        try:
+            outputs = self._vm[entry](*inputs, *self._cache, *self._weights)
+        except (ValueError, TypeError) as exc:  # the kernels' own argument checks
+            first = next(iter(str(exc).splitlines()), "")
+            raise LowbitError(f"{self.where}: the compiled model rejected its weights ({first}); "
+                              "recompile the artifact") from None
         self._cache = list(outputs[1:])
         self.position += count
         return outputs[0].numpy()[0]
 
     def prefill(self, token_ids) -> np.ndarray:
-        """Run the prompt through the model; returns logits ``[len(token_ids), vocab]``."""
-        ids = np.asarray(token_ids, dtype=np.int64).reshape(1, -1)
-        if ids.shape[1] == 0:
-            raise LowbitError("the prompt is empty: give at least one token")
+        """Start a new conversation with ``token_ids`` (the cache is emptied first); returns their
+        logits ``[len(token_ids), vocab]``. :meth:`extend` continues the current one instead."""
+        ids = self._checked_ids(token_ids)
+        self.reset()
         return self._run("prefill", ids)
 
+    def extend(self, token_ids) -> np.ndarray:
+        """Continue the current conversation with ``token_ids`` (after earlier prefill, extend,
+        decode or generate calls); returns their logits ``[len(token_ids), vocab]``."""
+        return self._run("prefill", self._checked_ids(token_ids))
+
     def decode(self, token_id: int) -> np.ndarray:
-        """Feed one token; returns its logits ``[vocab]``."""
-        return self._run("decode", np.array([[int(token_id)]], dtype=np.int64))[0]
+        """Continue the current conversation with one token; returns its logits ``[vocab]``."""
+        return self._run("decode", self._checked_ids([token_id]))[0]
 
     # -- text ------------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
-            raise LowbitError(f"{self.where} has no tokenizer.json; pass token ids instead of text")
+            raise LowbitError(f"{self.where} has no tokenizer.json; pass token ids instead of text "
+                              "(lowbit run --prompt-ids)")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise LowbitError("the prompt is not valid UTF-8 text") from None
         return self.tokenizer.encode(text).ids
 
     def decode_text(self, token_ids) -> str:
@@ -142,18 +211,21 @@ class Session:
     def generate(self, prompt, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int | None = None) -> Generation:
         """Generate after ``prompt`` (text or token ids); greedy unless ``temperature > 0``."""
-        if max_new_tokens < 1:
-            raise LowbitError("max_new_tokens must be at least 1")
-        if temperature < 0 or not 0 < top_p <= 1:
-            raise LowbitError("temperature must be >= 0 and top_p in (0, 1]")
-        ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if not (_is_whole(max_new_tokens) and max_new_tokens >= 1):
+            raise LowbitError(f"max_new_tokens must be a whole number of at least 1, got {max_new_tokens!r}")
+        if not (_is_number(temperature) and 0 <= temperature < math.inf):
+            raise LowbitError(f"temperature must be a finite number >= 0, got {temperature!r}")
+        if not (_is_number(top_p) and 0 < top_p <= 1):
+            raise LowbitError(f"top_p must be a number in (0, 1], got {top_p!r}")
+        if seed is not None and not (_is_whole(seed) and seed >= 0):
+            raise LowbitError(f"seed must be a whole number >= 0, got {seed!r}")
+        ids = self.encode(prompt) if isinstance(prompt, str) else self._checked_ids(prompt)[0].tolist()
         if len(ids) + max_new_tokens > self.max_context:
             raise LowbitError(
-                f"prompt of {len(ids)} tokens plus {max_new_tokens} new tokens exceeds the model's context "
-                f"of {self.max_context} tokens; shorten the prompt or lower --max-new-tokens"
+                f"prompt of {len(ids)} tokens plus {max_new_tokens} new tokens exceeds the context "
+                f"of {self.max_context} tokens of {self.where}; shorten the prompt or lower --max-new-tokens"
             )
         rng = np.random.default_rng(seed)
-        self.reset()
         start = time.perf_counter()
         logits = self.prefill(ids)[-1]
         prefill_seconds = time.perf_counter() - start
@@ -168,10 +240,42 @@ class Session:
         decode_seconds = time.perf_counter() - start
         return Generation(self.decode_text(new), new, len(ids), len(new), prefill_seconds, decode_seconds)
 
-    def logits(self, token_ids) -> np.ndarray:
-        """Logits ``[len(token_ids), vocab]`` of a fresh prefill (the cache is reset first)."""
-        self.reset()
-        return self.prefill(token_ids)
+
+def _is_whole(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool)
+
+
+def _load_library(path: Path):
+    import tvm
+
+    try:
+        return tvm.runtime.load_module(str(path / LIBRARY))
+    except Exception as exc:  # a damaged library fails in the dynamic loader or in TVM's module reader
+        raise LowbitError(f"artifact {path}: {LIBRARY} cannot be loaded ({type(exc).__name__}: "
+                          f"{next(iter(str(exc).splitlines()), '')}); recompile the artifact") from None
+
+
+def _load_weights(path: Path, manifest: dict) -> dict[str, np.ndarray]:
+    """The weights, each checked against the shape and dtype the manifest records."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        arrays = load_file(str(path / WEIGHTS))
+    except (SafetensorError, OSError, ValueError, TypeError) as exc:
+        raise LowbitError(f"artifact {path}: {WEIGHTS} cannot be read ({exc}); recompile the artifact") from None
+    for entry in manifest["weights"]:
+        array = arrays.get(entry["name"])
+        if array is None:
+            raise LowbitError(f"artifact {path}: {WEIGHTS} lacks weight {entry['name']}; recompile it")
+        if list(array.shape) != entry["shape"] or str(array.dtype) != entry["dtype"]:
+            raise LowbitError(f"artifact {path}: weight {entry['name']} is {array.dtype}{list(array.shape)} in "
+                              f"{WEIGHTS}, but the manifest says {entry['dtype']}{entry['shape']}; recompile it")
+    return arrays
 
 
 def _sample(logits: np.ndarray, temperature: float, top_p: float, rng) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from .errors import LowbitError
 
 _MAX_LISTED = 20
+_KNOWN_DOMAINS = ("", "ai.onnx", "com.microsoft")  # TVM converts some ONNX Runtime contrib ops too
 
 
 def check_exported_ops(program, extra_converters=()) -> None:
@@ -35,7 +36,7 @@ def check_onnx_ops(graph, path) -> None:
     missing = [
         f"{node.op_type} at node {node.name or f'#{index}'} (domain {node.domain or 'ai.onnx'})"
         for index, node in enumerate(graph.node)
-        if node.op_type not in supported
+        if node.op_type not in supported or node.domain not in _KNOWN_DOMAINS
     ]
     _raise_if_any(missing, f"ONNX file {path}", "the export (opset, fused contrib ops) to standard ONNX ops")
 

@@ -41,6 +41,11 @@ class ChipTarget:
     linear_tile: int = 16
     cross_compiler: str | None = None
 
+    @property
+    def can_build(self) -> bool:
+        """Whether lowbit has schedule rules for this target's kernels."""
+        return self.schedule_linear is not None
+
     def tvm(self):
         """The :class:`tvm.target.Target` for this chip."""
         from tvm.target import Target
@@ -82,6 +87,7 @@ class ChipTarget:
             "capabilities": list(self.capabilities),
             "description": self.description,
             "linear_tile": self.linear_tile,
+            "can_build": self.can_build,
             "runs_here": self.runs_on_this_machine(),
         }
 

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 
 PROMPT = "The capital of France is"
+
+
+from .forkserver import lowbit_cli  # noqa: E402,F401 - the tests' way to run the command
+
+
+def error_lines(stderr: str) -> list[str]:
+    """The ``lowbit: error:`` lines of a command's stderr."""
+    return [line for line in stderr.splitlines() if line.startswith("lowbit: error:")]
 
 
 @pytest.fixture(scope="session")
@@ -73,3 +82,20 @@ def tiny_artifact(tmp_path_factory, tiny_model_dir):
     out = tmp_path_factory.mktemp("tiny-art") / "w4"
     lowbit_compile(str(tiny_model_dir), "w4a16-rtn-g32", "host", out, progress=False)
     return out
+
+
+def pytest_addoption(parser):
+    parser.addoption("--fuzz-long", action="store_true", help="fuzzing suite: ten times the cases, random seeds")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    from . import forkserver
+
+    forkserver.close()
+
+
+def pytest_terminal_summary(terminalreporter):
+    fuzz = sys.modules.get("tests.test_fuzz")
+    if fuzz is not None and fuzz.CASES:
+        counts = ", ".join(f"{kind} {count}" for kind, count in sorted(fuzz.CASES.items()))
+        terminalreporter.write_line(f"fuzz cases run: {counts} (total {sum(fuzz.CASES.values())})")

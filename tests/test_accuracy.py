@@ -8,7 +8,7 @@ text); each recipe is quantized and built in memory and scored on 1024 held-out 
 import pytest
 
 from lowbit.codegen.build import build
-from lowbit.compiler.api import _calibrate, _import
+from lowbit.compiler.api import CalibrationText, _calibrate, _import
 from lowbit.compiler.datasets import read_text
 from lowbit.compiler.evaluate import evaluate_session
 from lowbit.compiler.pipeline import run_pipeline
@@ -26,7 +26,8 @@ def bench(smol_source):
     """Import + calibrate once; ``bench(recipe) -> EvalResult`` (memoized), scored against fp32."""
     chip = get_target("host")
     ir, tokenizer_folder, _ = _import(smol_source, 1024)
-    calibration = _calibrate(ir, chip, tokenizer_folder, "lcet10", CALIB_SAMPLES, CALIB_LEN, False)
+    calibration = _calibrate(ir, chip, tokenizer_folder, CalibrationText("lcet10", read_text("lcet10"), CALIB_SAMPLES, CALIB_LEN),
+                             False)
     tokenizer = tokenizer_folder / "tokenizer.json"
     from tokenizers import Tokenizer
 
@@ -38,7 +39,7 @@ def bench(smol_source):
         if recipe not in sessions:
             recipe_obj = get_recipe(recipe)
             result = run_pipeline(ir, recipe_obj, chip, calibration.copy() if recipe_obj.needs_calibration else None)
-            manifest = {"model": {"name": "smollm2-135m"}, "weight_names": list(result.ir.params),
+            manifest = {"model": {"name": "smollm2-135m"}, "vocab_size": ir.vocab_size,
                         "kv_cache": vars(ir.kv), "max_context": ir.max_context}
             sessions[recipe] = Session.in_memory(build(result.ir.mod, chip), result.ir.params, manifest, tokenizer)
         return sessions[recipe]

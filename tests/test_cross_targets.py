@@ -4,13 +4,12 @@ Nothing here can run the AArch64 code (no emulator on CI); the tests check that 
 lowered to NEON vector instructions and that a missing cross compiler is a clear error.
 """
 
-import os
 import re
-import subprocess
-import sys
 from collections import Counter
 
 import pytest
+
+from .conftest import lowbit_cli
 
 
 def _assembly(executable) -> str:
@@ -42,10 +41,8 @@ def test_aarch64_kernels_use_neon(tiny_model_dir, target, recipe, vector_op):
 
 
 def test_missing_cross_compiler_is_named_before_compiling(tmp_path, tiny_model_dir):
-    env = dict(os.environ, LOWBIT_CROSS_CXX="no-such-aarch64-g++")
-    done = subprocess.run([sys.executable, "-m", "lowbit.compiler.cli", "compile", str(tiny_model_dir), "-r",
-                           "w4a16-rtn-g32", "-t", "arm-dotprod", "-o", str(tmp_path / "arm")],
-                          capture_output=True, text=True, env=env)
+    done = lowbit_cli("compile", tiny_model_dir, "-r", "w4a16-rtn-g32", "-t", "arm-dotprod", "-o", tmp_path / "arm",
+                      env={"LOWBIT_CROSS_CXX": "no-such-aarch64-g++"})
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "cross compiler no-such-aarch64-g++" in done.stderr and "LOWBIT_CROSS_CXX" in done.stderr
     assert list(tmp_path.iterdir()) == []

@@ -1,5 +1,6 @@
 """The ONNX frontend: a small random Llama exported to ONNX, compiled, and compared with onnxruntime."""
 
+from pathlib import Path
 from unittest import mock
 
 import numpy as np
@@ -190,3 +191,50 @@ def test_smoothing_groups_found_from_the_onnx_graph(tiny_llama, tmp_path):
     assert len(through_attention) == NUM_LAYERS
     assert all(g.target.channel_map == expected for g in through_attention)
     assert all(not g.target.transposed for g in groups if g.target and g.target.kind == "linear")
+
+
+def test_contrib_ops_are_all_named_before_the_checker(tmp_path):
+    """ONNX Runtime GenAI's contrib ops: lowbit's own check names every one (onnx.checker stops at the first)."""
+    x = helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "seq"])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "seq", 8])
+    nodes = [helper.make_node("SkipSimplifiedLayerNormalization", ["input_ids", "input_ids"], ["h"], name="norm0",
+                              domain="com.microsoft"),
+             helper.make_node("GroupQueryAttention", ["h"], ["a"], name="attn0", domain="com.microsoft"),
+             helper.make_node("MatMulNBits", ["a"], ["logits"], name="proj0", domain="com.microsoft")]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y]),
+                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    path = tmp_path / "genai.onnx"
+    onnx.save(model, str(path))
+    with pytest.raises(LowbitError) as error:
+        lowbit_compile(str(path), recipe="fp32", target="host", output=tmp_path / "art", progress=False)
+    message = str(error.value)
+    assert "3 node(s)" in message
+    for name in ("SkipSimplifiedLayerNormalization at node norm0", "GroupQueryAttention at node attn0",
+                 "MatMulNBits at node proj0"):
+        assert name in message
+
+
+def test_export_config_gives_eos_and_a_missing_tokenizer_is_said(onnx_path, tmp_path):
+    import json
+    import shutil
+    import warnings
+
+    from lowbit.compiler.errors import LowbitWarning
+
+    from .conftest import lowbit_cli
+
+    folder = tmp_path / "export"
+    folder.mkdir()
+    path = Path(shutil.copy2(onnx_path, folder / "model.onnx"))
+    (folder / "config.json").write_text(json.dumps({"eos_token_id": 2, "vocab_size": 512}))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lowbit_compile(str(path), recipe="fp32", target="host", output=tmp_path / "art", max_context=64,
+                       progress=False)
+    assert any(issubclass(w.category, LowbitWarning) and "--prompt-ids" in str(w.message) for w in caught)
+    assert load(tmp_path / "art").manifest["eos_token_ids"] == [2]
+    done = lowbit_cli("run", tmp_path / "art", "--prompt-ids", "5,17,300", "--max-new-tokens", "3", "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["prompt_tokens"] == 3 and 1 <= len(result["token_ids"]) <= 3
+    assert all(0 <= t < 512 for t in result["token_ids"])

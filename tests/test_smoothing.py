@@ -56,7 +56,7 @@ def _logits(ir, params, ids):
 
     chip = get_target("host")
     result = run_pipeline(ir.__class__(**{**vars(ir), "params": params}), get_recipe("fp32"), chip)
-    manifest = {"model": {"name": "tiny"}, "weight_names": list(result.ir.params), "kv_cache": vars(ir.kv),
+    manifest = {"model": {"name": "tiny"}, "vocab_size": ir.vocab_size, "kv_cache": vars(ir.kv),
                 "max_context": ir.max_context}
     session = Session.in_memory(build(result.ir.mod, chip), result.ir.params, manifest, None)
     prefill = session.prefill(ids)
