@@ -25,7 +25,7 @@ demo: install
 	$(BIN)/lowbit run $(OUT) --prompt "The capital of France is" --max-new-tokens 16
 
 test: install
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q --durations=15 -n 2 --dist loadgroup
 
 clean:
 	rm -rf $(VENV) out

@@ -16,15 +16,9 @@ import time
 from pathlib import Path
 
 from accuracy_table import print_table
-from lowbit.codegen.build import build
-from lowbit.compiler.api import CalibrationText, _calibrate, _import
-from lowbit.compiler.datasets import read_text
-from lowbit.compiler.evaluate import evaluate_session
-from lowbit.compiler.models import resolve_model
-from lowbit.compiler.pipeline import run_pipeline
-from lowbit.compiler.recipes import get_recipe
-from lowbit.compiler.runtime import Session
-from lowbit.targets import get_target
+from lowbit.compiler import CalibrationText, get_recipe, prepare
+from lowbit.compiler.runtime.evaluation import evaluate_session
+from lowbit.compiler.sources.texts import read_text
 
 RECIPES = ("w8a16-rtn", "w8a8-naive", "w8a8-smoothquant", "w8a8-smoothquant:alpha=auto", "w8a8-naive-static",
            "w8a8-smoothquant-static", "w4a16-rtn-g128", "w4a16-awq-g128", "w4a16-gptq-g128",
@@ -42,26 +36,18 @@ def main() -> None:
     parser.add_argument("--recipes", default=",".join(RECIPES))
     args = parser.parse_args()
 
-    chip = get_target("host")
-    ir, tokenizer_folder, _ = _import(resolve_model(args.model), max(args.window, args.calib_seq_len) + 1)
+    prepared = prepare(args.model, max_context=max(args.window, args.calib_seq_len) + 1)
     started = time.perf_counter()
-    calibration = _calibrate(ir, chip, tokenizer_folder, CalibrationText("lcet10", read_text("lcet10"), args.calib_samples, args.calib_seq_len),
-                             True)
+    calibration = CalibrationText("lcet10", read_text("lcet10"), args.calib_samples, args.calib_seq_len)
+    prepared = prepared.calibrated(calibration, progress=True)
     calibration_seconds = time.perf_counter() - started
-    from tokenizers import Tokenizer
-
-    tokenizer = Path(tokenizer_folder) / "tokenizer.json"
-    ids = Tokenizer.from_file(str(tokenizer)).encode(read_text("alice29")).ids[: args.tokens + 1]
+    ids = prepared.tokenize(read_text("alice29"))[: args.tokens + 1]
 
     def built(recipe: str):
-        recipe_obj = get_recipe(recipe)
         start = time.perf_counter()
-        result = run_pipeline(ir, recipe_obj, chip, calibration.copy() if recipe_obj.needs_calibration else None)
+        model = prepared.build(get_recipe(recipe))
         seconds = time.perf_counter() - start
-        manifest = {"model": {"name": args.model}, "vocab_size": ir.vocab_size, "kv_cache": vars(ir.kv),
-                    "max_context": ir.max_context}
-        session = Session.in_memory(build(result.ir.mod, chip), result.ir.params, manifest, tokenizer)
-        return session, result.ir.param_bytes(), seconds
+        return model.session(), model.result.ir.param_bytes(), seconds
 
     reference, float_bytes, _ = built("fp32")
     float_ppl = evaluate_session(reference, ids, args.window).perplexity

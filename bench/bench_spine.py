@@ -165,12 +165,12 @@ def lowbit_sources_hash() -> str:
     import lowbit.compiler
 
     root = Path(lowbit.compiler.__file__).resolve().parent.parent
-    skip = {"compiler/cli.py", "compiler/runtime.py", "compiler/datasets.py"}
+    skip = ("compiler/cli.py", "compiler/runtime/", "compiler/sources/texts.py")
     digest = hashlib.sha256()
     for folder in ("compiler", "passes", "codegen", "targets"):
         for path in sorted((root / folder).rglob("*.py")):
             rel = path.relative_to(root).as_posix()
-            if rel not in skip:
+            if not rel.startswith(skip):
                 digest.update(rel.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:12]
 
@@ -178,8 +178,8 @@ def lowbit_sources_hash() -> str:
 def ensure_artifact(recipe: str, cache: Path, rebuild: bool) -> tuple[Path, float | None]:
     """The cached artifact for ``recipe``, compiled now if absent; returns (path, compile seconds)."""
     from lowbit.compiler.api import compile as lowbit_compile
-    from lowbit.compiler.artifact import read_manifest
-    from lowbit.compiler.errors import LowbitError
+    from lowbit.compiler.runtime.artifact import read_manifest
+    from lowbit.codegen.errors import LowbitError
 
     path = cache / f"{MODEL}-{recipe}-{lowbit_sources_hash()}"
     if path.is_dir() and not rebuild:
@@ -320,7 +320,7 @@ def part_a(args) -> tuple[str, dict]:
     import transformers
     from transformers import AutoTokenizer
 
-    from lowbit.compiler.models import resolve_model
+    from lowbit.compiler.sources.models import resolve_model
 
     torch.set_num_threads(THREADS)
     transformers.logging.set_verbosity_error()
@@ -405,24 +405,24 @@ def dequantized(codes, scales) -> np.ndarray:
 
 
 class LowbitGemv:
-    """``linear_kernel(int4 g128 sym, 1, N, K)`` scheduled by the host target's rule, weights packed
-    as :mod:`lowbit.passes.quantize_weights` packs them."""
+    """``linear_kernel(int4 g128 sym, 1, N, K)`` scheduled by the host target's rules, weights packed
+    as :mod:`lowbit.passes.schemes` packs them."""
 
     name = "lowbit"
 
     def __init__(self):
         import tvm
-        from tvm import s_tir
 
-        from lowbit.codegen.kernels import LinearFormat, linear_kernel
-        from lowbit.targets import get_target
+        from lowbit.codegen.formats import LinearFormat
+        from lowbit.codegen.kernels import linear_kernel
+        from lowbit.targets import get_target, schedule
 
         self.tvm = tvm
         self.chip = get_target("host")
-        self.tile = self.chip.linear_tile
-        func = linear_kernel(LinearFormat("int4", self.tile, GROUP, False), 1, GEMV_N, GEMV_K)
-        sch = s_tir.Schedule(func)
-        self.chip.schedule_linear(sch, True, self.tile)
+        fmt = LinearFormat("int4", GROUP, False)
+        layout = self.chip.linear_layout(fmt)
+        self.tile = layout.tile
+        sch = schedule(linear_kernel(fmt, layout, 1, GEMV_N, GEMV_K), self.chip)
         self.module = tvm.compile(sch.mod, target=self.chip.tvm()).jit()
         self.func = self.module["main"]
         self.device = tvm.cpu()

@@ -20,15 +20,15 @@ from unittest import mock
 import numpy as np
 
 from accuracy_table import print_table
-from lowbit.compiler.datasets import read_text
-from lowbit.compiler.evaluate import evaluate_session
-from lowbit.compiler.models import resolve_model
+from lowbit.compiler.sources.texts import read_text
+from lowbit.compiler.runtime.evaluation import evaluate_session
+from lowbit.compiler.sources.models import resolve_model
 
 CACHE = Path("bench/.cache/peer")
 
 
 class OrtSession:
-    """``prefill(ids)`` for :func:`lowbit.compiler.evaluate.evaluate_session`, from an ONNX file."""
+    """``prefill(ids)`` for :func:`lowbit.compiler.runtime.evaluation.evaluate_session`, from an ONNX file."""
 
     def __init__(self, path: Path):
         import onnxruntime

@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from lowbit.compiler.api import build_model
+from lowbit.compiler import build
 
 
 def main() -> None:
@@ -26,9 +26,8 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=10)
     args = parser.parse_args()
 
-    session = build_model(args.model, args.recipe, progress=False).session()
+    session = build(args.model, args.recipe, progress=False).session()
     ids = np.arange(100, 100 + args.tokens)
-    session.reset()
     session.prefill(ids)  # warm-up
 
     seconds: collections.Counter = collections.Counter()
@@ -42,7 +41,6 @@ def main() -> None:
         return 0
 
     session._vm.set_instrument(instrument)
-    session.reset()
     start = time.perf_counter()
     session.prefill(ids)
     total = time.perf_counter() - start

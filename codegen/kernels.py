@@ -1,64 +1,55 @@
 """TE definitions of lowbit's linear kernels: ``Y[M, N] = X[M, K] @ dequant(W)``, dequant fused.
 
-One definition per weight format; each PrimFunc carries ``lowbit.kernel`` (the format) so that the
-target's schedule rules (``lowbit.targets.<family>``) can find and schedule it. ``M`` is symbolic for
-prefill and 1 for decode: the same definition yields the GEMM and the GEMV kernel, told apart by
-the rule. Weights stay in their packed form in memory; the float value of a weight only ever exists
-in registers (GEMV) or in a small per-tile buffer (GEMM).
+One definition per weight format (:class:`~lowbit.codegen.formats.LinearFormat`), on weights in a
+chip's layout (:class:`~lowbit.codegen.formats.ColumnTiles`). Each PrimFunc carries ``lowbit.kernel``
+(the format's tag) and ``lowbit.tile`` (the layout's) so that a target's schedule rules
+(:mod:`lowbit.targets`) can find and schedule it. ``M`` is symbolic for prefill and 1 for decode:
+the same definition yields the GEMM and the GEMV kernel, told apart by ``lowbit.gemv``. Weights stay
+in their packed form in memory; the float value of a weight only ever exists in registers (GEMV)
+or in a small per-tile buffer (GEMM).
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 from tvm import te, tirx
 
+from .formats import W8A8_KINDS, ColumnTiles, LinearFormat
 from .packing import INT4_PER_WORD
 
 KERNEL_ATTR = "lowbit.kernel"  # the weight format tag; marks a PrimFunc as a lowbit linear kernel
+TILE_ATTR = "lowbit.tile"  # output channels per column tile of the weights' layout
 GEMV_ATTR = "lowbit.gemv"  # True when M == 1 (decode)
-W8A8_KINDS = ("w8a8", "w8a8_static")  # int8 activations: per-token dynamic scales / one static scale
 INT8_QMAX = 127  # int8 activation codes are clipped to [-127, 127]
 
 
-@dataclasses.dataclass(frozen=True)
-class LinearFormat:
-    """How a linear layer's weight is stored.
-
-    kind: ``f32`` (float codes), ``int8`` (int8 codes, one scale per output channel), ``int4``
-    (codes packed 8 per uint32 along K, one scale [and zero point] per ``group_size`` inputs), or
-    ``w8a8`` / ``w8a8_static``: the ``int8`` weights with the activations quantized to int8 too
-    (see :func:`w8a8_kernel`).
-    tile: output channels per column tile; every weight tensor is stored as
-    ``[ceil(N / tile), K', tile]`` (see :func:`lowbit.codegen.packing.to_column_tiles`).
-    """
-
-    kind: str
-    tile: int
-    group_size: int = 0
-    has_zeros: bool = False
-
-    @property
-    def tag(self) -> str:
-        if self.kind == "int4":
-            return f"int4_g{self.group_size}{'_asym' if self.has_zeros else ''}_t{self.tile}"
-        return f"{self.kind}_t{self.tile}"
+def kernel_name(fmt: LinearFormat, layout: ColumnTiles, m, n: int, k: int) -> str:
+    variant = "gemv" if isinstance(m, int) and m == 1 else "gemm"
+    return f"lowbit_{variant}_{fmt.tag}_{layout.tag}_n{n}_k{k}"
 
 
-def linear_kernel(fmt: LinearFormat, m, n: int, k: int, dtype: str = "float32") -> tirx.PrimFunc:
-    """The PrimFunc ``(X, *weights) -> Y`` for ``fmt``; ``m`` is an int or a ``tirx.Var``.
+def linear_kernel(fmt: LinearFormat, layout: ColumnTiles, m, n: int, k: int, dtype: str = "float32"
+                  ) -> tirx.PrimFunc:
+    """The PrimFunc ``(X, *weights) -> Y`` for ``fmt`` in ``layout``; ``m`` is an int or a ``tirx.Var``.
 
     ``n`` must be a whole number of column tiles (callers pad and slice): schedules then need no
     bounds predicates on the vectorized channel loop.
     """
-    t = fmt.tile
+    t = layout.tile
     if n % t:
         raise ValueError(f"n={n} is not a multiple of the column tile {t}")
     tiles = n // t
     if fmt.kind in W8A8_KINDS:
-        return w8a8_kernel(fmt, m, k, tiles, dtype)
-    if fmt.kind == "int4" and isinstance(m, int) and m == 1:
-        return int4_gemv_kernel(fmt, k, tiles, dtype)
+        func = w8a8_kernel(fmt, t, m, k, tiles, dtype)
+    elif fmt.kind == "int4" and isinstance(m, int) and m == 1:
+        func = int4_gemv_kernel(fmt, t, k, tiles, dtype)
+    else:
+        func = _dequant_matmul_kernel(fmt, t, m, k, tiles, dtype)
+    return func.with_attrs({KERNEL_ATTR: fmt.tag, TILE_ATTR: t, GEMV_ATTR: isinstance(m, int) and m == 1})
+
+
+def _dequant_matmul_kernel(fmt: LinearFormat, t: int, m, k: int, tiles: int, dtype: str) -> tirx.PrimFunc:
+    """``Y = X @ dequant(W)`` with the dequantization as its own (inlinable) block ``dequant``."""
+    n = tiles * t
     x = te.placeholder((m, k), dtype, name="X")
     if fmt.kind in ("f32", "int8"):
         w = te.placeholder((tiles, k, t), dtype if fmt.kind == "f32" else "int8", name="W")
@@ -72,25 +63,21 @@ def linear_kernel(fmt: LinearFormat, m, n: int, k: int, dtype: str = "float32") 
 
             def _dequant(kk, nn):
                 return w[nn // t, kk, nn % t].astype(dtype) * scale[nn // t, nn % t]
-    elif fmt.kind == "int4":
-        inputs, codes, scale_at, zero_at = _int4_weights(fmt, k, tiles, dtype)
+    else:  # int4
+        inputs, codes, scale_at, zero_at = _int4_weights(fmt, t, k, tiles, dtype)
 
         def _dequant(kk, nn):
             g = kk // fmt.group_size
             return (codes(kk, nn) - zero_at(g, nn)) * scale_at(g, nn)
-    else:
-        raise ValueError(f"unknown linear format {fmt.kind!r}")
     dequant = te.compute((k, n), _dequant, name="dequant")
     r = te.reduce_axis((0, k), name="k")
     y = te.compute((m, n), lambda i, j: te.sum(x[i, r] * dequant[r, j], axis=r), name="matmul")
-    func = te.create_prim_func([x, *inputs, y])
-    return func.with_attrs({KERNEL_ATTR: fmt.tag, GEMV_ATTR: isinstance(m, int) and m == 1})
+    return te.create_prim_func([x, *inputs, y])
 
 
-def _int4_weights(fmt: LinearFormat, k: int, tiles: int, dtype: str):
+def _int4_weights(fmt: LinearFormat, t: int, k: int, tiles: int, dtype: str):
     """The int4 format's placeholders and accessors: ``(inputs, codes(kk, nn), scale_at(g, nn),
     zero_at(g, nn))``, codes as ``dtype``; the zero point is 8 without a ``zero`` input."""
-    t = fmt.tile
     groups = -(-k // fmt.group_size)  # the last group may be partial
     w = te.placeholder((tiles, k // INT4_PER_WORD, t), "uint32", name="W")
     scale = te.placeholder((tiles, groups, t), dtype, name="scale")
@@ -113,7 +100,7 @@ def _int4_weights(fmt: LinearFormat, k: int, tiles: int, dtype: str):
     return inputs, codes, scale_at, zero_at
 
 
-def int4_gemv_kernel(fmt: LinearFormat, k: int, tiles: int, dtype: str = "float32") -> tirx.PrimFunc:
+def int4_gemv_kernel(fmt: LinearFormat, t: int, k: int, tiles: int, dtype: str = "float32") -> tirx.PrimFunc:
     """The int4 GEMV (``M == 1``, decode) with the scale and zero point applied once per group.
 
     Same arguments and result as :func:`linear_kernel`'s int4 format; computes::
@@ -125,11 +112,10 @@ def int4_gemv_kernel(fmt: LinearFormat, k: int, tiles: int, dtype: str = "float3
     which equals ``X @ ((code - zero) * scale)`` but costs one multiply-add per weight instead of
     a subtract, a multiply and a multiply-add. Blocks: ``partial``, ``xsum``, ``matmul``.
     """
-    t = fmt.tile
     size = fmt.group_size
     groups = -(-k // size)
     x = te.placeholder((1, k), dtype, name="X")
-    inputs, codes, scale_at, zero_at = _int4_weights(fmt, k, tiles, dtype)
+    inputs, codes, scale_at, zero_at = _int4_weights(fmt, t, k, tiles, dtype)
 
     def in_group(g, r, value):  # the last group may be partial: inputs past K count as zero
         if k % size == 0:
@@ -144,11 +130,10 @@ def int4_gemv_kernel(fmt: LinearFormat, k: int, tiles: int, dtype: str = "float3
     rg = te.reduce_axis((0, groups), name="g")
     y = te.compute((1, tiles * t), lambda i, nn: te.sum(
         scale_at(rg, nn) * (partial[rg, nn] - zero_at(rg, nn) * xsum[rg]), axis=rg), name="matmul")
-    func = te.create_prim_func([x, *inputs, y])
-    return func.with_attrs({KERNEL_ATTR: fmt.tag, GEMV_ATTR: True})
+    return te.create_prim_func([x, *inputs, y])
 
 
-def w8a8_kernel(fmt: LinearFormat, m, k: int, tiles: int, dtype: str = "float32") -> tirx.PrimFunc:
+def w8a8_kernel(fmt: LinearFormat, t: int, m, k: int, tiles: int, dtype: str = "float32") -> tirx.PrimFunc:
     """W8A8: int8 activations times int8 weights, accumulated exactly in int32, dequantized after.
 
     Arguments, in order: ``X[M, K]`` float, ``W[N/t, K, t]`` int8 codes, ``scale[N/t, t]`` float
@@ -163,7 +148,6 @@ def w8a8_kernel(fmt: LinearFormat, m, k: int, tiles: int, dtype: str = "float32"
     Blocks: ``act_absmax`` and ``act_scale`` (``w8a8`` only), ``act_quant``, ``matmul`` (int32) and
     ``output``. Any int8 weight codes are valid: ``|xq * w| <= 127 * 128``.
     """
-    t = fmt.tile
     x = te.placeholder((m, k), dtype, name="X")
     w = te.placeholder((tiles, k, t), "int8", name="W")
     w_scale = te.placeholder((tiles, t), dtype, name="scale")
@@ -199,5 +183,4 @@ def w8a8_kernel(fmt: LinearFormat, m, k: int, tiles: int, dtype: str = "float32"
     y = te.compute(
         (m, tiles * t), lambda i, j: acc[i, j].astype(dtype) * row_scale(i) * w_scale[j // t, j % t], name="output"
     )
-    func = te.create_prim_func([x, *inputs, y])
-    return func.with_attrs({KERNEL_ATTR: fmt.tag, GEMV_ATTR: isinstance(m, int) and m == 1})
+    return te.create_prim_func([x, *inputs, y])

@@ -1,4 +1,5 @@
-"""The Python API: ``compile`` a model into an artifact, ``load`` an artifact into a Session.
+"""The Python API: ``compile`` a model into an artifact, ``build`` one in memory, ``load`` an artifact
+into a Session, ``evaluate`` and ``analyze``.
 
 Everything that can be checked before the model loads is checked first (argument types and
 ranges, the recipe and its options, the target's buildability and linker, the output folder, the
@@ -9,22 +10,23 @@ is checked right after import, before calibration. Long work reports its stages 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import time
 import warnings
 from pathlib import Path
 
-from .artifact import MANIFEST, check_output, remove_stale_temporaries, write_artifact
-from .calibration import Calibration
-from .datasets import DEFAULT_CALIB_TEXT, DEFAULT_EVAL_TEXT, read_text
-from .errors import LowbitArgumentError, LowbitError, LowbitWarning
-from .models import DEFAULT_MODEL, HFModel, resolve_model
-from .pipeline import check_layer_patterns, run_pipeline
+from lowbit.codegen.errors import LowbitArgumentError, LowbitError, LowbitWarning
+from lowbit.targets import get_target
+
+from .building import BuiltModel, prepare
+from .calibration import CalibrationText
 from .progress import Stages, bar
 from .recipes import DEFAULT_RECIPE, get_recipe
-from .runtime import Session
+from .runtime.artifact import MANIFEST, check_output, remove_stale_temporaries
+from .runtime.session import Session
+from .sources.models import DEFAULT_MODEL
+from .sources.texts import DEFAULT_CALIB_TEXT, DEFAULT_EVAL_TEXT, read_text
 
 MAX_CONTEXT_LIMIT = 1 << 20  # tokens; beyond it every cache and position table is absurd
 _PATH = (str, os.PathLike)
@@ -45,47 +47,6 @@ class CompileResult:
                 "layers": len(self.layers)}
 
 
-@dataclasses.dataclass(frozen=True)
-class CalibrationText:
-    """Calibration input, read and checked before the model loads."""
-
-    name: str
-    text: str
-    samples: int
-    seq_len: int
-
-
-@dataclasses.dataclass
-class BuiltModel:
-    """A model imported, quantized and built in memory (what an artifact holds, before writing)."""
-
-    source: object
-    recipe: object
-    chip: object
-    ir: object  # the imported ModelIR, before quantization
-    result: object  # PipelineResult
-    executable: object
-    tokenizer_folder: Path | None
-    eos: list[int]
-
-    @property
-    def manifest(self) -> dict:
-        return _manifest(self.source, self.recipe, self.chip, self.result, self.eos)
-
-    def session(self) -> Session:
-        tokenizer = None if self.tokenizer_folder is None else Path(self.tokenizer_folder) / "tokenizer.json"
-        return Session.in_memory(self.executable, self.result.ir.params, self.manifest,
-                                 tokenizer if tokenizer is not None and tokenizer.is_file() else None)
-
-    def rebuilt(self, recipe: str) -> "BuiltModel":
-        """The same imported model under another (calibration-free) recipe, e.g. the fp32 reference."""
-        from lowbit.codegen.build import build
-
-        recipe_obj = get_recipe(recipe)
-        result = run_pipeline(self.ir, recipe_obj, self.chip)
-        return dataclasses.replace(self, recipe=recipe_obj, result=result, executable=build(result.ir.mod, self.chip))
-
-
 # -- argument checks ---------------------------------------------------------------------------------
 
 def _require(name: str, value, kinds, what: str) -> None:
@@ -100,7 +61,18 @@ def _require_count(name: str, value, minimum: int, maximum: int | None = None) -
         raise LowbitError(f"argument {name} must be {bound}, got {value}")
 
 
-def _check_model_arguments(model, recipe, target, max_context, calib, calib_samples, calib_seq_len) -> None:
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """A build's inputs, checked before any model work."""
+
+    model: str
+    recipe: object
+    chip: object
+    max_context: int | None
+    calibration: CalibrationText | None
+
+
+def _plan(model, recipe, target, max_context, calib, calib_samples, calib_seq_len, calibrate=None) -> _Plan:
     _require("model", model, _PATH, "a model name or path")
     _require("recipe", recipe, _PATH, "a recipe name or .toml path")
     _require("target", target, (str,), "a target name")
@@ -109,59 +81,35 @@ def _check_model_arguments(model, recipe, target, max_context, calib, calib_samp
     _require("calib", calib, _PATH, "a bundled text name or a text file path")
     _require_count("calib_samples", calib_samples, 1, 100_000)
     _require_count("calib_seq_len", calib_seq_len, 2, MAX_CONTEXT_LIMIT)
-
-
-def _buildable_target(target: str):
-    from lowbit.targets import get_target
-
+    recipe_obj = get_recipe(str(recipe))
     chip = get_target(target)
     if not chip.can_build:
         raise LowbitError(f"target {chip.name}: lowbit has no schedule rules for {chip.family} kernels yet; "
                           "compile for an x86 or ARM target (see `lowbit targets`)")
-    return chip
+    needs_text = recipe_obj.needs_calibration if calibrate is None else calibrate
+    calibration = CalibrationText(str(calib), read_text(str(calib)), calib_samples, calib_seq_len) \
+        if needs_text else None
+    return _Plan(str(model), recipe_obj, chip, max_context, calibration)
 
 
-def _calibration_text(recipe, calib, calib_samples, calib_seq_len) -> CalibrationText | None:
-    if not recipe.needs_calibration:
-        return None
-    return CalibrationText(str(calib), read_text(str(calib)), calib_samples, calib_seq_len)
+def _built(plan: _Plan, stages: Stages, progress) -> BuiltModel:
+    prepared = prepare(plan.model, plan.recipe, plan.max_context, plan.calibration, stages, progress)
+    return prepared.build(plan.recipe, plan.chip, progress, stages)
 
 
-# -- building ----------------------------------------------------------------------------------------
+# -- the API ---------------------------------------------------------------------------------------------
 
-def build_model(model: str = DEFAULT_MODEL, recipe: str = DEFAULT_RECIPE, target: str = "host",
-                max_context: int | None = None, progress: bool | None = None, calib: str = DEFAULT_CALIB_TEXT,
-                calib_samples: int = 64, calib_seq_len: int = 512) -> BuiltModel:
-    """Load, import, calibrate (if the recipe needs it), quantize and build ``model`` in memory."""
-    _check_model_arguments(model, recipe, target, max_context, calib, calib_samples, calib_seq_len)
-    recipe_obj = get_recipe(str(recipe))
-    chip = _buildable_target(target)
-    calibration_text = _calibration_text(recipe_obj, calib, calib_samples, calib_seq_len)
-    stages = Stages(4 + recipe_obj.needs_calibration, progress)
+def build(model: str = DEFAULT_MODEL, recipe: str = DEFAULT_RECIPE, target: str = "host",
+          max_context: int | None = None, progress: bool | None = None, calib: str = DEFAULT_CALIB_TEXT,
+          calib_samples: int = 64, calib_seq_len: int = 512) -> BuiltModel:
+    """Load, import, calibrate (if the recipe needs it, on the host), quantize and build ``model``
+    in memory; ``.session()`` runs it, ``.save(dir)`` writes the artifact."""
+    plan = _plan(model, recipe, target, max_context, calib, calib_samples, calib_seq_len)
+    stages = Stages(4 + (plan.calibration is not None), progress)
     try:
-        return _build(str(model), recipe_obj, chip, max_context, calibration_text, stages, progress)
+        return _built(plan, stages, progress)
     finally:
         stages.close()
-
-
-def _build(model: str, recipe, chip, max_context, calibration_text, stages: Stages, progress) -> BuiltModel:
-    from lowbit.codegen.build import build
-
-    with stages.stage(f"loading {model}"):
-        source = resolve_model(model)
-    with stages.stage("importing into TVM Relax"):
-        ir, tokenizer_folder, eos = _import(source, max_context)
-        check_layer_patterns(recipe, ir)
-        _check_tokenizer(tokenizer_folder, ir.vocab_size, source.name)
-    calibration = None
-    if calibration_text is not None:
-        with stages.stage(f"calibrating on {calibration_text.name}"):
-            calibration = _calibrate(ir, chip, tokenizer_folder, calibration_text, progress)
-    with stages.stage(f"applying {recipe.name}"), bar(len(ir.params), "quantizing", progress) as quantized:
-        result = run_pipeline(ir, recipe, chip, calibration, quantized)
-    with stages.stage(f"building for {chip.name}"):
-        executable = build(result.ir.mod, chip)
-    return BuiltModel(source, recipe, chip, ir, result, executable, tokenizer_folder, eos)
 
 
 def compile(model: str = DEFAULT_MODEL, recipe: str = DEFAULT_RECIPE, target: str = "host",
@@ -176,21 +124,17 @@ def compile(model: str = DEFAULT_MODEL, recipe: str = DEFAULT_RECIPE, target: st
     a lowbit artifact, which is replaced; anything else is refused before any work.
     """
     started = time.perf_counter()
-    _check_model_arguments(model, recipe, target, max_context, calib, calib_samples, calib_seq_len)
+    plan = _plan(model, recipe, target, max_context, calib, calib_samples, calib_seq_len)
     if output is not None:
         _require("output", output, _PATH, "a folder path")
-    recipe_obj = get_recipe(str(recipe))
-    chip = _buildable_target(target)
-    library_compiler = chip.library_compiler()  # a missing cross compiler fails before the work
-    output = check_output(Path(output) if output is not None else _default_output(model, recipe_obj.name))
+    plan.chip.library_compiler()  # a missing cross compiler fails before the work
+    output = check_output(Path(output) if output is not None else _default_output(model, plan.recipe.name))
     remove_stale_temporaries(output)
-    calibration_text = _calibration_text(recipe_obj, calib, calib_samples, calib_seq_len)
-    stages = Stages(5 + recipe_obj.needs_calibration, progress)
+    stages = Stages(5 + (plan.calibration is not None), progress)
     try:
-        built = _build(str(model), recipe_obj, chip, max_context, calibration_text, stages, progress)
+        built = _built(plan, stages, progress)
         with stages.stage(f"writing {output}"):
-            write_artifact(output, built.executable, built.result.ir.params, built.manifest, built.tokenizer_folder,
-                           library_compiler)
+            built.save(output)
     finally:
         stages.close()
     return CompileResult(output=output, recipe=built.recipe.name, target=built.chip.name,
@@ -203,112 +147,13 @@ def _default_output(model, recipe_name: str) -> Path:
     return Path("out") / stem.lstrip(".")
 
 
-def _calibrate(ir, chip, tokenizer_folder, calibration_text: CalibrationText, progress) -> Calibration:
-    """Calibration over the text's windows: the statistics, a recalibration with other weights
-    (GPTQ's stages) and an output probe on the first window, built when first asked."""
-    from .calibration import Calibrator, calibration_samples
-    from .output_probe import OutputProbe
+def explain(recipe: str = DEFAULT_RECIPE) -> list[dict]:
+    """The pipeline steps ``recipe`` runs, in order: each one's requirements, guarantees and whether
+    it needs calibration (``lowbit compile --explain``); nothing is loaded."""
+    from .pipeline import build_steps
 
-    tokenizer_file = None if tokenizer_folder is None else Path(tokenizer_folder) / "tokenizer.json"
-    if tokenizer_file is None or not tokenizer_file.is_file():
-        raise LowbitError("calibration needs the model's tokenizer.json next to the model file")
-    from tokenizers import Tokenizer
-
-    ids = Tokenizer.from_file(str(tokenizer_file)).encode(calibration_text.text).ids
-    windows = calibration_samples(ids, calibration_text.samples, min(calibration_text.seq_len, ir.max_context - 1))
-    calibrator = Calibrator(ir, chip, windows)
-    with bar(len(windows), "calibration samples", progress) as samples:
-        statistics = calibrator.collect(progress=samples)
-
-    def recalibrate(params, layers):
-        with bar(len(windows), f"recalibrating {len(layers)} layers", progress) as samples:
-            return calibrator.collect(params, layers, samples)
-
-    probe: list[OutputProbe] = []
-
-    def output_kl(name, weight_nk):
-        if not probe:
-            probe.append(OutputProbe(ir, chip, windows[0]))
-        return probe[0].kl(name, weight_nk)
-
-    return Calibration(statistics, recalibrate, output_kl)
-
-
-def _import(source, max_context):
-    """``(ModelIR, tokenizer folder or None, end-of-sequence ids)`` of a resolved model."""
-    if isinstance(source, HFModel):
-        from .frontend_torch import import_torch_model
-
-        ir = import_torch_model(source.model, max_context)
-        return ir, source.folder, _eos_ids(source.model.config.eos_token_id, f"model {source.name}")
-    from .frontend_onnx import import_onnx_model
-
-    ir = import_onnx_model(source.path, max_context)
-    if source.tokenizer_folder is None:
-        warnings.warn(LowbitWarning(
-            f"no tokenizer.json next to {source.path}: the artifact takes token ids, not text "
-            "(lowbit run --prompt-ids 1,2,3); put the model's tokenizer.json beside the .onnx file to include it"))
-    return ir, source.tokenizer_folder, _onnx_eos(Path(source.path))
-
-
-def _eos_ids(value, where: str) -> list[int]:
-    if value is None:
-        return []
-    values = [value] if isinstance(value, int) else value
-    if not isinstance(values, list) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
-                                               for v in values):
-        raise LowbitError(f"{where}: eos_token_id {value!r} is not a token id or a list of them")
-    return list(values)
-
-
-def _onnx_eos(path: Path) -> list[int]:
-    """End-of-sequence ids from ``generation_config.json`` or ``config.json`` beside an ONNX file
-    (optimum and ONNX Runtime GenAI exports ship them there)."""
-    for name in ("generation_config.json", "config.json"):
-        config_path = path.parent / name
-        if not config_path.is_file():
-            continue
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-            raise LowbitError(f"{config_path} (next to {path.name}) is not valid JSON ({exc})") from None
-        if isinstance(config, dict) and config.get("eos_token_id") is not None:
-            return _eos_ids(config["eos_token_id"], str(config_path))
-    return []
-
-
-def _check_tokenizer(tokenizer_folder, vocab_size: int, model_name: str) -> None:
-    """A tokenizer whose ids reach past the embedding table would index out of it: refuse it now."""
-    if tokenizer_folder is None or not (Path(tokenizer_folder) / "tokenizer.json").is_file():
-        return
-    from tokenizers import Tokenizer
-
-    path = Path(tokenizer_folder) / "tokenizer.json"
-    try:
-        size = Tokenizer.from_file(str(path)).get_vocab_size(with_added_tokens=True)
-    except Exception as exc:  # tokenizers raises its own exception type for any bad file
-        raise LowbitError(f"tokenizer {path} cannot be read ({exc})") from None
-    if size > vocab_size:
-        raise LowbitError(f"tokenizer {path} has {size} tokens but model {model_name} embeds only {vocab_size}; "
-                          "its ids would read past the embedding table: use the model's own tokenizer")
-
-
-def _manifest(source, recipe, chip, result, eos: list[int]) -> dict:
-    ir = result.ir
-    return {
-        "model": {"name": source.name, "kind": source.kind},
-        "recipe": recipe.as_dict(),
-        "target": chip.as_dict(),
-        "inputs": ir.input_names,
-        "outputs": ir.output_names,
-        "entry_functions": ["prefill", "decode"],
-        "kv_cache": dataclasses.asdict(ir.kv) | {"layout": "[1, num_kv_heads, seq, head_dim]"},
-        "vocab_size": ir.vocab_size,
-        "max_context": ir.max_context,
-        "eos_token_ids": [i for i in eos if i < ir.vocab_size],
-        "weight_bytes": ir.param_bytes(),
-        "layers": result.layers,
-    }
+    _require("recipe", recipe, _PATH, "a recipe name or .toml path")
+    return [step.describe() for step in build_steps(get_recipe(str(recipe)))]
 
 
 def load(path: str | Path, trusted_keys=None) -> Session:
@@ -331,14 +176,14 @@ def evaluate(model: str, recipe: str | None = None, target: str = "host", text: 
 
     A model evaluated under a quantized recipe is compared with its own fp32 build on the same
     windows (``kl_vs_float``, ``top1_agreement``); an artifact is compared with ``reference`` (an
-    fp32 artifact directory or a model) when given. See :mod:`lowbit.compiler.evaluate`.
+    fp32 artifact directory or a model) when given. See :mod:`lowbit.compiler.runtime.evaluation`.
     """
-    from .evaluate import evaluate_session, windows
+    from .runtime.evaluation import evaluate_session, windows
 
     _require("text", text, _PATH, "a bundled text name or a text file path")
     _require_count("tokens", tokens, 2)
     _require_count("window", window, 1)
-    text_ids_source = read_text(str(text))  # a bad text fails before any model work
+    text_content = read_text(str(text))  # a bad text fails before any model work
     if _is_artifact(model):
         if recipe is not None:
             raise LowbitError(f"{model} is an artifact, already compiled with its recipe; drop -r/--recipe")
@@ -346,15 +191,20 @@ def evaluate(model: str, recipe: str | None = None, target: str = "host", text: 
         recipe_name = session.manifest["recipe"]["name"]
         reference_session = None if reference is None else _reference_session(reference, target)
     else:
-        built = build_model(model, recipe or "fp32", target, progress=progress, calib=calib,
-                            calib_samples=calib_samples, calib_seq_len=calib_seq_len)
+        plan = _plan(model, recipe or "fp32", target, None, calib, calib_samples, calib_seq_len)
+        stages = Stages(4 + (plan.calibration is not None), progress)
+        try:
+            prepared = prepare(plan.model, plan.recipe, None, plan.calibration, stages, progress)
+            built = prepared.build(plan.recipe, plan.chip, progress, stages)
+        finally:
+            stages.close()
         session, recipe_name = built.session(), built.recipe.name
         reference_session = None
         if reference is not None:
             reference_session = _reference_session(reference, target)
         elif built.recipe.weights is not None:
-            reference_session = built.rebuilt("fp32").session()
-    ids = session.encode(text_ids_source)[: tokens + 1]
+            reference_session = prepared.build(get_recipe("fp32"), plan.chip).session()
+    ids = session.encode(text_content)[: tokens + 1]
     if len(ids) - 1 < tokens:
         warnings.warn(LowbitWarning(f"text {text} has only {len(ids)} tokens: scoring {max(len(ids) - 1, 0)} of the "
                                     f"{tokens} asked for; the perplexity of a short text is a rough figure"))
@@ -371,7 +221,7 @@ def _is_artifact(path) -> bool:
 def _reference_session(reference: str, target: str) -> Session:
     if _is_artifact(reference):
         return load(reference)
-    return build_model(reference, "fp32", target).session()
+    return build(reference, "fp32", target).session()
 
 
 def analyze(model: str, recipe: str = "w8a8-naive", target: str = "host", progress: bool | None = None,
@@ -383,28 +233,20 @@ def analyze(model: str, recipe: str = "w8a8-naive", target: str = "host", progre
     from lowbit.passes.linear_match import find_linears
     from lowbit.passes.sensitivity import rank_layers
 
-    _check_model_arguments(model, recipe, target, None, calib, calib_samples, calib_seq_len)
-    recipe_obj = get_recipe(str(recipe))
-    if recipe_obj.weights is None:
-        raise LowbitError(f"recipe {recipe_obj.name} quantizes nothing; analyze a quantized recipe")
-    chip = _buildable_target(target)
-    calibration_text = CalibrationText(str(calib), read_text(str(calib)), calib_samples, calib_seq_len)
+    plan = _plan(model, recipe, target, None, calib, calib_samples, calib_seq_len, calibrate=True)
+    if plan.recipe.weights is None:
+        raise LowbitError(f"recipe {plan.recipe.name} quantizes nothing; analyze a quantized recipe")
     stages = Stages(4, progress)
     try:
-        with stages.stage(f"loading {model}"):
-            source = resolve_model(str(model))
-        with stages.stage("importing into TVM Relax"):
-            ir, tokenizer_folder, _ = _import(source, None)
-            check_layer_patterns(recipe_obj, ir)
-        with stages.stage(f"calibrating on {calib}"):
-            calibration = _calibrate(ir, chip, tokenizer_folder, calibration_text, progress)
-        linears = find_linears(ir.mod["prefill"])
+        prepared = prepare(plan.model, plan.recipe, None, plan.calibration, stages, progress)
+        linears = find_linears(prepared.ir.mod["prefill"])
+        calibration = prepared.calibration
         with stages.stage("measuring each layer"), bar(len(linears), "layers", progress) as measured:
-            ranked = rank_layers(linears, ir.params, calibration.statistics, recipe_obj, calibration.output_kl,
-                                 measured)
+            ranked = rank_layers(linears, prepared.ir.params, calibration.statistics, plan.recipe,
+                                 calibration.output_kl, measured)
     finally:
         stages.close()
     tokens = next(iter(calibration.statistics.values())).tokens
-    return {"model": source.name, "recipe": recipe_obj.name, "calibration_tokens": tokens,
+    return {"model": prepared.source.name, "recipe": plan.recipe.name, "calibration_tokens": tokens,
             "layers": [{"layer": e.layer, "relative_error": e.relative_error}
                        | ({} if e.output_kl is None else {"output_kl": e.output_kl}) for e in ranked]}

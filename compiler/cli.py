@@ -15,7 +15,7 @@ import signal
 import sys
 import warnings
 
-from .errors import LowbitError, LowbitWarning
+from lowbit.codegen.errors import LowbitError, LowbitWarning
 
 _SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
 _received: list[int] = []  # signals that interrupted this command
@@ -82,6 +82,8 @@ def _parser() -> argparse.ArgumentParser:
                    "is replaced only if it is a lowbit artifact")
     c.add_argument("--max-context", type=_whole(2, MAX_CONTEXT_LIMIT), help="longest sequence the artifact accepts")
     _calibration_arguments(c)
+    c.add_argument("--explain", action="store_true", help="print the pipeline steps the recipe runs (what each "
+                   "requires and guarantees) and stop; nothing is loaded")
     c.add_argument("--json", action="store_true", help="print one JSON object")
 
     r = command("run", "generate text from an artifact")
@@ -157,9 +159,12 @@ def _trusted_keys(args):
     return args.trusted_key or None
 
 
-def _compile(args) -> dict:
+def _compile(args):
     from .api import compile as compile_model
+    from .api import explain
 
+    if args.explain:
+        return explain(args.recipe)
     return compile_model(args.model, args.recipe, args.target, args.output, args.max_context,
                          calib=args.calib, calib_samples=args.calib_samples,
                          calib_seq_len=args.calib_seq_len).as_dict()
@@ -169,7 +174,7 @@ def _prompt(args):
     if args.prompt_ids is not None:
         return args.prompt_ids
     if args.prompt_file is not None:
-        from .datasets import read_text_file
+        from .sources.texts import read_text_file
 
         return read_text_file(args.prompt_file)
     return args.prompt
@@ -201,20 +206,20 @@ def _analyze(args) -> dict:
 
 
 def _inspect(args) -> dict:
-    from .artifact import read_manifest
-    from .signing import signatures
+    from .runtime.artifact import read_manifest
+    from .runtime.signing import signatures
 
     return dict(read_manifest(args.artifact), signatures=signatures(args.artifact))
 
 
 def _sign(args) -> dict:
-    from .signing import sign_artifact
+    from .runtime.signing import sign_artifact
 
     return {"artifact": args.artifact, "key": sign_artifact(args.artifact, args.key)}
 
 
 def _keygen(args) -> dict:
-    from .signing import generate_key
+    from .runtime.signing import generate_key
 
     private, public = generate_key(args.path)
     return {"private_key": str(private), "public_key": str(public)}
@@ -228,7 +233,12 @@ def _targets(_args) -> list:
 
 
 def _print_human(command: str, result, args) -> None:
-    if command == "compile":
+    if command == "compile" and args.explain:
+        for index, step in enumerate(result, 1):
+            calibration = " (needs calibration)" if step["needs_calibration"] else ""
+            print(f"{index}. {step['step']}{calibration}\n   requires:   {step['requires']}\n"
+                  f"   guarantees: {step['guarantees']}")
+    elif command == "compile":
         print(f"wrote {result['output']} ({result['recipe']}, {result['target']}, "
               f"{result['weight_bytes'] / 1e6:.1f} MB weights, {result['seconds']:.1f} s)")
     elif command == "run":

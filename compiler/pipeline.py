@@ -1,21 +1,22 @@
-"""The ordered passes from an imported model to a quantized Relax module ready for codegen.
+"""The pipeline: an ordered list of steps from an imported model to a quantized Relax module.
 
-Order, each step optional per recipe:
+:func:`build_steps` makes the list from a recipe; each :class:`Step` says what it requires, what it
+guarantees and whether it needs calibration (``lowbit compile --explain`` prints them). In order,
+each present only when the recipe asks for it:
 
-1. Layer selection, on the float model: ``ignore`` patterns stay float, ``keep`` patterns and the
-   ``keep=autoN`` most sensitive layers (:mod:`lowbit.passes.sensitivity`, as ``lowbit analyze``
-   ranks them) become int8 per-channel RTN.
-2. SmoothQuant smoothing (:mod:`lowbit.passes.smoothquant`) and AWQ scaling and clipping
-   (:mod:`lowbit.passes.awq`, for ``awq`` and ``awq-gptq``): parameter transforms that fold
-   per-channel scales into the previous op; they rescale the calibration statistics they change,
-   so later steps see the new inputs (GPTQ's Hessians included).
-3. GPTQ in stages (recipe option ``stages``): the linear layers, in graph order, are quantized
-   stage by stage; before each stage after the first the calibration is run again with every
-   earlier layer replaced by the float weight its codes stand for, so a layer's Hessian comes
-   from the inputs it will see in the quantized model (GPTQ's sequential mode, at the cost of
-   one calibration pass per stage).
-4. Weight (and activation) quantization (:class:`~lowbit.passes.quantize_weights.QuantizeWeights`)
-   -> dead code elimination -> parameter sync (every entry function takes exactly the live weights).
+1. :class:`KeepLayers`: ``keep`` patterns and the ``keep=autoN`` most sensitive layers
+   (:mod:`lowbit.passes.sensitivity`, as ``lowbit analyze`` ranks them, on the float model) are
+   kept in int8.
+2. :class:`SmoothActivations` (SmoothQuant) and :class:`ScaleForWeights` (AWQ's scaling and
+   clipping): parameter transforms that fold per-channel scales into the previous op and return
+   the statistics of the new inputs, so later steps (GPTQ's Hessians) see them.
+3. :class:`RoundInStages` (GPTQ's ``stages``): the linear layers, in graph order, are rounded stage
+   by stage; each stage after the first is calibrated again with every earlier layer replaced by
+   the float weight its codes stand for.
+4. :class:`QuantizeLinears` and :class:`Finalize`: every linear becomes its scheme's kernel call,
+   then dead code elimination and parameter sync (every entry function takes exactly the live weights).
+
+Steps never change the caller's :class:`ModelIR`, params or statistics: each returns a new state.
 """
 
 from __future__ import annotations
@@ -25,12 +26,194 @@ import fnmatch
 
 from tvm import relax
 
-from lowbit.passes.linear_match import find_linears
-from lowbit.passes.quantize_weights import QuantizeWeights
+from lowbit.codegen.errors import LowbitError
+from lowbit.passes.awq import apply_awq
+from lowbit.passes.linear_match import LinearUse, find_linears
+from lowbit.passes.model_ir import ENTRY_FUNCTIONS, ModelIR, sync_params
+from lowbit.passes.quantize_linears import PackedLinear, QuantizeLinears, pack_linear
+from lowbit.passes.recipe import Recipe
+from lowbit.passes.schemes import linear_scheme
+from lowbit.passes.sensitivity import rank_layers
+from lowbit.passes.smoothquant import apply_smoothquant
 
 from .calibration import Calibration
-from .errors import LowbitError
-from .model_ir import ENTRY_FUNCTIONS, ModelIR, sync_params
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineState:
+    """What flows from step to step: the model, the statistics of its linear inputs, the layers
+    kept in int8, weights already packed (by GPTQ's stages) and a note per layer."""
+
+    ir: ModelIR
+    statistics: dict | None
+    kept: tuple[str, ...] = ()
+    packed: dict[str, PackedLinear] = dataclasses.field(default_factory=dict)
+    notes: dict[str, str] = dataclasses.field(default_factory=dict)
+    layers: dict[str, str] = dataclasses.field(default_factory=dict)  # weight name -> format and reason
+
+    def linears(self) -> dict[str, LinearUse]:
+        return find_linears(self.ir.mod["prefill"])
+
+    def with_params(self, params: dict, **changes) -> "PipelineState":
+        return dataclasses.replace(self, ir=dataclasses.replace(self.ir, params=params), **changes)
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineContext:
+    """What steps may use besides the state: the recipe, the chip the weights are laid out for,
+    the calibration's measurements (run on the host) and a progress bar for quantization."""
+
+    recipe: Recipe
+    chip: object
+    calibration: Calibration | None = None
+    progress: object = None
+
+
+class Step:
+    """One pipeline step; subclasses set the three descriptions and implement :meth:`run`."""
+
+    requires: str
+    guarantees: str
+    needs_calibration: bool = False
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    def run(self, state: PipelineState, context: PipelineContext) -> PipelineState:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {"step": self.name, "requires": self.requires, "guarantees": self.guarantees,
+                "needs_calibration": self.needs_calibration}
+
+
+class KeepLayers(Step):
+    requires = "the float model; with keep=autoN, calibration and its output probe"
+    guarantees = "the layers keep= names, then the N most sensitive others, are marked to stay in int8"
+
+    def __init__(self, recipe: Recipe):
+        self.needs_calibration = recipe.keep.auto > 0
+
+    def run(self, state, context):
+        recipe = context.recipe
+        linears = state.linears()
+        kept = [name for name in linears if recipe.is_kept(name)]
+        if recipe.keep.auto:
+            ranking = rank_layers(linears, state.ir.params, state.statistics, recipe, context.calibration.output_kl)
+            kept += [entry.layer for entry in ranking if entry.layer not in kept][: recipe.keep.auto]
+        return dataclasses.replace(state, kept=tuple(kept))
+
+
+class _ParameterTransform(Step):
+    """A step that changes parameters from calibration statistics and returns the new statistics."""
+
+    needs_calibration = True
+
+    def transform(self, func, params: dict, statistics: dict, recipe: Recipe) -> tuple[dict, dict, dict]:
+        raise NotImplementedError
+
+    def run(self, state, context):
+        params, statistics, notes = self.transform(state.ir.mod["prefill"], state.ir.params, state.statistics,
+                                                   context.recipe)
+        return state.with_params(params, statistics=statistics, notes=state.notes | notes)
+
+
+class SmoothActivations(_ParameterTransform):
+    requires = "calibration statistics (per-channel max |x|, sampled rows) of the float model"
+    guarantees = ("activation outliers moved into the weights by per-channel scales folded into the previous "
+                  "op (the float function unchanged); the statistics are those of the smoothed inputs")
+
+    def transform(self, func, params, statistics, recipe):
+        return apply_smoothquant(func, params, statistics, recipe.smoothing.alpha, recipe.activations.granularity)
+
+
+class ScaleForWeights(_ParameterTransform):
+    requires = "calibration statistics (mean |x|, X^T X) of the float model"
+    guarantees = ("AWQ's per-channel scales folded into the previous op and each weight clipped to the range "
+                  "that minimizes its output error on the recipe's grid; the statistics are those of the new inputs")
+
+    def transform(self, func, params, statistics, recipe):
+        return apply_awq(func, params, statistics, linear_scheme(recipe.weights).weight_grid)
+
+
+class RoundInStages(Step):
+    requires = "calibration that can run again with other weights (recalibrate)"
+    guarantees = ("each later stage's layers rounded by GPTQ on statistics collected with the earlier stages "
+                  "quantized")
+    needs_calibration = True
+
+    def __init__(self, stages: int):
+        self.stages = stages
+
+    def run(self, state, context):
+        if context.calibration.recalibrate is None:
+            raise LowbitError(f"recipe {context.recipe.name}: GPTQ in stages needs to run calibration again, "
+                              "and this calibration cannot")
+        linears = state.linears()
+        names = list(linears)
+        bounds = [round(i * len(names) / self.stages) for i in range(self.stages + 1)]
+        params = state.ir.params
+        simulated = dict(params)  # the float weights, with the quantized layers' codes dequantized
+        statistics, packed = dict(state.statistics), dict(state.packed)
+        for index in range(self.stages):
+            stage = names[bounds[index]:bounds[index + 1]]
+            if index > 0 and stage:
+                statistics |= context.calibration.recalibrate(simulated, stage)
+            for name in stage:
+                use = linears[name]
+                weight_nk = params[name] if use.transposed else params[name].T
+                entry = pack_linear(weight_nk, context.recipe, name, context.chip, statistics.get(name),
+                                    kept=name in state.kept)
+                packed[name] = entry
+                if entry.quantized is not None:
+                    weight = entry.quantized.dequantize()
+                    simulated[name] = weight if use.transposed else weight.T.copy()
+        return dataclasses.replace(state, statistics=statistics, packed=packed)
+
+
+class QuantizeLinearLayers(Step):
+    requires = "the model after every parameter transform; statistics for GPTQ and static W8A8"
+
+    def __init__(self, recipe: Recipe):
+        scheme = linear_scheme(recipe.weights, recipe.activations)
+        self.guarantees = (f"every linear layer calls its scheme's kernel ({scheme.name}; int8 for kept layers, "
+                           "float for ignored ones) on weights packed in the chip's layout; a report line per layer")
+        self.needs_calibration = scheme.needs_statistics or (
+            recipe.weights is not None and recipe.weights.rounds_by_gptq)
+
+    def run(self, state, context):
+        quantize = QuantizeLinears(context.recipe, state.ir.params, context.chip, state.statistics, state.kept,
+                                   context.progress, packed=state.packed)
+        mod = quantize(state.ir.mod)
+        layers = {name: f"{fmt}; {state.notes[name]}" if name in state.notes else fmt
+                  for name, fmt in quantize.report.items()}
+        return dataclasses.replace(state, ir=dataclasses.replace(state.ir, mod=mod, params=quantize.params),
+                                   layers=layers)
+
+
+class Finalize(Step):
+    requires = "the quantized module"
+    guarantees = "dead code removed; every entry function takes exactly the weights some entry function reads"
+
+    def run(self, state, context):
+        mod = relax.transform.DeadCodeElimination(list(ENTRY_FUNCTIONS))(state.ir.mod)
+        mod, params = sync_params(mod, state.ir.params)
+        return dataclasses.replace(state, ir=dataclasses.replace(state.ir, mod=mod, params=params))
+
+
+def build_steps(recipe: Recipe) -> list[Step]:
+    """The steps ``recipe`` asks for, in order (see the module docstring)."""
+    steps: list[Step] = []
+    if recipe.keep.patterns or recipe.keep.auto:
+        steps.append(KeepLayers(recipe))
+    if recipe.smoothing is not None:
+        steps.append(SmoothActivations())
+    if recipe.weights is not None and recipe.weights.scales_by_awq:
+        steps.append(ScaleForWeights())
+    if recipe.weights is not None and recipe.weights.stages > 1:
+        steps.append(RoundInStages(recipe.weights.stages))
+    return steps + [QuantizeLinearLayers(recipe), Finalize()]
 
 
 @dataclasses.dataclass
@@ -40,64 +223,25 @@ class PipelineResult:
     kept: list[str]  # layers kept in int8 by the recipe's keep option, most sensitive first
 
 
-def run_pipeline(ir: ModelIR, recipe, chip, calibration: Calibration | None = None, progress=None) -> PipelineResult:
-    """Apply ``recipe`` to ``ir`` for ``chip``; returns a new :class:`ModelIR` and a per-layer report.
+def run_pipeline(ir: ModelIR, recipe: Recipe, chip, calibration: Calibration | None = None,
+                 progress=None) -> PipelineResult:
+    """Run ``build_steps(recipe)`` on ``ir`` for ``chip``; ``ir`` and ``calibration`` are not changed.
 
-    ``calibration`` feeds the methods that need it; its statistics are changed in place by
-    smoothing and by GPTQ's stages (give each run a :meth:`Calibration.copy`). GPTQ in stages
-    needs its ``recalibrate``; ``keep=autoN`` ranks by its ``output_kl`` where given. ``progress``
-    (a tqdm bar) advances once per weight quantized. ``ir`` itself is not changed.
+    ``calibration`` feeds the steps that need it; ``progress`` (a tqdm bar) advances once per weight
+    quantized.
     """
-    params = dict(ir.params)
-    prefill = ir.mod["prefill"]
-    linears = check_layer_patterns(recipe, ir)
-    if recipe.needs_calibration and calibration is None:
+    check_layer_patterns(recipe, ir)
+    steps = build_steps(recipe)
+    if calibration is None and (recipe.needs_calibration or any(step.needs_calibration for step in steps)):
         raise LowbitError(f"recipe {recipe.name} needs calibration statistics")
-    statistics = None if calibration is None else calibration.statistics
-    kept = _kept_layers(recipe, linears, params, calibration)
-    notes: dict[str, str] = {}
-    if recipe.smoothing is not None:
-        from lowbit.passes.smoothquant import apply_smoothquant
-
-        notes.update(apply_smoothquant(prefill, params, statistics, recipe.smoothing.alpha,
-                                       recipe.activations.granularity))
-    if recipe.weights is not None and recipe.weights.scales_by_awq:
-        from lowbit.passes.awq import apply_awq
-
-        notes.update(apply_awq(prefill, params, statistics, recipe.weights))
-    quantize = QuantizeWeights(recipe, params, tile=chip.linear_tile, statistics=statistics, kept=kept,
-                               progress=progress)
-    if recipe.weights is not None and recipe.weights.stages > 1:
-        if calibration.recalibrate is None:
-            raise LowbitError(f"recipe {recipe.name}: GPTQ in stages needs to run calibration again, "
-                              "and this calibration cannot")
-        _quantize_in_stages(quantize, linears, params, statistics, calibration.recalibrate, recipe.weights.stages)
-    mod = quantize(ir.mod)
-    mod = relax.transform.DeadCodeElimination(list(ENTRY_FUNCTIONS))(mod)
-    mod, params = sync_params(mod, params)
-    layers = {name: f"{fmt}; {notes[name]}" if name in notes else fmt for name, fmt in quantize.report.items()}
-    return PipelineResult(dataclasses.replace(ir, mod=mod, params=params), layers, kept)
+    state = PipelineState(ir, None if calibration is None else calibration.statistics)
+    context = PipelineContext(recipe, chip, calibration, progress)
+    for step in steps:
+        state = step.run(state, context)
+    return PipelineResult(state.ir, state.layers, list(state.kept))
 
 
-def _quantize_in_stages(quantize: QuantizeWeights, linears, params, statistics, recalibrate, stages: int) -> None:
-    """Quantize ``linears`` in ``stages`` contiguous runs of graph order, recalibrating before each
-    run after the first with the runs so far replaced by their dequantized weights."""
-    names = list(linears)
-    bounds = [round(i * len(names) / stages) for i in range(stages + 1)]
-    simulated = dict(params)  # the float weights, with the quantized layers' codes dequantized
-    for index in range(stages):
-        stage = names[bounds[index]:bounds[index + 1]]
-        if index > 0 and stage:
-            statistics.update(recalibrate(simulated, stage))
-        for name in stage:
-            use = linears[name]
-            packed = quantize.packed(name, use.transposed)
-            if packed.quantized is not None:
-                weight = packed.quantized.dequantize()
-                simulated[name] = weight if use.transposed else weight.T.copy()
-
-
-def check_layer_patterns(recipe, ir: ModelIR) -> dict:
+def check_layer_patterns(recipe: Recipe, ir: ModelIR) -> dict[str, LinearUse]:
     """Raise if a recipe's ``ignore`` / ``keep`` pattern matches no linear layer of ``ir`` or
     ``keep=autoN`` asks for more layers than there are; returns the linear layers."""
     linears = find_linears(ir.mod["prefill"])
@@ -111,15 +255,3 @@ def check_layer_patterns(recipe, ir: ModelIR) -> dict:
                 raise LowbitError(f"recipe {recipe.name}: {option} pattern {pattern!r} matches no linear layer "
                                   f"(layers are named like {examples})")
     return linears
-
-
-def _kept_layers(recipe, linears, params, calibration) -> list[str]:
-    """Layers ``keep`` names, then the ``keep=autoN`` most sensitive others as ``lowbit analyze``
-    ranks them: on the float model, before smoothing or AWQ change it."""
-    kept = [name for name in linears if recipe.is_kept(name)]
-    if recipe.keep.auto:
-        from lowbit.passes.sensitivity import rank_layers
-
-        ranking = rank_layers(linears, params, calibration.statistics, recipe, calibration.output_kl)
-        kept += [entry.layer for entry in ranking if entry.layer not in kept][: recipe.keep.auto]
-    return kept

@@ -13,50 +13,54 @@ group output error ``dW_g H_gg dW_g^T``, and the float weight is clamped to it, 
 round to nearest uses the shrunk range.
 
 Requires: calibration statistics (``abssum``, ``xtx``) keyed by weight name, before weight
-quantization. Guarantees: only parameters change (the float model computes the same function);
-the statistics of every scaled input are rescaled in place, so a later GPTQ sees ``X / s``.
+quantization. Guarantees: returns new parameters (the scaling leaves the float model's function
+unchanged; the clipping moves it) and new statistics, those of every scaled input rescaled, so a
+later GPTQ sees ``X / s``; the caller's dicts are not changed.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 
-from .rtn import quantize_rtn
-from .scale_folding import find_smoothing_groups, fold_scales, rescale_statistics, weight_nk
+from .scale_folding import find_smoothing_groups, foldable_groups, folded_model, weight_nk
+from .schemes import WeightGrid
 
 RATIO_STEPS = 20
 CLIP_RATIOS = tuple(np.round(np.arange(1.0, 0.49, -0.05), 2))
 
 
-def output_error(weights_nk: list[np.ndarray], hessian: torch.Tensor, s: np.ndarray, weight_quant) -> float:
+def output_error(weights_nk: list[np.ndarray], hessian: torch.Tensor, s: np.ndarray, grid: WeightGrid) -> float:
     """``sum tr(dW H dW^T)`` over the group for scales ``s`` (see the module docstring)."""
     total = 0.0
     for w in weights_nk:
-        q = quantize_rtn(w * s, weight_quant.bits, weight_quant.group_size, weight_quant.symmetric).dequantize()
+        q = grid.simulate(w * s)
         delta = torch.from_numpy(q / s - w).double()
         total += float(((delta @ hessian) * delta).sum())
     return total
 
 
-def clip_search(weight: np.ndarray, hessian: np.ndarray, weight_quant) -> tuple[np.ndarray, float]:
+def clip_search(weight: np.ndarray, hessian: np.ndarray, grid: WeightGrid) -> tuple[np.ndarray, float]:
     """``weight[N, K]`` clamped per output channel and group to the best shrunk range; the mean ratio."""
     n, k = weight.shape
-    group = weight_quant.group_size or k
+    group = grid.group(k)
+    per_group = dataclasses.replace(grid, group_size=None)  # the grid of one group's columns
     clamped = weight.copy()
     chosen = []
     for start in range(0, k, group):
         w = weight[:, start:start + group]
         h = torch.from_numpy(hessian[start:start + group, start:start + group])
         lo, hi = (np.minimum(w.min(axis=1, keepdims=True), 0), np.maximum(w.max(axis=1, keepdims=True), 0))
-        if weight_quant.symmetric:
+        if grid.symmetric:
             hi = np.maximum(-lo, hi)
             lo = -hi
         best_error = np.full(n, np.inf)
         best = np.ones(n, np.float32)
         for ratio in CLIP_RATIOS:
             trial = np.clip(w, lo * ratio, hi * ratio)
-            q = quantize_rtn(trial, weight_quant.bits, None, weight_quant.symmetric).dequantize()
+            q = per_group.simulate(trial)
             delta = torch.from_numpy(q - w).double()
             error = ((delta @ h) * delta).sum(dim=1).numpy()
             better = error < best_error
@@ -66,35 +70,31 @@ def clip_search(weight: np.ndarray, hessian: np.ndarray, weight_quant) -> tuple[
     return clamped, float(np.concatenate(chosen).mean())
 
 
-def apply_awq(func, params: dict, statistics: dict, weight_quant, progress=None) -> dict[str, str]:
-    """Scale every foldable group of ``func`` (see the module docstring); returns a note per layer."""
+def apply_awq(func, params: dict, statistics: dict, grid: WeightGrid) -> tuple[dict, dict, dict[str, str]]:
+    """Scale every foldable group of ``func`` and clip every linear's weight for ``grid`` (see the
+    module docstring); returns the new ``(params, statistics)`` and a note per layer."""
     notes: dict[str, str] = {}
-    for group in find_smoothing_groups(func):
+    for group in foldable_groups(func, notes, "awq: no scaling (no op to fold it into)"):
         names = [use.name for use in group.linears]
-        if group.target is None:
-            notes.update({name: "awq: no scaling (no op to fold it into)" for name in names})
-            continue
         stats = statistics[names[0]]
         hessian = torch.from_numpy(stats.hessian())
         weights = [weight_nk(params, use) for use in group.linears]
         mean_abs = np.maximum(stats.abssum / max(stats.tokens, 1), 1e-8)
-        best_ratio, best_s, best_error = 0.0, None, output_error(weights, hessian, np.ones_like(mean_abs), weight_quant)
+        best_ratio, best_s, best_error = 0.0, None, output_error(weights, hessian, np.ones_like(mean_abs), grid)
         for ratio in np.linspace(0, 1, RATIO_STEPS + 1)[1:]:
             s = group.admissible(mean_abs**ratio)
             s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)
-            error = output_error(weights, hessian, s, weight_quant)
+            error = output_error(weights, hessian, s, grid)
             if error < best_error:
                 best_ratio, best_s, best_error = float(ratio), s, error
         if best_s is not None:
-            fold_scales(params, group, best_s)
-            rescale_statistics(stats, best_s)
+            params, statistics = folded_model(params, statistics, group, best_s)
         notes.update({name: f"awq ratio {best_ratio:.2f}" for name in names})
-        if progress is not None:
-            progress.update(1)
+    params = dict(params)
     for group in find_smoothing_groups(func):
         hessian = statistics[group.linears[0].name].hessian()
         for use in group.linears:
-            clamped, ratio = clip_search(weight_nk(params, use), hessian, weight_quant)
+            clamped, ratio = clip_search(weight_nk(params, use), hessian, grid)
             params[use.name] = clamped if use.transposed else np.ascontiguousarray(clamped.T)
             notes[use.name] = f"{notes[use.name]}, clip {ratio:.2f}"
-    return notes
+    return params, statistics, notes

@@ -1,9 +1,10 @@
 """GPTQ (Frantar et al., 2022): quantize a weight column by column, correcting the not yet
 quantized columns for each rounding error with the inverse Hessian of the layer's inputs.
 
-The numerics only: given ``W[N, K]`` and ``H = X^T X / tokens [K, K]`` from calibration, returns a
-:class:`~lowbit.passes.rtn.QuantizedWeight` on the same grid as RTN (:func:`group_grid`), so the
-kernels and packing are shared. Lazy batch updates in blocks of ``block`` columns; dampening
+The numerics only: given ``W[N, K]``, ``H = X^T X / tokens [K, K]`` from calibration and the
+scheme's :class:`~lowbit.passes.schemes.WeightGrid`, returns a
+:class:`~lowbit.passes.schemes.QuantizedWeight` on that grid (the one RTN rounds to), so the kernels
+and packing are shared. Lazy batch updates in blocks of ``block`` columns; dampening
 ``damp * mean(diag H)`` added to the diagonal (raised tenfold, up to three times, if the Cholesky
 factorization still fails, and reported); ``act_order`` quantizes columns in order of decreasing
 ``diag H`` with *static* groups (group grids fixed from the original weight up front), so the
@@ -27,9 +28,9 @@ import dataclasses
 import numpy as np
 import torch
 
-from lowbit.compiler.errors import LowbitError
+from lowbit.codegen.errors import LowbitError
 
-from .rtn import QuantizedWeight, group_grid, round_to_grid
+from .schemes import QuantizedWeight, WeightGrid
 
 
 @dataclasses.dataclass
@@ -38,15 +39,14 @@ class GPTQResult:
     damp: float  # the dampening actually used (relative to mean diag H)
 
 
-def quantize_gptq(weight: np.ndarray, hessian: np.ndarray, bits: int, group_size: int | None,
-                  symmetric: bool, damp: float = 0.01, block: int = 128, act_order: bool = False,
-                  name: str = "weight") -> GPTQResult:
-    """GPTQ of ``weight[N, K]`` under ``hessian[K, K]``; see the module docstring."""
+def quantize_gptq(weight: np.ndarray, hessian: np.ndarray, grid: WeightGrid, damp: float = 0.01,
+                  block: int = 128, act_order: bool = False, name: str = "weight") -> GPTQResult:
+    """GPTQ of ``weight[N, K]`` on ``grid`` under ``hessian[K, K]``; see the module docstring."""
     # The per-column updates are small: one thread is several times faster than a contended pool.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _gptq(weight, hessian, bits, group_size, symmetric, damp, block, act_order, name)
+        return _gptq(weight, hessian, grid, damp, block, act_order, name)
     finally:
         torch.set_num_threads(threads)
 
@@ -57,29 +57,24 @@ def output_error(weight: np.ndarray, quantized: QuantizedWeight, hessian: np.nda
     return float(((delta @ torch.from_numpy(hessian)) * delta).sum())
 
 
-def quantize_gptq_validated(weight: np.ndarray, statistics, bits: int, group_size: int | None, symmetric: bool,
-                            damp: float = 0.01, act_order: bool = False, name: str = "weight"
-                            ) -> tuple[QuantizedWeight, str]:
+def quantize_gptq_validated(weight: np.ndarray, statistics, grid: WeightGrid, damp: float = 0.01,
+                            act_order: bool = False, name: str = "weight") -> tuple[QuantizedWeight, str]:
     """GPTQ or RTN, whichever predicts held-out calibration samples best (see the module docstring)."""
-    from .rtn import quantize_rtn
-
     split = statistics.split_hessians()
     if split is None:
-        result = quantize_gptq(weight, statistics.hessian(), bits, group_size, symmetric, damp, act_order=act_order,
-                               name=name)
+        result = quantize_gptq(weight, statistics.hessian(), grid, damp, act_order=act_order, name=name)
         return result.weight, _note(result, damp, act_order)
     fit, heldout = split
-    rtn = quantize_rtn(weight, bits, group_size, symmetric)
+    rtn = grid.quantize(weight)
     errors = {None: output_error(weight, rtn, heldout)}
     for candidate in (damp, min(10 * damp, 1.0)):
-        trial = quantize_gptq(weight, fit, bits, group_size, symmetric, candidate, act_order=act_order, name=name)
+        trial = quantize_gptq(weight, fit, grid, candidate, act_order=act_order, name=name)
         errors[candidate] = output_error(weight, trial.weight, heldout)
     best = min(errors, key=errors.get)
     if best is None:
         gptq_best = min(v for k, v in errors.items() if k is not None)
         return rtn, f"rtn (gptq's held-out error {gptq_best / errors[None]:.2f} x rtn)"
-    result = quantize_gptq(weight, statistics.hessian(), bits, group_size, symmetric, best, act_order=act_order,
-                           name=name)
+    result = quantize_gptq(weight, statistics.hessian(), grid, best, act_order=act_order, name=name)
     return result.weight, _note(result, best, act_order) + f", held-out error {errors[best] / errors[None]:.2f} x rtn"
 
 
@@ -88,9 +83,9 @@ def _note(result: GPTQResult, damp: float, act_order: bool) -> str:
     return f"gptq{' act-order' if act_order else ''} damp {damp:g}{raised}"
 
 
-def _gptq(weight, hessian, bits, group_size, symmetric, damp, block, act_order, name) -> GPTQResult:
+def _gptq(weight, hessian, grid: WeightGrid, damp, block, act_order, name) -> GPTQResult:
     n, k = weight.shape
-    group = k if group_size is None else group_size
+    group = grid.group(k)
     W = torch.tensor(weight, dtype=torch.float32).clone()
     H = torch.tensor(hessian, dtype=torch.float64).clone()
     dead = torch.diag(H) == 0
@@ -98,11 +93,11 @@ def _gptq(weight, hessian, bits, group_size, symmetric, damp, block, act_order, 
     W[:, dead] = 0.0
 
     groups = -(-k // group)
-    if act_order:
-        grid = _static_grid(W.numpy(), group, bits, symmetric)
+    if act_order:  # static groups: every group's scales fixed from the original weight up front
+        fixed = grid.fit(grid.grouped(W.numpy()))
         order = torch.argsort(torch.diag(H), descending=True)
     else:
-        grid = None
+        fixed = None
         order = torch.arange(k)
     W = W[:, order]
     H = H[order][:, order]
@@ -110,33 +105,35 @@ def _gptq(weight, hessian, bits, group_size, symmetric, damp, block, act_order, 
     Hinv = Hinv.float()
 
     scales = np.zeros((groups, n), np.float32)
-    zeros = None if symmetric else np.zeros((groups, n), np.float32)
-    if grid is not None:
-        scales[:], zeros = grid[0], grid[1]
+    zeros = None if grid.symmetric else np.zeros((groups, n), np.float32)
+    if fixed is not None:
+        scales[:], zeros = fixed
     codes = torch.zeros((n, k), dtype=torch.float32)
+    # views of each group's scale and zero rows: a natural-order fit below updates them in place
+    group_scales = [torch.from_numpy(row) for row in scales]
+    group_zeros = [None] * groups if zeros is None else [torch.from_numpy(row) for row in zeros]
+    columns = order.tolist()
     for start in range(0, k, block):
         stop = min(start + block, k)
         W1 = W[:, start:stop].clone()
         E1 = torch.zeros_like(W1)
         H1 = Hinv[start:stop, start:stop]
+        diagonal = torch.diagonal(H1).tolist()
         for i in range(stop - start):
-            column = int(order[start + i])
+            column = columns[start + i]
             g = column // group
-            if grid is None and column % group == 0:  # natural order: fit the group's grid now
+            if fixed is None and column % group == 0:  # natural order: fit the group's grid now
                 upcoming = torch.cat([W1[:, i:], W[:, stop:]], dim=1)[:, : min(group, k - column)]
-                s, z = group_grid(upcoming.T.numpy()[None], bits, symmetric)
+                s, z = grid.fit(upcoming.T.numpy()[None])
                 scales[g] = s[0]
                 if zeros is not None:
                     zeros[g] = z[0]
-            s = torch.from_numpy(scales[g])
-            z = None if zeros is None else torch.from_numpy(zeros[g])
+            s, z = group_scales[g], group_zeros[g]
             w = W1[:, i]
-            q = round_to_grid(w, s, z, bits)
+            q = grid.round(w, s, z)
             codes[:, start + i] = q
-            zero = 2 ** (bits - 1) if z is None else z
-            dequantized = (q - zero) * s
-            d = H1[i, i]
-            err = (w - dequantized) / d
+            dequantized = (q - (2 ** (grid.bits - 1) if z is None else z)) * s
+            err = (w - dequantized) / diagonal[i]
             W1[:, i:].addr_(err, H1[i, i:], alpha=-1.0)
             E1[:, i] = err
         W[:, stop:] -= E1 @ Hinv[start:stop, stop:]
@@ -144,16 +141,8 @@ def _gptq(weight, hessian, bits, group_size, symmetric, damp, block, act_order, 
     natural = torch.empty_like(codes)
     natural[:, order] = codes
     quantized = QuantizedWeight(codes=natural.T.numpy().astype(np.uint8), scales=scales, zeros=zeros,
-                                bits=bits, group_size=group)
+                                bits=grid.bits, group_size=group)
     return GPTQResult(quantized, used_damp)
-
-
-def _static_grid(weight: np.ndarray, group: int, bits: int, symmetric: bool):
-    n, k = weight.shape
-    groups = -(-k // group)
-    padded = np.zeros((groups * group, n), np.float32)
-    padded[:k] = weight.T
-    return group_grid(padded.reshape(groups, group, n), bits, symmetric)
 
 
 def _inverse_hessian_factor(H: torch.Tensor, damp: float, name: str):

@@ -22,9 +22,9 @@ the dataflow graph (a networkx view of the entry function's bindings), never fro
 * anything else (a norm weight shared, a multiply by a non-linear term on both sides, a bias
   between, a group weight read elsewhere such as a tied embedding): no target; not smoothable.
 
-Requires: an entry function of a :class:`~lowbit.compiler.model_ir.ModelIR`, before quantization.
-Guarantees: :func:`fold_scales` of an admissible scale changes only parameters, and the function
-computes the same outputs up to float rounding.
+Requires: an entry function of a :class:`~lowbit.passes.model_ir.ModelIR`, before quantization.
+Guarantees: the parameters :func:`fold_scales` returns for an admissible scale make the function
+compute the same outputs up to float rounding; nothing is changed in place.
 """
 
 from __future__ import annotations
@@ -102,6 +102,16 @@ def find_smoothing_groups(func: relax.Function) -> list[SmoothingGroup]:
             target = _fold_target(x, width, var2val, weights, graph, linear_of_output)
         groups.append(SmoothingGroup(tuple(use for use, _ in uses), width, target))
     return groups
+
+
+def foldable_groups(func: relax.Function, notes: dict[str, str], unfoldable: str):
+    """The smoothing groups of ``func`` that have a fold target, in graph order; the layers of the
+    others get the note ``unfoldable`` in ``notes``."""
+    for group in find_smoothing_groups(func):
+        if group.target is None:
+            notes.update({use.name: unfoldable for use in group.linears})
+        else:
+            yield group
 
 
 def _single_reader(graph: nx.DiGraph, var) -> bool:
@@ -250,8 +260,9 @@ def weight_nk(params: dict[str, np.ndarray], use: LinearUse) -> np.ndarray:
     return np.asarray(params[use.name] if use.transposed else params[use.name].T, np.float32)
 
 
-def fold_scales(params: dict[str, np.ndarray], group: SmoothingGroup, s: np.ndarray) -> None:
-    """``X' = X / s``: the target absorbs ``1 / s``, the group's weights ``s`` (new float32 arrays)."""
+def fold_scales(params: dict[str, np.ndarray], group: SmoothingGroup, s: np.ndarray) -> dict[str, np.ndarray]:
+    """``X' = X / s``: the new arrays of the target (which absorbs ``1 / s``) and of the group's
+    weights (``* s`` per input channel), by name; ``params`` is not changed."""
     if group.target is None:
         raise ValueError("fold_scales: the group has no fold target")
     s = s.astype(np.float32)
@@ -266,22 +277,21 @@ def fold_scales(params: dict[str, np.ndarray], group: SmoothingGroup, s: np.ndar
         s_target = per_output
     else:
         s_target = s
+    folded = {}
     if target.kind == "norm":
-        params[target.name] = (params[target.name] / s).astype(np.float32)
+        folded[target.name] = (params[target.name] / s).astype(np.float32)
     elif target.transposed:  # [N, K]: output channels are rows
-        params[target.name] = (params[target.name] / s_target[:, None]).astype(np.float32)
+        folded[target.name] = (params[target.name] / s_target[:, None]).astype(np.float32)
     else:
-        params[target.name] = (params[target.name] / s_target[None, :]).astype(np.float32)
+        folded[target.name] = (params[target.name] / s_target[None, :]).astype(np.float32)
     for use in group.linears:
         weight = params[use.name]
-        params[use.name] = (weight * s[None, :] if use.transposed else weight * s[:, None]).astype(np.float32)
+        folded[use.name] = (weight * s[None, :] if use.transposed else weight * s[:, None]).astype(np.float32)
+    return folded
 
 
-def rescale_statistics(statistics, s: np.ndarray) -> None:
-    """Statistics of ``X`` -> statistics of ``X / s`` (in place)."""
-    s64 = s.astype(np.float64)
-    statistics.xtx /= np.outer(s64, s64)
-    statistics.heldout_xtx /= np.outer(s64, s64)
-    statistics.absmax = (statistics.absmax / s).astype(np.float32)
-    statistics.abssum /= s64
-    statistics.sample = (statistics.sample / s).astype(np.float32)
+def folded_model(params: dict, statistics: dict, group: SmoothingGroup, s: np.ndarray) -> tuple[dict, dict]:
+    """New ``(params, statistics)`` with ``s`` folded into ``group`` and its input's statistics those
+    of ``X / s``; the given dicts are not changed."""
+    divided = statistics[group.linears[0].name].divided(s)
+    return params | fold_scales(params, group, s), statistics | {use.name: divided for use in group.linears}

@@ -1,11 +1,11 @@
 """Per-layer sensitivity: the output error each linear layer's quantization causes on calibration data.
 
-Requires calibration statistics with activation samples (:class:`lowbit.compiler.calibration.
+Requires calibration statistics with activation samples (:class:`lowbit.passes.statistics.
 LinearStatistics` ``.sample``) and the float weights. For each layer, with ``X`` the sampled input
 rows and ``W`` the weight, the relative error is ``||Qa(X) Qw(W)^T - X W^T||^2 / ||X W^T||^2`` where
 ``Qw`` is the recipe's weight grid (round to nearest: GPTQ and AWQ are ranked by the RTN grid they
-start from) and ``Qa`` its activation quantization (per token, or per tensor with the calibrated
-absmax), if any.
+start from) and ``Qa`` its activation grid (per token, or per tensor with the calibrated absmax),
+if any: the grids of the recipe's scheme (:mod:`lowbit.passes.schemes`).
 
 Weight-only recipes can also be measured end to end: given ``output_kl(name, weight_nk)`` (the
 mean KL divergence of the model's output with that one weight replaced, see
@@ -21,9 +21,9 @@ import dataclasses
 
 import numpy as np
 
-from lowbit.compiler.errors import LowbitError
+from lowbit.codegen.errors import LowbitError
 
-from .rtn import quantize_rtn
+from .schemes import linear_scheme
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,27 +38,16 @@ class LayerSensitivity:
         return self.relative_error if self.output_kl is None else self.output_kl
 
 
-def quantize_activations(x: np.ndarray, granularity: str, absmax: np.ndarray) -> np.ndarray:
-    """``x`` through the int8 activation grid of the W8A8 kernels (per ``token`` row, or per
-    ``tensor`` with the calibrated per-channel ``absmax``), back in float."""
-    if granularity == "token":
-        scale = np.abs(x).max(axis=1, keepdims=True) / 127
-    else:
-        scale = np.full((1, 1), absmax.max() / 127, np.float32)
-    scale = np.where(scale > 0, scale, 1.0)
-    return np.clip(np.rint(x / scale), -127, 127) * scale
-
-
 def layer_error(weight_nk: np.ndarray, statistics, recipe) -> float:
     """The relative output error of one layer under ``recipe`` (see the module docstring)."""
     x = statistics.sample
     if len(x) == 0:
         raise LowbitError("sensitivity analysis needs calibration samples; none were collected")
-    wq = recipe.weights
-    weight = quantize_rtn(weight_nk, wq.bits, wq.group_size, wq.symmetric).dequantize()
+    scheme = linear_scheme(recipe.weights, recipe.activations)
+    weight = scheme.weight_grid.simulate(weight_nk)
     reference = x @ weight_nk.T
-    inputs = x if recipe.activations is None else quantize_activations(
-        x, recipe.activations.granularity, statistics.absmax)
+    grid = scheme.activation_grid
+    inputs = x if grid is None else grid.simulate(x, statistics.absmax)
     error = inputs @ weight.T - reference
     return float((error**2).sum() / max((reference**2).sum(), 1e-30))
 
@@ -78,8 +67,7 @@ def rank_layers(linears, params: dict[str, np.ndarray], statistics: dict, recipe
         weight = np.asarray(params[name] if use.transposed else params[name].T, np.float32)
         kl = None
         if end_to_end:
-            wq = recipe.weights
-            kl = output_kl(name, quantize_rtn(weight, wq.bits, wq.group_size, wq.symmetric).dequantize())
+            kl = output_kl(name, linear_scheme(recipe.weights).weight_grid.simulate(weight))
             if progress is not None:
                 progress.update(1)
         ranked.append(LayerSensitivity(name, layer_error(weight, statistics[name], recipe), kl))

@@ -14,17 +14,18 @@ from +1.68 % to +2.12 % (bench/RESULTS.md). ``alpha=auto`` includes it, where th
 ``s = 1`` unless smoothing lowers that layer's simulated error.
 
 Requires: calibration statistics (per-channel ``absmax`` and ``sample`` rows) keyed by weight name,
-before weight quantization. Guarantees: only parameters change (the float model computes the same
-function); the statistics of every smoothed input are rescaled to ``X / s`` in place.
+before weight quantization. Guarantees: returns new parameters (the float model computes the same
+function with them) and new statistics, those of every smoothed input rescaled to ``X / s``; the
+caller's dicts are not changed.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .rtn import quantize_rtn
-from .scale_folding import find_smoothing_groups, fold_scales, rescale_statistics, weight_nk
-from .sensitivity import quantize_activations
+from .recipe import ActQuant, WeightQuant
+from .scale_folding import foldable_groups, folded_model, weight_nk
+from .schemes import linear_scheme
 
 ALPHA_GRID = tuple(np.round(np.arange(0.3, 0.951, 0.05), 2))
 _EPS = 1e-5
@@ -39,25 +40,24 @@ def smoothing_scales(absmax_x: np.ndarray, weights_nk: list[np.ndarray], alpha: 
 def w8a8_error(x: np.ndarray, weights_nk: list[np.ndarray], s: np.ndarray, granularity: str,
                absmax_x: np.ndarray) -> float:
     """Relative output error of the group under W8A8 after smoothing by ``s`` (on rows ``x``)."""
-    xq = quantize_activations(x / s, granularity, absmax_x / s)
+    scheme = linear_scheme(WeightQuant(8), ActQuant(8, granularity))
+    xq = scheme.activation_grid.simulate(x / s, absmax_x / s)
     error = total = 0.0
     for w in weights_nk:
         reference = x @ w.T
-        wq = quantize_rtn(w * s, 8, None, True).dequantize()
+        wq = scheme.weight_grid.simulate(w * s)
         error += float(((xq @ wq.T - reference) ** 2).sum())
         total += float((reference**2).sum())
     return error / max(total, 1e-30)
 
 
-def apply_smoothquant(func, params: dict, statistics: dict, alpha: float | None, granularity: str,
-                      progress=None) -> dict[str, str]:
-    """Smooth every foldable group of ``func`` (see the module docstring); returns a note per layer."""
+def apply_smoothquant(func, params: dict, statistics: dict, alpha: float | None, granularity: str
+                      ) -> tuple[dict, dict, dict[str, str]]:
+    """Smooth every foldable group of ``func`` (see the module docstring); returns the new
+    ``(params, statistics)`` and a note per layer."""
     notes: dict[str, str] = {}
-    for group in find_smoothing_groups(func):
+    for group in foldable_groups(func, notes, "not smoothed (no op to fold the scale into)"):
         names = [use.name for use in group.linears]
-        if group.target is None:
-            notes.update({name: "not smoothed (no op to fold the scale into)" for name in names})
-            continue
         if alpha is not None and group.target.channel_map is not None:
             notes.update({name: "not smoothed (attention output: only alpha=auto smooths it)" for name in names})
             continue
@@ -71,12 +71,9 @@ def apply_smoothquant(func, params: dict, statistics: dict, alpha: float | None,
             notes.update({name: "not smoothed (no alpha lowers the W8A8 error)" for name in names})
             continue
         s = group.admissible(smoothing_scales(stats.absmax, weights, chosen))
-        fold_scales(params, group, s)
-        rescale_statistics(stats, s)
+        params, statistics = folded_model(params, statistics, group, s)
         notes.update({name: f"smoothed alpha {chosen:g} into {group.target.name}" for name in names})
-        if progress is not None:
-            progress.update(1)
-    return notes
+    return params, statistics, notes
 
 
 def _search_alpha(stats, weights, granularity, admissible) -> float | None:

@@ -1,4 +1,5 @@
-"""CUDA targets: Ampere (sm_80) and Hopper (sm_90)."""
+"""CUDA targets: Ampere (sm_80) and Hopper (sm_90). Registered, with no pipeline or schedule rules
+yet: ``lowbit targets`` lists them as unable to build, and a compile for them stops before any work."""
 
 from .registry import ChipTarget, register_target
 
@@ -8,7 +9,6 @@ CUDA_SM80 = register_target(
         family="cuda",
         tvm_target={"kind": "cuda", "arch": "sm_80", "host": {"kind": "llvm"}},
         capabilities=("dp4a", "mma_i8"),
-        vector_bytes=16,
         description="NVIDIA Ampere (A100, A10, RTX 30xx)",
     )
 )
@@ -19,7 +19,6 @@ CUDA_SM90 = register_target(
         family="cuda",
         tvm_target={"kind": "cuda", "arch": "sm_90", "host": {"kind": "llvm"}},
         capabilities=("dp4a", "mma_i8", "wgmma"),
-        vector_bytes=16,
         description="NVIDIA Hopper (H100, H200)",
     )
 )

@@ -1,4 +1,4 @@
-"""The target registry: a :class:`ChipTarget` is data (TVM target dict, capability flags, tile sizes)."""
+"""The target registry: a :class:`ChipTarget` is data plus the family's pipeline and schedule rules."""
 
 from __future__ import annotations
 
@@ -6,26 +6,31 @@ import dataclasses
 import os
 import platform
 import shutil
-from typing import Any, Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
-from lowbit.compiler.errors import LowbitError
+from lowbit.codegen.errors import LowbitError
+from lowbit.codegen.formats import ColumnTiles, LinearFormat
 
 
 @dataclasses.dataclass(frozen=True)
 class ChipTarget:
-    """One chip family member that lowbit can compile for.
+    """One chip that lowbit can compile for.
 
     Attributes:
         name: registry key, e.g. ``x86-avx2``.
-        family: ``x86``, ``arm`` or ``cuda``; picks the schedule rules in :mod:`lowbit.codegen`.
+        family: ``x86``, ``arm`` or ``cuda``.
         tvm_target: the TVM target as a dict (apache-tvm 0.27 accepts dicts only).
-        capabilities: instruction-set features the kernels may rely on (``avx2``, ``vnni``, ``dotprod``...).
-        vector_bytes: SIMD register width the schedules tile for.
+        capabilities: instruction-set features the kernels rely on (``avx2``, ``avx512_vnni``,
+            ``dotprod``...): checked against the host's CPU flags before code built for this target
+            runs here, and read by schedule rules that pick instructions.
         description: one line for ``lowbit targets``.
-        host_cpu_flags: the ``/proc/cpuinfo`` flags a machine needs to run this target's code.
-        schedule_linear: the rule that schedules lowbit's linear kernels,
-            ``(schedule, m_is_one, tile) -> None`` (see :mod:`lowbit.codegen.kernels`).
-        linear_tile: output channels per weight column tile, fixed when weights are packed.
+        rules: dlight ``ScheduleRule``s for lowbit's kernels, tried in order (:mod:`lowbit.targets.simd`).
+        pipeline: ``chip -> relax pipeline pass`` of the family (:func:`lowbit.targets.pipeline.cpu_pipeline`),
+            or ``None`` where lowbit cannot build for the family yet.
+        linear_tile: output channels per column tile of the weights (:meth:`linear_layout`).
+        machines: ``platform.machine()`` values of hosts that run this target's code.
+        cpu_flags: the host CPU flag (``/proc/cpuinfo``) that proves each capability, where its name differs.
         cross_compiler: the C++ compiler that links ``model.so`` when the target is not this
             machine's (e.g. ``aarch64-linux-gnu-g++``); ``LOWBIT_CROSS_CXX`` overrides it.
     """
@@ -34,17 +39,18 @@ class ChipTarget:
     family: str
     tvm_target: dict[str, Any]
     capabilities: tuple[str, ...]
-    vector_bytes: int
     description: str
-    host_cpu_flags: tuple[str, ...] = ()
-    schedule_linear: Callable | None = None
+    rules: tuple = ()
+    pipeline: Callable | None = None
     linear_tile: int = 16
+    machines: tuple[str, ...] = ()
+    cpu_flags: Mapping[str, str] = dataclasses.field(default_factory=dict)
     cross_compiler: str | None = None
 
     @property
     def can_build(self) -> bool:
-        """Whether lowbit has schedule rules for this target's kernels."""
-        return self.schedule_linear is not None
+        """Whether lowbit has a pipeline and schedule rules for this target's kernels."""
+        return self.pipeline is not None and bool(self.rules)
 
     def tvm(self):
         """The :class:`tvm.target.Target` for this chip."""
@@ -52,16 +58,16 @@ class ChipTarget:
 
         return Target(self.tvm_target)
 
-    @property
-    def vector_lanes_f32(self) -> int:
-        return self.vector_bytes // 4
+    def linear_layout(self, fmt: LinearFormat) -> ColumnTiles:
+        """The memory layout this chip's kernels want for a linear weight of format ``fmt``."""
+        return ColumnTiles(self.linear_tile)
 
     def runs_on_this_machine(self) -> bool:
-        """Whether code built for this target can execute here."""
-        if self.family != "x86" or platform.machine() not in ("x86_64", "AMD64"):
+        """Whether code built for this target can execute here: the machine type and every capability."""
+        if platform.machine() not in self.machines:
             return False
         flags = _cpu_flags()
-        return all(f in flags for f in self.host_cpu_flags)
+        return all(self.cpu_flags.get(c, c) in flags for c in self.capabilities)
 
     def library_compiler(self) -> Callable | None:
         """What links ``model.so`` for this target: ``None`` for the host's compiler, else TVM's
@@ -107,15 +113,18 @@ def list_targets() -> list[ChipTarget]:
 
 
 def get_target(name: str) -> ChipTarget:
-    """Look a target up by name; ``host`` picks the best x86 target this CPU runs."""
+    """Look a target up by name; ``host`` picks the buildable target this CPU runs with the most
+    capabilities."""
+    if not isinstance(name, str):
+        raise LowbitError(f"target must be a name, got {type(name).__name__} {name!r}")
     if name == "host":
-        runnable = [t for t in _REGISTRY.values() if t.runs_on_this_machine()]
+        runnable = [t for t in _REGISTRY.values() if t.can_build and t.runs_on_this_machine()]
         if not runnable:
             raise LowbitError(
                 f"no registered target runs on this machine ({platform.machine()}); "
                 f"name one explicitly with -t: {', '.join(sorted(_REGISTRY))}"
             )
-        return max(runnable, key=lambda t: (len(t.host_cpu_flags), t.vector_bytes))
+        return max(runnable, key=lambda t: len(t.capabilities))
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -125,10 +134,11 @@ def get_target(name: str) -> ChipTarget:
 
 
 def _cpu_flags() -> set[str]:
+    """The host CPU's feature flags (x86 ``flags``, AArch64 ``Features`` in ``/proc/cpuinfo``)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
-                if line.startswith("flags"):
+                if line.startswith(("flags", "Features")):
                     return set(line.split(":", 1)[1].split())
     except OSError:
         pass

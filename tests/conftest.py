@@ -1,4 +1,6 @@
-"""Shared fixtures: the real SmolLM2 artifacts are compiled once per session and reused."""
+"""Shared fixtures: the real SmolLM2 is prepared and calibrated once per session, and each recipe's
+build is made once and shared by the accuracy tests (in memory) and the end-to-end tests (saved as
+an artifact and loaded)."""
 
 from __future__ import annotations
 
@@ -19,28 +21,50 @@ def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("lowbit: error:")]
 
 
+SMOL_CALIBRATION = {"samples": 16, "seq_len": 256, "probe_tokens": 64}  # keep=autoN's probe: 256 by default
+
+
+class Smol:
+    """SmolLM2-135M prepared for a context of 1024 and calibrated on ``SMOL_CALIBRATION`` windows of
+    the bundled calibration text; :meth:`built` builds a recipe for the host once."""
+
+    def __init__(self):
+        from lowbit.compiler import CalibrationText, prepare
+        from lowbit.compiler.sources.texts import read_text
+
+        calibration = CalibrationText("lcet10", read_text("lcet10"), **SMOL_CALIBRATION)
+        self.prepared = prepare("smollm2-135m", max_context=1024, calibration=calibration)
+        self._built: dict = {}
+
+    def built(self, recipe: str):
+        from lowbit.compiler import get_recipe
+
+        if recipe not in self._built:
+            self._built[recipe] = self.prepared.build(get_recipe(recipe))
+        return self._built[recipe]
+
+
 @pytest.fixture(scope="session")
-def smol_source():
-    """The default real model, loaded (GGUF converted and cached on first use)."""
-    from lowbit.compiler.models import resolve_model
-
-    return resolve_model("smollm2-135m")
+def smol() -> Smol:
+    return Smol()
 
 
 @pytest.fixture(scope="session")
-def artifacts(tmp_path_factory):
-    """Compile SmolLM2 with a recipe once per session: ``artifacts("w8a16-rtn") -> Path``."""
-    from lowbit.compiler import compile as lowbit_compile
+def smol_source(smol):
+    """The default real model as loaded (GGUF converted and cached on first use)."""
+    return smol.prepared.source
 
+
+@pytest.fixture(scope="session")
+def artifacts(tmp_path_factory, smol):
+    """SmolLM2 under a recipe as an artifact, written once per session: ``artifacts("w8a16-rtn") -> Path``."""
     root = tmp_path_factory.mktemp("artifacts")
-    built: dict[str, Path] = {}
+    saved: dict[str, Path] = {}
 
     def get(recipe: str) -> Path:
-        if recipe not in built:
-            out = root / recipe
-            lowbit_compile("smollm2-135m", recipe, "host", out, max_context=1024, progress=False)
-            built[recipe] = out
-        return built[recipe]
+        if recipe not in saved:
+            saved[recipe] = smol.built(recipe).save(root / recipe)
+        return saved[recipe]
 
     return get
 
@@ -50,7 +74,7 @@ def eval_tokens(smol_source):
     """A few hundred tokens of real English (Alice in Wonderland, chapter 1 onward)."""
     from tokenizers import Tokenizer
 
-    from lowbit.compiler.datasets import read_text
+    from lowbit.compiler.sources.texts import read_text
 
     text = read_text("alice29")
     start = text.index("CHAPTER I")
@@ -88,14 +112,40 @@ def pytest_addoption(parser):
     parser.addoption("--fuzz-long", action="store_true", help="fuzzing suite: ten times the cases, random seeds")
 
 
+def pytest_collection_modifyitems(items):
+    """Under ``pytest -n N --dist loadgroup`` (``make test``): every test of a module runs on one
+    worker (its module fixtures are made once), and every test that needs the session's SmolLM2
+    runs on the same worker (it is prepared and built once)."""
+    for item in items:
+        group = "smollm2" if "smol" in getattr(item, "fixturenames", ()) else item.module.__name__
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
+_FUZZ_CASES: dict[str, int] = {}  # summed over xdist workers
+
+
+def _fuzz_cases() -> dict[str, int]:
+    fuzz = sys.modules.get("tests.test_fuzz")
+    return dict(fuzz.CASES) if fuzz is not None else {}
+
+
 def pytest_sessionfinish(session, exitstatus):
     from . import forkserver
 
     forkserver.close()
+    if hasattr(session.config, "workeroutput"):  # an xdist worker: report its fuzz counts to the controller
+        session.config.workeroutput["fuzz_cases"] = _fuzz_cases()
+
+
+def pytest_testnodedown(node, error):
+    for kind, count in getattr(node, "workeroutput", {}).get("fuzz_cases", {}).items():
+        _FUZZ_CASES[kind] = _FUZZ_CASES.get(kind, 0) + count
 
 
 def pytest_terminal_summary(terminalreporter):
-    fuzz = sys.modules.get("tests.test_fuzz")
-    if fuzz is not None and fuzz.CASES:
-        counts = ", ".join(f"{kind} {count}" for kind, count in sorted(fuzz.CASES.items()))
-        terminalreporter.write_line(f"fuzz cases run: {counts} (total {sum(fuzz.CASES.values())})")
+    cases = dict(_FUZZ_CASES)
+    for kind, count in _fuzz_cases().items():
+        cases[kind] = cases.get(kind, 0) + count
+    if cases:
+        counts = ", ".join(f"{kind} {count}" for kind, count in sorted(cases.items()))
+        terminalreporter.write_line(f"fuzz cases run: {counts} (total {sum(cases.values())})")

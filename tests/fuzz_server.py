@@ -36,8 +36,8 @@ def _preload() -> None:
 
     import lowbit.compiler.api  # noqa: F401
     import lowbit.compiler.cli  # noqa: F401
-    import lowbit.compiler.frontend_onnx  # noqa: F401
-    import lowbit.compiler.frontend_torch  # noqa: F401
+    import lowbit.compiler.frontend.onnx_file  # noqa: F401
+    import lowbit.compiler.frontend.torch_export  # noqa: F401
 
 
 def _child(request: dict) -> int:
@@ -47,7 +47,7 @@ def _child(request: dict) -> int:
         os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     if "python" in request:
-        from lowbit.compiler.errors import LowbitError
+        from lowbit.codegen.errors import LowbitError
 
         try:
             exec(compile(request["python"], "<fuzz case>", "exec"), {})  # noqa: S102 - the test's own code

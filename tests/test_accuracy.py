@@ -1,47 +1,32 @@
 """Accuracy bars on the real model (the cheap setting of the accuracy issue's bars).
 
-SmolLM2-135M is imported and calibrated once (16 windows of 256 tokens of the bundled calibration
-text); each recipe is quantized and built in memory and scored on 1024 held-out tokens of Alice
-(windows of 256). gap = PPL / PPL_float - 1.
+SmolLM2-135M is imported and calibrated once per session (``tests/conftest.py``: 16 windows of 256
+tokens of the bundled calibration text, keep=autoN's probe on 64 of them); each recipe is quantized
+and built in memory and scored on 1024 held-out tokens of Alice (windows of 256).
+gap = PPL / PPL_float - 1.
 """
 
 import pytest
 
-from lowbit.codegen.build import build
-from lowbit.compiler.api import CalibrationText, _calibrate, _import
-from lowbit.compiler.datasets import read_text
-from lowbit.compiler.evaluate import evaluate_session
-from lowbit.compiler.pipeline import run_pipeline
-from lowbit.compiler.recipes import get_recipe
-from lowbit.compiler.runtime import Session
-from lowbit.targets import get_target
+from lowbit.compiler.runtime.evaluation import evaluate_session
+from lowbit.compiler.sources.texts import read_text
 
 pytestmark = pytest.mark.slow
 
-CALIB_SAMPLES, CALIB_LEN, EVAL_TOKENS, WINDOW = 16, 256, 1024, 256
+EVAL_TOKENS, WINDOW = 1024, 256
 
 
 @pytest.fixture(scope="module")
-def bench(smol_source):
-    """Import + calibrate once; ``bench(recipe) -> EvalResult`` (memoized), scored against fp32."""
-    chip = get_target("host")
-    ir, tokenizer_folder, _ = _import(smol_source, 1024)
-    calibration = _calibrate(ir, chip, tokenizer_folder, CalibrationText("lcet10", read_text("lcet10"), CALIB_SAMPLES, CALIB_LEN),
-                             False)
-    tokenizer = tokenizer_folder / "tokenizer.json"
-    from tokenizers import Tokenizer
-
-    ids = Tokenizer.from_file(str(tokenizer)).encode(read_text("alice29")).ids[: EVAL_TOKENS + 1]
-    sessions: dict[str, Session] = {}
+def bench(smol):
+    """``bench(recipe) -> (EvalResult, gap)`` (memoized) on the session's calibrated SmolLM2, scored
+    against its fp32 build."""
+    ids = smol.prepared.tokenize(read_text("alice29"))[: EVAL_TOKENS + 1]
+    sessions: dict = {}
     results: dict = {}
 
-    def session(recipe: str) -> Session:
+    def session(recipe: str):
         if recipe not in sessions:
-            recipe_obj = get_recipe(recipe)
-            result = run_pipeline(ir, recipe_obj, chip, calibration.copy() if recipe_obj.needs_calibration else None)
-            manifest = {"model": {"name": "smollm2-135m"}, "vocab_size": ir.vocab_size,
-                        "kv_cache": vars(ir.kv), "max_context": ir.max_context}
-            sessions[recipe] = Session.in_memory(build(result.ir.mod, chip), result.ir.params, manifest, tokenizer)
+            sessions[recipe] = smol.built(recipe).session()
         return sessions[recipe]
 
     def score(recipe: str):

@@ -1,15 +1,28 @@
-"""Targets other than this machine: code generation for AArch64, and what happens without a linker.
+"""Targets other than this machine: AArch64 code generation, calibrated recipes compiled for a chip the
+host cannot run (calibration runs on the host), and what happens without a linker.
 
-Nothing here can run the AArch64 code (no emulator on CI); the tests check that the kernels are
-lowered to NEON vector instructions and that a missing cross compiler is a clear error.
+Nothing here runs AArch64 code; the tests check that the kernels are lowered to NEON vector
+instructions, that an ARM artifact of a calibrated recipe holds the same quantized weights as an x86
+build (so calibration ran on the host, not the chip), and that a missing cross compiler is a clear
+error. CI installs ``g++-aarch64-linux-gnu`` so that the ARM libraries are linked for real.
 """
 
 import re
+import shutil
 from collections import Counter
 
+import numpy as np
 import pytest
+from safetensors.numpy import load_file
+
+from lowbit.codegen.packing import from_column_tiles, unpack_int4
+from lowbit.compiler import CalibrationText, compile as lowbit_compile, get_recipe, prepare
+from lowbit.compiler.runtime.artifact import read_manifest
+from lowbit.targets import get_target
 
 from .conftest import lowbit_cli
+
+CALIBRATION_TEXT = "The quick brown fox jumps over the lazy dog near the river bank. " * 40
 
 
 def _assembly(executable) -> str:
@@ -21,23 +34,48 @@ def _assembly(executable) -> str:
     return "".join(m.inspect_source("asm") for m in modules(executable.mod) if m.kind == "llvm")
 
 
-@pytest.mark.parametrize("target", ["arm-dotprod", "arm-i8mm"])
-@pytest.mark.parametrize("recipe,vector_op", [("w4a16-rtn-g32", "fmla"), ("w8a8-naive", "smull")])
-def test_aarch64_kernels_use_neon(tiny_model_dir, target, recipe, vector_op):
-    from transformers import AutoModelForCausalLM
+@pytest.fixture(scope="module")
+def tiny_prepared(tiny_model_dir):
+    return prepare(str(tiny_model_dir), max_context=64)
 
-    from lowbit.codegen.build import build
-    from lowbit.compiler.frontend_torch import import_torch_model
-    from lowbit.compiler.pipeline import run_pipeline
-    from lowbit.compiler.recipes import get_recipe
-    from lowbit.targets import get_target
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype="float32").eval()
-    ir = import_torch_model(model, 64)
-    chip = get_target(target)
-    assembly = _assembly(build(run_pipeline(ir, get_recipe(recipe), chip).ir.mod, chip))
-    ops = Counter(re.findall(r"^\s+([a-z0-9.]+)\s+v\d+\.", assembly, re.MULTILINE))  # ops on NEON registers
+@pytest.mark.parametrize("target,recipe,vector_op", [("arm-dotprod", "w4a16-rtn-g32", "fmla"),
+                                                     ("arm-i8mm", "w8a8-naive", "smull")])
+def test_aarch64_kernels_use_neon(tiny_prepared, target, recipe, vector_op):
+    built = tiny_prepared.build(get_recipe(recipe), get_target(target))
+    ops = Counter(re.findall(r"^\s+([a-z0-9.]+)\s+v\d+\.", _assembly(built.executable), re.MULTILINE))
     assert ops[vector_op] > 50, ops.most_common(8)
+
+
+@pytest.mark.skipif(shutil.which("aarch64-linux-gnu-g++") is None,
+                    reason="no aarch64-linux-gnu-g++ to link the ARM library (CI installs it: .ci/run)")
+@pytest.mark.parametrize("recipe", ["w4a16-gptq-g128", "w8a8-smoothquant"])
+def test_calibrated_recipes_compile_for_another_chip(tiny_model_dir, tmp_path, recipe):
+    """Calibration (GPTQ's Hessians, SmoothQuant's activation ranges) runs on the host whatever the
+    target: an ARM artifact holds the same formats and codes as the x86 build of the same recipe."""
+    text = tmp_path / "calib.txt"
+    text.write_text(CALIBRATION_TEXT, encoding="utf-8")
+    arm = lowbit_compile(str(tiny_model_dir), recipe, "arm-dotprod", tmp_path / "arm", progress=False,
+                         calib=str(text), calib_samples=4, calib_seq_len=64, max_context=64)
+    manifest = read_manifest(arm.output)
+    assert manifest["target"]["name"] == "arm-dotprod"
+    arm_weights = load_file(str(arm.output / "weights.safetensors"))
+    calibration = CalibrationText("calib", CALIBRATION_TEXT, 4, 64)
+    host = prepare(str(tiny_model_dir), max_context=64, calibration=calibration).build(get_recipe(recipe))
+    assert set(host.result.layers) == set(manifest["layers"])
+    for name, report in host.result.layers.items():
+        host_tag, host_note = report.split(": ", 1)
+        arm_tag, arm_note = manifest["layers"][name].split(": ", 1)
+        assert host_tag.rsplit("_t", 1)[0] == arm_tag.rsplit("_t", 1)[0] and host_note == arm_note, name
+        host_codes, arm_codes = (_codes(weights, name) for weights in (host.result.ir.params, arm_weights))
+        np.testing.assert_array_equal(host_codes[:, : arm_codes.shape[1]], arm_codes[:, : host_codes.shape[1]])
+
+
+def _codes(weights: dict, name: str) -> np.ndarray:
+    """A layer's codes ``[K, N_padded]`` whatever its column-tile layout (int4 unpacked)."""
+    tiled = weights[f"{name}.qweight"]
+    codes = from_column_tiles(tiled, tiled.shape[0] * tiled.shape[2])
+    return unpack_int4(codes) if codes.dtype == np.uint32 else codes
 
 
 def test_missing_cross_compiler_is_named_before_compiling(tmp_path, tiny_model_dir):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lowbit.compiler import load
-from lowbit.compiler.evaluate import evaluate_session
+from lowbit.compiler.runtime.evaluation import evaluate_session
 
 from .conftest import PROMPT
 
@@ -47,7 +47,7 @@ def test_w8a16_generates_paris_and_keeps_perplexity(artifacts, eval_tokens, fp32
     session = load(artifacts("w8a16-rtn"))
     generation = session.generate(PROMPT, max_new_tokens=16)
     assert "Paris" in generation.text
-    assert generation.new_tokens >= 1 and generation.decode_tokens_per_s >= 0
+    assert generation.new_tokens >= 2 and generation.decode_tokens_per_s > 0
     result = evaluate_session(session, eval_tokens, window=256)
     ppl = result.perplexity
     assert result.tokens == len(eval_tokens) - 1

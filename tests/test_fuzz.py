@@ -37,7 +37,7 @@ from . import forkserver
 from .conftest import error_lines
 
 CASES: collections.Counter = collections.Counter()  # input kind -> cases run (printed by conftest)
-BUDGET = {"gguf": 24, "onnx": 24, "manifest": 60, "recipe-name": 50, "recipe-toml": 40, "cli": 60,
+BUDGET = {"gguf": 20, "onnx": 16, "manifest": 60, "recipe-name": 50, "recipe-toml": 40, "cli": 60,
           "token-ids": 40}
 
 

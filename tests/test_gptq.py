@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from lowbit.compiler import LowbitError
-from lowbit.compiler.calibration import calibration_samples, collect_statistics
+from lowbit.compiler.calibration import Calibrator, calibration_samples
 from lowbit.passes.gptq import quantize_gptq
-from lowbit.passes.rtn import quantize_rtn
+from lowbit.passes.schemes import WeightGrid
 
 
 def _correlated_inputs(rng, tokens=4096, width=256, rank=32):
@@ -24,12 +24,13 @@ def test_gptq_output_error_well_below_rtn(bits, group, symmetric, act_order):
     x = _correlated_inputs(rng)
     weight = rng.standard_normal((96, x.shape[1])).astype(np.float32)
     hessian = x.T.astype(np.float64) @ x / len(x)
-    result = quantize_gptq(weight, hessian, bits, group, symmetric, act_order=act_order)
+    grid = WeightGrid(bits, group, symmetric)
+    result = quantize_gptq(weight, hessian, grid, act_order=act_order)
     q = result.weight
     assert q.codes.max() <= 2**bits - 1 and np.isfinite(q.scales).all()
     reference = x @ weight.T
     gptq_err = np.mean((x @ q.dequantize().T - reference) ** 2)
-    rtn_err = np.mean((x @ quantize_rtn(weight, bits, group, symmetric).dequantize().T - reference) ** 2)
+    rtn_err = np.mean((x @ grid.simulate(weight).T - reference) ** 2)
     assert gptq_err < 0.5 * rtn_err, (gptq_err, rtn_err)
 
 
@@ -39,9 +40,9 @@ def test_gptq_raises_dampening_on_singular_hessian_and_never_returns_nan():
     x = rng.standard_normal((8, 64))  # rank 8 < 64
     hessian = -(x.T @ x)  # negative semidefinite: no dampening in range can fix it
     with pytest.raises(LowbitError, match="not positive definite"):
-        quantize_gptq(weight, hessian, 4, 32, True, damp=0.01, name="layer.x")
+        quantize_gptq(weight, hessian, WeightGrid(4, 32, True), damp=0.01, name="layer.x")
     hessian = x.T @ x - 1e-3 * np.eye(64)  # slightly indefinite: a larger dampening fixes it
-    result = quantize_gptq(weight, hessian, 4, 32, True, damp=1e-4)
+    result = quantize_gptq(weight, hessian, WeightGrid(4, 32, True), damp=1e-4)
     assert result.damp > 1e-4 and np.isfinite(result.weight.dequantize()).all()
 
 
@@ -53,15 +54,12 @@ def test_calibration_samples_validate_length():
 
 def test_statistics_from_compiled_graph_match_torch(tiny_model_dir):
     """X^T X of q_proj's input from the instrumented Relax graph equals torch's activations."""
-    from transformers import AutoModelForCausalLM
+    from lowbit.compiler import prepare
 
-    from lowbit.compiler.frontend_torch import import_torch_model
-    from lowbit.targets import get_target
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype="float32").eval()
-    ir = import_torch_model(model, 128)
+    prepared = prepare(str(tiny_model_dir), max_context=128)
+    ir, model = prepared.ir, prepared.source.model
     samples = [list(range(100, 140)), list(range(500, 540))]
-    stats = collect_statistics(ir, get_target("host"), samples)
+    stats = Calibrator(ir, samples).collect()
     assert set(stats) == {n for n in ir.params if n.endswith("proj.weight")} | {"lm_head.weight"}
     captured = []
     hook = model.model.layers[1].self_attn.q_proj.register_forward_hook(
@@ -104,20 +102,16 @@ def test_gptq_compile_end_to_end_on_small_model(tiny_model_dir, tmp_path, recipe
 
 def test_staged_gptq_calibrates_later_layers_on_quantized_earlier_ones(tiny_model_dir):
     """With ``stages=2`` the second half of the layers (graph order) is calibrated again, with the
-    first half replaced by the weights their codes stand for, and quantized from those statistics."""
-    from transformers import AutoModelForCausalLM
-
-    from lowbit.compiler.calibration import Calibration, Calibrator
-    from lowbit.compiler.frontend_torch import import_torch_model
+    first half replaced by the weights their codes stand for, and quantized from those statistics;
+    the caller's statistics are not changed."""
+    from lowbit.compiler import get_recipe, prepare
+    from lowbit.compiler.calibration import Calibration
     from lowbit.compiler.pipeline import run_pipeline
-    from lowbit.compiler.recipes import get_recipe
     from lowbit.passes.linear_match import find_linears
     from lowbit.targets import get_target
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype="float32").eval()
-    ir = import_torch_model(model, 128)
-    chip = get_target("host")
-    calibrator = Calibrator(ir, chip, [list(range(start, start + 48)) for start in (100, 700, 1300, 1900)])
+    ir = prepare(str(tiny_model_dir), max_context=128).ir
+    calibrator = Calibrator(ir, [list(range(start, start + 48)) for start in (100, 700, 1300, 1900)])
     float_stats = calibrator.collect()
     name = "model.layers.1.mlp.down_proj.weight"
     np.testing.assert_array_equal(calibrator.collect(dict(ir.params), [name])[name].xtx, float_stats[name].xtx)
@@ -125,39 +119,40 @@ def test_staged_gptq_calibrates_later_layers_on_quantized_earlier_ones(tiny_mode
     calls = []
 
     def recalibrate(params, layers):
-        calls.append((dict(params), list(layers)))
-        return calibrator.collect(params, layers)
+        collected = calibrator.collect(params, layers)
+        calls.append((dict(params), list(layers), collected))
+        return collected
 
     stats = dict(float_stats)
-    run_pipeline(ir, get_recipe("w4a16-gptq-g32:stages=2"), chip, Calibration(stats, recalibrate))
+    xtx_before = stats[name].xtx.copy()
+    run_pipeline(ir, get_recipe("w4a16-gptq-g32:stages=2"), get_target("host"), Calibration(stats, recalibrate))
     linears = list(find_linears(ir.mod["prefill"]))
     assert len(calls) == 1
-    params, later = calls[0]
+    params, later, collected = calls[0]
     assert 0 < len(later) < len(linears) and later == linears[-len(later):] and name in later
     earlier = linears[0]
     assert not np.array_equal(params[earlier], ir.params[earlier])  # dequantized int4
     np.testing.assert_allclose(params[earlier], ir.params[earlier], atol=np.abs(ir.params[earlier]).max() / 7)
     np.testing.assert_array_equal(params[later[0]], ir.params[later[0]])  # still float
-    assert stats[name] is not float_stats[name] and stats[name].tokens == float_stats[name].tokens
-    relative = np.abs(stats[name].xtx - float_stats[name].xtx).max() / np.abs(float_stats[name].xtx).max()
+    assert all(stats[n] is float_stats[n] for n in float_stats) and np.array_equal(stats[name].xtx, xtx_before)
+    assert collected[name].tokens == float_stats[name].tokens
+    relative = np.abs(collected[name].xtx - float_stats[name].xtx).max() / np.abs(float_stats[name].xtx).max()
     assert 1e-4 < relative < 0.5, relative  # the quantized first half changed the later inputs, a little
 
 
 def test_output_probe_matches_torch_with_one_layer_replaced(tiny_model_dir):
     """The probe's KL with one weight replaced equals torch's on the same tokens, and the session
     gets its float weight back afterwards."""
-    from transformers import AutoModelForCausalLM
-
-    from lowbit.compiler.frontend_torch import import_torch_model
+    from lowbit.compiler import get_recipe, prepare
     from lowbit.compiler.output_probe import OutputProbe
-    from lowbit.targets import get_target
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype="float32").eval()
+    prepared = prepare(str(tiny_model_dir), max_context=128)
+    model = prepared.source.model
     ids = list(range(300, 360))
-    probe = OutputProbe(import_torch_model(model, 128), get_target("host"), ids)
+    probe = OutputProbe(prepared.build(get_recipe("fp32")).session(), ids)
     name = "model.layers.0.mlp.down_proj.weight"
     weight = model.get_parameter(name).detach().numpy().copy()
-    quantized = quantize_rtn(weight, 4, 32, True).dequantize()
+    quantized = WeightGrid(4, 32, True).simulate(weight)
     got = probe.kl(name, quantized)
     with torch.no_grad():
         reference = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
@@ -169,7 +164,7 @@ def test_output_probe_matches_torch_with_one_layer_replaced(tiny_model_dir):
 
 
 def _statistics(samples):
-    from lowbit.compiler.calibration import LinearStatistics
+    from lowbit.passes.statistics import LinearStatistics
 
     stats = LinearStatistics.empty(samples[0].shape[1], len(samples))
     for rows in samples:
@@ -184,7 +179,7 @@ def test_validated_gptq_keeps_gptq_where_it_generalizes():
     mix = rng.standard_normal((64, 64)) * 0.3 + np.eye(64)
     samples = [(rng.standard_normal((256, 64)) @ mix).astype(np.float32) for _ in range(4)]
     weight = rng.standard_normal((32, 64)).astype(np.float32)
-    _, note = quantize_gptq_validated(weight, _statistics(samples), 4, 32, True)
+    _, note = quantize_gptq_validated(weight, _statistics(samples), WeightGrid(4, 32, True))
     assert note.startswith("gptq") and "held-out error" in note
 
 
@@ -192,7 +187,6 @@ def test_validated_gptq_falls_back_to_rtn_when_calibration_misleads():
     """Channels that merely echo others, faintly, in the fitting half but carry their own signal in the
     held-out half: GPTQ fitted on the first half loads them with error."""
     from lowbit.passes.gptq import quantize_gptq_validated
-    from lowbit.passes.rtn import quantize_rtn
 
     rng = np.random.default_rng(1)
     samples = []
@@ -202,6 +196,7 @@ def test_validated_gptq_falls_back_to_rtn_when_calibration_misleads():
             rows[:, 32:] = rows[:, :32] * 1e-2 + rows[:, 32:] * 1e-4
         samples.append(rows)
     weight = rng.standard_normal((32, 64)).astype(np.float32)
-    quantized, note = quantize_gptq_validated(weight, _statistics(samples), 4, 32, True)
+    grid = WeightGrid(4, 32, True)
+    quantized, note = quantize_gptq_validated(weight, _statistics(samples), grid)
     assert note.startswith("rtn")
-    np.testing.assert_array_equal(quantized.codes, quantize_rtn(weight, 4, 32, True).codes)
+    np.testing.assert_array_equal(quantized.codes, grid.quantize(weight).codes)

@@ -3,16 +3,17 @@
 import numpy as np
 import pytest
 import tvm
-from tvm import s_tir, te, tirx
+from tvm import te, tirx
 
-from lowbit.codegen.kernels import LinearFormat, linear_kernel
+from lowbit.codegen.errors import LowbitError
+from lowbit.codegen.formats import LinearFormat
+from lowbit.codegen.kernels import linear_kernel
 from lowbit.codegen.packing import from_column_tiles
-from lowbit.compiler.calibration import LinearStatistics
-from lowbit.compiler.errors import LowbitError
-from lowbit.compiler.recipes import ActQuant, Recipe, WeightQuant
-from lowbit.passes.quantize_weights import pack_linear
-from lowbit.passes.rtn import quantize_rtn
-from lowbit.targets import get_target
+from lowbit.passes.quantize_linears import pack_linear
+from lowbit.passes.recipe import ActQuant, Recipe, WeightQuant
+from lowbit.passes.schemes import linear_scheme
+from lowbit.passes.statistics import LinearStatistics
+from lowbit.targets import get_target, schedule
 
 CHIP = get_target("host")
 RECIPES = {
@@ -27,17 +28,14 @@ RECIPES = {
 
 
 def _reference_weight(recipe, weight):
-    wq = recipe.weights
-    return weight if wq is None else quantize_rtn(weight, wq.bits, wq.group_size, wq.symmetric).dequantize()
+    return weight if recipe.weights is None else linear_scheme(recipe.weights).weight_grid.simulate(weight)
 
 
 def _run_kernel(packed, m_rows, x):
     m = 1 if m_rows == 1 else tirx.Var("m", "int64")
-    n_padded = packed.tensors["qweight" if "qweight" in packed.tensors else "tiled"].shape[0] * packed.fmt.tile
-    func = linear_kernel(packed.fmt, m, n_padded, packed.k).with_attr("global_symbol", "kernel")
-    sch = s_tir.Schedule(func)
-    CHIP.schedule_linear(sch, m_rows == 1, CHIP.linear_tile)
-    lib = tvm.compile(sch.mod, target=CHIP.tvm()).jit()
+    n_padded = packed.layout.padded(packed.n)
+    func = linear_kernel(packed.fmt, packed.layout, m, n_padded, packed.k).with_attr("global_symbol", "kernel")
+    lib = tvm.compile(schedule(func, CHIP).mod, target=CHIP.tvm()).jit()
     dev = tvm.cpu()
     args = [tvm.runtime.tensor(a, dev) for a in [x, *packed.tensors.values()]]
     out = tvm.runtime.tensor(np.zeros((m_rows, n_padded), np.float32), dev)
@@ -53,7 +51,7 @@ def test_linear_kernel_matches_numpy(fmt, m_rows, n, k):
     weight = rng.standard_normal((n, k)).astype(np.float32)
     x = rng.standard_normal((m_rows, k)).astype(np.float32)
     recipe = RECIPES[fmt]
-    packed = pack_linear(weight, recipe, "layer", CHIP.linear_tile)
+    packed = pack_linear(weight, recipe, "layer", CHIP)
     expected_kind = "f32" if recipe.weights is None else "int8" if recipe.weights.bits == 8 else "int4"
     assert packed.fmt.kind == expected_kind
     got = _run_kernel(packed, m_rows, x)
@@ -63,7 +61,7 @@ def test_linear_kernel_matches_numpy(fmt, m_rows, n, k):
 
 def test_int4_weights_are_an_eighth_of_float():
     weight = np.random.default_rng(1).standard_normal((256, 512)).astype(np.float32)
-    packed = pack_linear(weight, RECIPES["int4_g32"], "layer", CHIP.linear_tile)
+    packed = pack_linear(weight, RECIPES["int4_g32"], "layer", CHIP)
     assert packed.tensors["qweight"].nbytes == weight.nbytes // 8
     assert isinstance(packed.fmt, LinearFormat) and packed.fmt.group_size == 32
 
@@ -104,7 +102,7 @@ def test_w8a8_kernel_matches_integer_reference(kind, m_rows, n, k):
     if m_rows > 1:
         x[-1] = 0.0  # an all-zero row takes the dynamic scale's guard
     calibration = rng.standard_normal((16, k)).astype(np.float32)  # max about 3: static codes clip
-    packed = pack_linear(weight, W8A8_RECIPES[kind], "layer", CHIP.linear_tile, _statistics(calibration))
+    packed = pack_linear(weight, W8A8_RECIPES[kind], "layer", CHIP, _statistics(calibration))
     assert packed.fmt.kind == kind
     got = _run_kernel(packed, m_rows, x)
     want = _w8a8_reference(packed, x)
@@ -118,7 +116,7 @@ def test_w8a8_kernel_is_close_to_float_matmul(kind, m_rows):
     rng = np.random.default_rng(m_rows)
     weight = rng.standard_normal((64, 256)).astype(np.float32)
     x = rng.standard_normal((m_rows, 256)).astype(np.float32)
-    packed = pack_linear(weight, W8A8_RECIPES[kind], "layer", CHIP.linear_tile, _statistics(x))
+    packed = pack_linear(weight, W8A8_RECIPES[kind], "layer", CHIP, _statistics(x))
     got = _run_kernel(packed, m_rows, x)
     want = x.astype(np.float64) @ weight.T.astype(np.float64)
     assert np.linalg.norm(got - want) < 2e-2 * np.linalg.norm(want)
@@ -127,7 +125,7 @@ def test_w8a8_kernel_is_close_to_float_matmul(kind, m_rows):
 def test_static_w8a8_without_statistics_names_the_layer():
     weight = np.ones((16, 32), np.float32)
     with pytest.raises(LowbitError, match="layer blocks.0.q_proj"):
-        pack_linear(weight, W8A8_RECIPES["w8a8_static"], "blocks.0.q_proj", CHIP.linear_tile)
+        pack_linear(weight, W8A8_RECIPES["w8a8_static"], "blocks.0.q_proj", CHIP)
 
 
 def _legalized_matmul(a_shape, b_shape):
@@ -146,7 +144,7 @@ def _legalized_matmul(a_shape, b_shape):
 @pytest.mark.parametrize("query,keys", [(7, 13), (1, 5), (33, 70)])
 def test_attention_matmul_rule_matches_numpy(query, keys):
     """Q K^T and P V as attention legalizes them (symbolic lengths), scheduled by BatchMatmul."""
-    from lowbit.targets.cpu_rules import BatchMatmul
+    from lowbit.targets.simd import BatchMatmul
 
     n, m = tirx.Var("n", "int64"), tirx.Var("m", "int64")
     rng = np.random.default_rng(0)
@@ -165,10 +163,30 @@ def test_attention_matmul_rule_matches_numpy(query, keys):
 
 def test_attention_matmul_rule_leaves_other_layouts_alone():
     """A product whose columns are not contiguous in B (``B[..., j, k]``) is not BatchMatmul's."""
-    from lowbit.targets.cpu_rules import BatchMatmul
+    from lowbit.targets.simd import BatchMatmul
 
     a = te.placeholder((2, 8, 16), name="a")
     b = te.placeholder((2, 12, 16), name="b")
     k = te.reduce_axis((0, 16), name="k")
     c = te.compute((2, 8, 12), lambda g, i, j: te.sum(a[g, i, k] * b[g, j, k], axis=k), name="matmul")
     assert BatchMatmul().apply(te.create_prim_func([a, b, c]), CHIP.tvm(), False) is None
+
+
+def test_gemm_rules_return_a_tunable_space():
+    """Asked for a tunable schedule, the GEMM rule samples its register tile's row count (a space
+    MetaSchedule can search); every sample computes the same product."""
+    packed = pack_linear(np.random.default_rng(5).standard_normal((48, 64)).astype(np.float32), RECIPES["int4_g32"],
+                         "layer", CHIP)
+    m = tirx.Var("m", "int64")
+    func = linear_kernel(packed.fmt, packed.layout, m, packed.layout.padded(48), 64).with_attr("global_symbol", "k")
+    rule = next(r for r in CHIP.rules if r.apply(func, CHIP.tvm(), False) is not None)
+    sch = rule.apply(func, CHIP.tvm(), True)
+    samples = [inst for inst in sch.trace.insts if inst.kind.name == "SampleCategorical"]
+    assert len(samples) == 1
+    x = np.random.default_rng(6).standard_normal((13, 64)).astype(np.float32)
+    lib = tvm.compile(sch.mod, target=CHIP.tvm()).jit()
+    out = tvm.runtime.tensor(np.zeros((13, packed.layout.padded(48)), np.float32))
+    lib["k"](*[tvm.runtime.tensor(a) for a in [x, *packed.tensors.values()]], out)
+    want = x @ _reference_weight(RECIPES["int4_g32"], np.random.default_rng(5).standard_normal((48, 64))
+                                 .astype(np.float32)).T
+    np.testing.assert_allclose(out.numpy()[:, :48], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())

@@ -11,8 +11,8 @@ from onnx import TensorProto, helper
 
 from lowbit.compiler import compile as lowbit_compile
 from lowbit.compiler import load
-from lowbit.compiler.errors import LowbitError
-from lowbit.compiler.frontend_torch import _ExplicitCacheLM
+from lowbit.codegen.errors import LowbitError
+from lowbit.compiler.frontend.torch_export import _ExplicitCacheLM
 
 NUM_LAYERS, KV_HEADS, HEAD_DIM = 2, 2, 16
 PROMPT_IDS = [5, 17, 300, 42, 7, 511, 128]
@@ -170,7 +170,7 @@ def test_smoothing_groups_found_from_the_onnx_graph(tiny_llama, tmp_path):
     norm weight shared by several norms is (rightly) not a fold target."""
     import copy
 
-    from lowbit.compiler.frontend_onnx import import_onnx_model
+    from lowbit.compiler.frontend.onnx_file import import_onnx_model
     from lowbit.passes.scale_folding import find_smoothing_groups
 
     model = copy.deepcopy(tiny_llama)
@@ -219,7 +219,7 @@ def test_export_config_gives_eos_and_a_missing_tokenizer_is_said(onnx_path, tmp_
     import shutil
     import warnings
 
-    from lowbit.compiler.errors import LowbitWarning
+    from lowbit.codegen.errors import LowbitWarning
 
     from .conftest import lowbit_cli
 

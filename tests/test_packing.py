@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from lowbit.codegen.packing import from_column_tiles, pack_int4, to_column_tiles, unpack_int4
-from lowbit.passes.rtn import quantize_rtn
+from lowbit.passes.schemes import WeightGrid
 
 dims = st.integers(min_value=1, max_value=12)
 
@@ -43,12 +43,12 @@ def test_rtn_requantize_is_bit_exact_and_error_bounded(data, n, k, bits, group, 
     if bits == 8:
         group = None
     weight = data.draw(arrays(np.float32, (n, k), elements=finite))
-    q = quantize_rtn(weight, bits, group, symmetric)
+    q = WeightGrid(bits, group, symmetric).quantize(weight)
     levels = 2**bits - 1
-    assert q.codes.min() >= 0 and q.codes.max() <= levels
+    assert q.codes.dtype == np.uint8 and q.codes.max() <= levels
     restored = q.dequantize()
     # quantizing the dequantized weight reproduces the codes exactly
-    again = quantize_rtn(restored, bits, group, symmetric)
+    again = WeightGrid(bits, group, symmetric).quantize(restored)
     assert np.array_equal(again.codes, q.codes)
     np.testing.assert_allclose(again.dequantize(), restored, rtol=1e-5, atol=1e-6)
     # every element is within half a step of the original; symmetric grids clip the positive end
@@ -60,6 +60,6 @@ def test_rtn_requantize_is_bit_exact_and_error_bounded(data, n, k, bits, group, 
 
 def test_rtn_partial_last_group():
     weight = np.random.default_rng(0).standard_normal((3, 576)).astype(np.float32)
-    q = quantize_rtn(weight, 4, 128, True)
+    q = WeightGrid(4, 128, True).quantize(weight)
     assert q.scales.shape == (5, 3)  # 4 full groups of 128 and one of 64
     assert np.abs(q.dequantize() - weight).max() <= np.abs(q.scales).max() + 1e-6

@@ -1,5 +1,7 @@
 """Recipe names and files, target registry."""
 
+import json
+
 import pytest
 
 from lowbit.compiler import LowbitError, get_recipe
@@ -73,3 +75,24 @@ def test_targets_registry():
     assert get_target("arm-i8mm").tvm().attrs["mtriple"] == "aarch64-linux-gnu"
     with pytest.raises(LowbitError, match="valid targets: host, "):
         get_target("riscv")
+
+
+def test_pipeline_steps_come_from_the_recipe():
+    from lowbit.compiler import explain
+
+    steps = explain("w4a16-awq-gptq-g128:keep=auto2;stages=2")
+    assert [s["step"] for s in steps] == ["KeepLayers", "ScaleForWeights", "RoundInStages", "QuantizeLinearLayers",
+                                          "Finalize"]
+    assert [s["needs_calibration"] for s in steps] == [True, True, True, True, False]
+    assert [s["step"] for s in explain("w8a8-smoothquant")][:1] == ["SmoothActivations"]
+    plain = explain("w4a16-rtn-g128")
+    assert [s["step"] for s in plain] == ["QuantizeLinearLayers", "Finalize"] and not plain[0]["needs_calibration"]
+    assert all(s["requires"] and s["guarantees"] for s in steps)
+
+
+def test_explain_on_the_command_line_loads_nothing():
+    from .conftest import lowbit_cli
+
+    done = lowbit_cli("compile", "no-such-model", "-r", "w8a8-smoothquant", "--explain", "--json")
+    assert done.returncode == 0, done.stderr
+    assert [s["step"] for s in json.loads(done.stdout)] == ["SmoothActivations", "QuantizeLinearLayers", "Finalize"]

@@ -1,27 +1,28 @@
 """Scale folding, SmoothQuant and AWQ: structure found from the graph, equivalence, error reduction."""
 
-import copy
+import dataclasses
 
 import numpy as np
 import pytest
 import torch
 
-from lowbit.codegen.build import build
-from lowbit.compiler.calibration import LinearStatistics
-from lowbit.compiler.recipes import WeightQuant
-from lowbit.compiler.runtime import Session
 from lowbit.passes.awq import output_error
 from lowbit.passes.scale_folding import find_smoothing_groups, fold_scales
+from lowbit.passes.schemes import WeightGrid
 from lowbit.passes.smoothquant import smoothing_scales, w8a8_error
-from lowbit.targets import get_target
+from lowbit.passes.statistics import LinearStatistics
 
 
 @pytest.fixture(scope="module")
-def tiny_ir(tiny_model_dir):
-    from lowbit.compiler.frontend_torch import import_torch_model
-    from lowbit.compiler.models import resolve_model
+def tiny(tiny_model_dir):
+    from lowbit.compiler import prepare
 
-    return import_torch_model(resolve_model(str(tiny_model_dir)).model, 64)
+    return prepare(str(tiny_model_dir), max_context=64)
+
+
+@pytest.fixture(scope="module")
+def tiny_ir(tiny):
+    return tiny.ir
 
 
 def test_groups_and_fold_targets_come_from_the_graph(tiny_ir):
@@ -49,32 +50,28 @@ def test_scales_through_attention_are_shared_by_query_heads(tiny_ir):
         np.testing.assert_allclose(tied[index == channel], np.exp(np.log(shared).mean()), rtol=1e-5)
 
 
-def _logits(ir, params, ids):
+def _logits(prepared, params, ids):
     """Prefill logits of ``ids`` and, after them, the decode logits of one more token (through the cache)."""
-    from lowbit.compiler.pipeline import run_pipeline
-    from lowbit.compiler.recipes import get_recipe
+    from lowbit.compiler import get_recipe
 
-    chip = get_target("host")
-    result = run_pipeline(ir.__class__(**{**vars(ir), "params": params}), get_recipe("fp32"), chip)
-    manifest = {"model": {"name": "tiny"}, "vocab_size": ir.vocab_size, "kv_cache": vars(ir.kv),
-                "max_context": ir.max_context}
-    session = Session.in_memory(build(result.ir.mod, chip), result.ir.params, manifest, None)
+    model = dataclasses.replace(prepared, ir=dataclasses.replace(prepared.ir, params=params))
+    session = model.build(get_recipe("fp32")).session()
     prefill = session.prefill(ids)
     return np.concatenate([prefill, session.decode(ids[0])[None]])
 
 
-def test_folding_random_scales_keeps_the_model_function(tiny_ir):
+def test_folding_random_scales_keeps_the_model_function(tiny, tiny_ir):
     rng = np.random.default_rng(0)
-    params = copy.deepcopy(dict(tiny_ir.params))
+    params = dict(tiny_ir.params)
     folded = 0
     for group in find_smoothing_groups(tiny_ir.mod["prefill"]):
         if group.target is not None:
-            fold_scales(params, group, group.admissible(rng.uniform(0.25, 4.0, group.width).astype(np.float32)))
+            params |= fold_scales(params, group, group.admissible(rng.uniform(0.25, 4.0, group.width).astype(np.float32)))
             folded += 1
     assert folded == 4 * 2  # q/k/v, o (into v), gate/up and down in both layers
     ids = list(range(100, 140))
-    want = _logits(tiny_ir, dict(tiny_ir.params), ids)
-    got = _logits(tiny_ir, params, ids)
+    want = _logits(tiny, dict(tiny_ir.params), ids)
+    got = _logits(tiny, params, ids)
     assert np.abs(got - want).max() / np.abs(want).max() < 1e-4
     changed = [n for n in params if not np.array_equal(params[n], tiny_ir.params[n])]
     assert changed and all(n.endswith(("layernorm.weight", "proj.weight")) for n in changed)
@@ -104,25 +101,24 @@ def test_awq_scaling_lowers_the_int4_output_error():
     stats.add(x)
     hessian = torch.from_numpy(stats.hessian())
     weights = [rng.standard_normal((64, 128)).astype(np.float32) * 0.05]
-    wq = WeightQuant(4, 32)
-    plain = output_error(weights, hessian, np.ones(128, np.float32), wq)
+    grid = WeightGrid(4, 32, True)
+    plain = output_error(weights, hessian, np.ones(128, np.float32), grid)
     s = (stats.abssum / stats.tokens) ** 0.5
-    scaled = output_error(weights, hessian, (s / np.sqrt(s.max() * s.min())).astype(np.float32), wq)
+    scaled = output_error(weights, hessian, (s / np.sqrt(s.max() * s.min())).astype(np.float32), grid)
     assert scaled < 0.8 * plain, (scaled, plain)
 
 
 def test_awq_clipping_never_raises_a_groups_error():
     from lowbit.passes.awq import clip_search
-    from lowbit.passes.rtn import quantize_rtn
 
     rng = np.random.default_rng(3)
     x = _outlier_activations(rng)
     hessian = x.T.astype(np.float64) @ x / len(x)
     weight = rng.standard_t(3, (64, 128)).astype(np.float32)  # heavy tails: clipping pays off
-    for wq in (WeightQuant(4, 32), WeightQuant(4, 32, symmetric=False), WeightQuant(3, None)):
-        clamped, ratio = clip_search(weight, hessian, wq)
+    for grid in (WeightGrid(4, 32, True), WeightGrid(4, 32, False), WeightGrid(3, None, True)):
+        clamped, ratio = clip_search(weight, hessian, grid)
         errors = []
         for w in (weight, clamped):
-            delta = quantize_rtn(w, wq.bits, wq.group_size, wq.symmetric).dequantize() - weight
+            delta = grid.simulate(w) - weight
             errors.append(float(np.einsum("ij,jk,ik->", delta, hessian, delta)))
-        assert errors[1] <= errors[0] * (1 + 1e-6) and ratio < 1.0, (wq, errors, ratio)
+        assert errors[1] <= errors[0] * (1 + 1e-6) and ratio < 1.0, (grid, errors, ratio)

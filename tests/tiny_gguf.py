@@ -21,7 +21,7 @@ _SHAPE_KEYS = {"llama.block_count": LAYERS, "llama.embedding_length": HIDDEN, "l
 
 
 def smollm2_gguf() -> Path:
-    from lowbit.compiler.models import REGISTERED_MODELS
+    from lowbit.compiler.sources.models import REGISTERED_MODELS
 
     entry = REGISTERED_MODELS["smollm2-135m"]
     return Path(importlib.util.find_spec(entry.package).submodule_search_locations[0]) / entry.filename

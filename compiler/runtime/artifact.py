@@ -34,7 +34,7 @@ import stat
 import tempfile
 from pathlib import Path
 
-from .errors import LowbitError
+from lowbit.codegen.errors import LowbitError
 from .manifest import FORMAT_VERSION, validate_manifest
 
 MANIFEST = "manifest.json"

@@ -18,7 +18,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from lowbit.passes.bounded_gather import bounded_gather
+from .bounded_gather import bounded_gather
 
 ENTRY_FUNCTIONS = ("prefill", "decode")
 

@@ -15,7 +15,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from .errors import LowbitError
+from lowbit.codegen.errors import LowbitError
 from .models import cache_dir
 
 SDIST = "brotli==1.2.1"

@@ -23,8 +23,8 @@ import tvm
 from tvm import relax, tirx
 from tvm.relax.frontend.onnx.onnx_frontend import ONNXGraphImporter
 
-from .errors import LowbitError
-from .model_ir import KVLayout, ModelIR, kv_names, make_entry_module, rename_params, sync_params
+from lowbit.codegen.errors import LowbitError
+from lowbit.passes.model_ir import KVLayout, ModelIR, kv_names, make_entry_module, rename_params, sync_params
 from .unsupported import check_onnx_ops
 
 DEFAULT_MAX_CONTEXT = 2048

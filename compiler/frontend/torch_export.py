@@ -12,8 +12,8 @@ import torch
 from tvm import relax
 from tvm.relax.frontend.torch import from_exported_program
 
-from .errors import LowbitError
-from .model_ir import KVLayout, ModelIR, kv_names, make_entry_module, rename_params, sync_params
+from lowbit.codegen.errors import LowbitError
+from lowbit.passes.model_ir import KVLayout, ModelIR, kv_names, make_entry_module, rename_params, sync_params
 from .unsupported import check_exported_ops
 
 

@@ -6,7 +6,7 @@ line that produced it to decide what to change (an export flag, a config option,
 
 from __future__ import annotations
 
-from .errors import LowbitError
+from lowbit.codegen.errors import LowbitError
 
 _MAX_LISTED = 20
 _KNOWN_DOMAINS = ("", "ai.onnx", "com.microsoft")  # TVM converts some ONNX Runtime contrib ops too

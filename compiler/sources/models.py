@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import LowbitError
+from lowbit.codegen.errors import LowbitError
 
 DEFAULT_MODEL = "smollm2-135m"
 

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 from .artifact import MANIFEST, SIGNATURES, read_manifest
-from .errors import LowbitError
+from lowbit.codegen.errors import LowbitError
 
 
 def _serialization():

@@ -14,7 +14,7 @@ import dataclasses
 
 import numpy as np
 
-from .errors import LowbitError
+from lowbit.codegen.errors import LowbitError
 
 
 @dataclasses.dataclass

@@ -12,7 +12,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
-from .errors import LowbitError
+from lowbit.codegen.errors import LowbitError
 
 FORMAT_VERSION = 2
 

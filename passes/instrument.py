@@ -1,6 +1,6 @@
 """Instrument a Relax function so that it returns the input activations of every linear layer.
 
-Requires: an entry function of a :class:`~lowbit.compiler.model_ir.ModelIR` (``num_input``
+Requires: an entry function of a :class:`~lowbit.passes.model_ir.ModelIR` (``num_input``
 attribute, weights as named trailing parameters), before weight quantization.
 
 Guarantees: a new function ``calibrate`` with the same parameters that returns, for each distinct

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from .artifact import LIBRARY, WEIGHTS, read_manifest
-from .errors import LowbitError
+from lowbit.codegen.errors import LowbitError
 
 
 @dataclasses.dataclass

@@ -1,0 +1,65 @@
+"""Weight formats (what a linear layer stores and computes) and layouts (how a chip wants it in memory).
+
+A format is chosen by the quantization scheme (:mod:`lowbit.passes.schemes`); a layout by the chip
+target at packing time (:meth:`lowbit.targets.ChipTarget.linear_layout`). The kernel definitions
+(:mod:`.kernels`) take both; their tag names both, so a target's schedule rules can find them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from .packing import from_column_tiles, to_column_tiles
+
+FORMAT_KINDS = ("f32", "int8", "int4", "w8a8", "w8a8_static")
+W8A8_KINDS = ("w8a8", "w8a8_static")  # int8 activations: per-token dynamic scales / one static scale
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearFormat:
+    """What a linear layer's weight holds and what its kernel computes.
+
+    kind: ``f32`` (float weights), ``int8`` (int8 codes, one scale per output channel), ``int4``
+    (codes packed 8 per uint32 along K, one scale [and zero point] per ``group_size`` inputs), or
+    ``w8a8`` / ``w8a8_static``: the ``int8`` weights with the activations quantized to int8 too
+    (per token at run time, or with one calibrated scale).
+    """
+
+    kind: str
+    group_size: int = 0
+    has_zeros: bool = False
+
+    def __post_init__(self):
+        if self.kind not in FORMAT_KINDS:
+            raise ValueError(f"unknown linear format {self.kind!r}; one of {FORMAT_KINDS}")
+
+    @property
+    def tag(self) -> str:
+        if self.kind == "int4":
+            return f"int4_g{self.group_size}{'_asym' if self.has_zeros else ''}"
+        return self.kind
+
+
+@dataclasses.dataclass(frozen=True)
+class ColumnTiles:
+    """Every weight tensor as ``[ceil(N / tile), K', tile]``: each tile of ``tile`` output channels
+    contiguous, so a kernel streams a tile front to back and vectorizes across its channels."""
+
+    tile: int
+
+    @property
+    def tag(self) -> str:
+        return f"t{self.tile}"
+
+    def pack(self, matrix: np.ndarray) -> np.ndarray:
+        """``[R, N]`` -> ``[ceil(N / tile), R, tile]`` (columns past ``N`` are zero padding)."""
+        return to_column_tiles(matrix, self.tile)
+
+    def unpack(self, tiled: np.ndarray, n: int) -> np.ndarray:
+        return from_column_tiles(tiled, n)
+
+    def padded(self, n: int) -> int:
+        """``n`` output channels rounded up to whole tiles (what the kernel computes)."""
+        return -(-n // self.tile) * self.tile

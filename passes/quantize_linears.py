@@ -1,0 +1,176 @@
+"""Rewrite every linear layer into a call of its scheme's kernel, its weight quantized per the recipe.
+
+Requires: a :class:`~lowbit.passes.model_ir.ModelIR` module (entry functions with ``num_input``,
+weights as named trailing parameters), before legalization.
+
+Guarantees: every ``matmul`` whose right operand is a 2-D weight parameter (see
+:mod:`lowbit.passes.linear_match`) becomes ``call_tir`` of a :mod:`lowbit.codegen.kernels` PrimFunc
+on packed weights in the chip target's layout. Each layer's scheme (:mod:`lowbit.passes.schemes`)
+is the recipe's, int8 for layers the recipe keeps, float for layers it ignores or shapes the
+scheme cannot hold; its codes come from round to nearest, or from GPTQ for GPTQ recipes (which
+need ``statistics``, as static W8A8 does). Both entry functions get the same kernels' GEMV
+(``M == 1``) or GEMM (symbolic ``M``) variants and read the same new weights, named
+``<weight>.qweight`` / ``.scales`` / ``.zeros`` / ``.act_scale`` (or ``.tiled`` for float). The original
+weight stays only where something else still reads it (a tied embedding); ``sync_params`` drops the
+rest. ``params`` (the caller's dict) is not changed: the packed weights are in :attr:`QuantizeLinears.params`.
+Every decision is recorded in ``report`` (layer, format, reason) for the manifest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from lowbit.codegen.errors import LowbitError
+from lowbit.codegen.formats import ColumnTiles, LinearFormat
+from lowbit.codegen.kernels import kernel_name, linear_kernel
+
+from .gptq import quantize_gptq_validated
+from .linear_match import match_linear
+from .recipe import WeightQuant
+from .schemes import FloatLinear, LinearScheme, QuantizedWeight, linear_scheme
+from .schemes.linear import rows
+
+
+@dataclasses.dataclass
+class PackedLinear:
+    """One layer's weight as its kernel takes it."""
+
+    scheme: LinearScheme
+    fmt: LinearFormat
+    layout: ColumnTiles
+    n: int
+    k: int
+    tensors: dict[str, np.ndarray]  # suffix -> array, in kernel argument order
+    note: str
+    quantized: QuantizedWeight | None = None  # the codes and grid, unless the layer stays float
+
+    @property
+    def tag(self) -> str:
+        return f"{self.fmt.tag}_{self.layout.tag}"
+
+
+def pack_linear(weight_nk: np.ndarray, recipe, name: str, chip, statistics=None, kept: bool = False) -> PackedLinear:
+    """Quantize (or just re-lay-out) one ``[N, K]`` weight for ``chip``'s kernels.
+
+    ``statistics``, the layer input's :class:`~lowbit.passes.statistics.LinearStatistics`, is required
+    by GPTQ recipes (its Hessian) and static W8A8 (its absmax). ``kept``: int8 whatever the recipe.
+    """
+    n, k = weight_nk.shape
+    scheme = linear_scheme(WeightQuant(8)) if kept else linear_scheme(recipe.weights, recipe.activations)
+    reason = None
+    if not kept and recipe.weights is not None and recipe.is_ignored(name):
+        scheme, reason = FloatLinear(), "ignored by recipe"
+    elif scheme.unsupported(n, k):
+        scheme, reason = FloatLinear(), scheme.unsupported(n, k)
+    if scheme.needs_statistics and statistics is None:
+        raise LowbitError(f"layer {name}: static int8 activations need calibration statistics for its input, "
+                          "and none were collected")
+    quantized, method = _round(weight_nk, scheme, recipe.weights, name, statistics, kept)
+    fmt = scheme.format(k)
+    layout = chip.linear_layout(fmt)
+    tensors = scheme.pack(weight_nk, quantized, layout, statistics)
+    note = reason or (scheme.describe(quantized, method, tensors) if quantized is not None
+                      else "recipe keeps weights in float")
+    return PackedLinear(scheme, fmt, layout, n, k, tensors, note, quantized)
+
+
+def _round(weight_nk, scheme: LinearScheme, wq, name, statistics, kept) -> tuple[QuantizedWeight | None, str]:
+    """The codes of ``weight_nk`` on the scheme's grid, and the method that chose them."""
+    grid = scheme.weight_grid
+    if grid is None:
+        return None, "float"
+    if kept or not wq.rounds_by_gptq:  # AWQ has already folded its scales into the float weights
+        return grid.quantize(weight_nk), "rtn" if kept else wq.method
+    if statistics is None:
+        raise LowbitError(f"layer {name}: GPTQ needs calibration statistics for it, and none were collected")
+    return quantize_gptq_validated(weight_nk, statistics, grid, damp=wq.damp, act_order=wq.act_order, name=name)
+
+
+@tvm.transform.module_pass(opt_level=0, name="lowbit.QuantizeLinears")
+class QuantizeLinears:
+    """See the module docstring."""
+
+    def __init__(self, recipe, params: dict[str, np.ndarray], chip, statistics=None, kept=(), progress=None,
+                 packed: dict[str, PackedLinear] | None = None):
+        """``packed``: layers already packed (GPTQ's stages round them while recalibrating)."""
+        self.recipe = recipe
+        self._given = dict(packed or {})
+        self.kept = set(kept)  # layers kept in int8 per-channel RTN whatever the recipe
+        self.params = dict(params)
+        self.chip = chip
+        self.statistics = statistics or {}
+        self.progress = progress
+        self.report: dict[str, str] = {}
+        self._packed: dict[str, PackedLinear] = {}
+
+    def packed(self, name: str, transposed: bool) -> PackedLinear:
+        """The packed form of weight ``name`` (stored ``[N, K]`` if ``transposed`` else ``[K, N]``)."""
+        if name not in self._packed:
+            weight = self.params[name]
+            entry = self._given.get(name) or pack_linear(weight if transposed else weight.T, self.recipe, name,
+                                                         self.chip, self.statistics.get(name), kept=name in self.kept)
+            if self.progress is not None:
+                self.progress.update(1)
+            self._packed[name] = entry
+            kept = ", kept by recipe" if name in self.kept else ""
+            self.report[name] = f"{entry.tag}: {entry.note}{kept}"
+            for suffix, array in entry.tensors.items():
+                self.params[f"{name}.{suffix}"] = array
+        return self._packed[name]
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        kernels: dict[tuple, tvm.ir.GlobalVar] = {}
+        for gvar, func in list(mod.functions.items()):
+            if not isinstance(func, relax.Function) or "num_input" not in func.attrs:
+                continue
+            mod = _LinearRewriter(mod, self, kernels, func).rewrite(gvar, func)
+        return mod
+
+
+@relax.expr_functor.mutator
+class _LinearRewriter(relax.PyExprMutator):
+    def __init__(self, mod, owner: QuantizeLinears, kernels, func):
+        super().__init__(mod)
+        self.owner = owner
+        self.kernels = kernels
+        self.var2val = relax.analysis.get_var2val(func)
+        self.weights = {p.name for p in func.params[int(func.attrs["num_input"]):]}
+        self.new_vars: dict[str, relax.Var] = {}
+
+    def rewrite(self, gvar, func) -> tvm.IRModule:
+        body = self.visit_expr(func.body)
+        params = list(func.params) + list(self.new_vars.values())
+        self.builder_.update_func(gvar, relax.Function(params, body, func.ret_ty, func.is_pure, func.attrs))
+        return self.builder_.get()
+
+    def _weight_var(self, name: str, array: np.ndarray) -> relax.Var:
+        if name not in self.new_vars:
+            self.new_vars[name] = relax.Var(name, relax.TensorType(array.shape, str(array.dtype)))
+        return self.new_vars[name]
+
+    def _kernel(self, packed: PackedLinear, m, dtype: str) -> tvm.ir.GlobalVar:
+        static_m = isinstance(m, (int, tvm.tirx.IntImm))
+        n = packed.layout.padded(packed.n)
+        key = (packed.fmt, packed.layout, int(m) if static_m else "m", n, packed.k, dtype)
+        if key not in self.kernels:
+            m_arg = int(m) if static_m else tvm.tirx.Var("m", "int64")
+            name = kernel_name(packed.fmt, packed.layout, m_arg, n, packed.k)
+            func = linear_kernel(packed.fmt, packed.layout, m_arg, n, packed.k, dtype).with_attrs(
+                {"op_pattern": 8, "global_symbol": name}  # opaque: fusion leaves the kernel whole
+            )
+            self.kernels[key] = self.builder_.add_func(func, name)
+        return self.kernels[key]
+
+    def visit_call_(self, call: relax.Call):  # noqa: D401 - TVM visitor hook
+        use = match_linear(call, self.var2val, self.weights)
+        if use is None:
+            return super().visit_call_(call)
+        packed = self.owner.packed(use.name, use.transposed)
+        x = self.visit_expr(call.args[0])
+        weights = [self._weight_var(f"{use.name}.{s}", a) for s, a in packed.tensors.items()]
+        kernel = self._kernel(packed, rows(x), str(x.ty.dtype))
+        return packed.scheme.emit(self.builder_, x, weights, kernel, packed.n, packed.layout)

@@ -1,0 +1,265 @@
+"""ISA-neutral SIMD schedule rules, shared by the CPU families (x86, ARM), as dlight ``ScheduleRule``s.
+
+lowbit's own linear kernels (:mod:`lowbit.codegen.kernels`) are found by their ``lowbit.kernel``
+tag and scheduled by :class:`DequantLinear`, :class:`Int4Gemv` and :class:`W8A8Linear`, on the
+weights' column-tile layout (``lowbit.tile``); the attention products TVM generates get
+:class:`BatchMatmul`. Vector widths come from the TVM target, so the same rules lower to AVX2,
+AVX-512 or NEON code. A family lists them in its targets' ``rules`` (:mod:`lowbit.targets.x86`,
+:mod:`lowbit.targets.arm`), ahead of dlight's generic CPU rules (:mod:`lowbit.targets.pipeline`).
+
+With ``tunable=True`` the GEMM rules return a space (the register tile's row count sampled) for
+MetaSchedule; otherwise the fixed schedule described on each rule.
+"""
+
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+from tvm.s_tir.dlight import ScheduleRule
+from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
+from tvm.target import Target
+from tvm.target.codegen import llvm_get_vector_width
+
+from lowbit.codegen.formats import W8A8_KINDS
+from lowbit.codegen.kernels import GEMV_ATTR, KERNEL_ATTR, TILE_ATTR
+
+from .pipeline import cpu_pipeline
+from .registry import ChipTarget
+
+MATMUL_ROWS = 4  # output rows sharing each loaded vector of B (register tile height)
+VECTORS_PER_ROW = 2  # vectors of output columns per register tile row
+
+
+class BatchMatmul(CPUScheduleRule):
+    """``C[..., i, j] = sum_k A[..., i, k] * B[..., k, j]``: attention's ``Q K^T`` and ``P V``.
+
+    Requires a PrimFunc of one block with spatial loops ``..., i, j`` and one reduction loop ``k``
+    innermost (what ``LegalizeOps`` makes of ``relax.matmul``), ``j`` the last index of both ``B``
+    and ``C`` so that it is contiguous; any loop extent may be symbolic (the sequence lengths).
+    Other matmuls return ``None`` and fall through to the next rule.
+
+    Guarantees: batch loops and row blocks fused and run in parallel; a ``MATMUL_ROWS`` x
+    (``VECTORS_PER_ROW`` vectors) register tile accumulates over ``k`` and is stored once; the
+    column loop is vectorized and hinted for loop partitioning, so a symbolic length gets a
+    predicate-free main body and a separate tail.
+    """
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        sch = s_tir.Schedule(func)
+        blocks = sch.get_child_blocks(sch.get_sblock("root"))
+        if len(blocks) != 1:
+            return None
+        block = blocks[0]
+        if not _is_batch_matmul(sch.get(block)):
+            return None
+        *batch, rows, cols, k = sch.get_loops(block)
+        row_tile = _tile(sch.get(rows).extent, MATMUL_ROWS)
+        col_tile = VECTORS_PER_ROW * max(1, llvm_get_vector_width(target) // 32)
+        outer = sch.fuse(*batch) if batch else None
+        row_outer, row_inner = sch.split(rows, [None, row_tile])
+        col_outer, col_inner = sch.split(cols, [None, col_tile])
+        sch.reorder(*([outer] if outer is not None else []), row_outer, col_outer, k, row_inner, col_inner)
+        accumulator = sch.cache_write(block, 0, "local")
+        sch.reverse_compute_at(accumulator, col_outer)
+        sch.vectorize(sch.get_loops(accumulator)[-1])
+        sch.parallel(sch.fuse(outer, row_outer) if outer is not None else row_outer)
+        sch.annotate(col_outer, "pragma_loop_partition_hint", 1)
+        sch.unroll(row_inner)
+        sch.vectorize(col_inner)
+        init = sch.decompose_reduction(block, k)
+        sch.vectorize(sch.get_loops(init)[-1])
+        return sch
+
+
+def _tile(extent, preferred: int) -> int:
+    """``preferred``, or a smaller static extent (decode's single query row) as it is."""
+    return int(extent) if isinstance(extent, tirx.IntImm) and int(extent) < preferred else preferred
+
+
+def _is_batch_matmul(block) -> bool:
+    """One reduction iterator, last; ``C[..., i, j] (+)= A[..., i, k] * B[..., k, j]`` by index."""
+    kinds = [iv.iter_type for iv in block.iter_vars]
+    if kinds[-1] != tirx.IterVar.CommReduce or any(kind != tirx.IterVar.DataPar for kind in kinds[:-1]):
+        return False
+    if len(block.writes) != 1 or len(block.reads) != 2 or block.init is None:
+        return False
+    *spatial, k = (iv.var for iv in block.iter_vars)
+    if len(spatial) < 2:
+        return False
+    i, j = spatial[-2:]
+    out = _indices(block.writes[0])
+    a, b = (_indices(region) for region in block.reads)
+    if out is None or a is None or b is None or len(a) != len(out) or len(b) != len(out):
+        return False
+    if any(not index.same_as(var) for index, var in zip(out, spatial)):
+        return False
+    if not (a[-2].same_as(i) and a[-1].same_as(k) and b[-2].same_as(k) and b[-1].same_as(j)):
+        return False
+    return all(x.same_as(y) and x.same_as(v) for x, y, v in zip(a[:-2], b[:-2], spatial[:-2]))
+
+
+def _indices(region):
+    """The point indices of a buffer region, or ``None`` if it covers more than one element."""
+    if any(not (isinstance(r.extent, tirx.IntImm) and int(r.extent) == 1) for r in region.region):
+        return None
+    if any(not isinstance(r.min, tirx.Var) for r in region.region):
+        return None
+    return [r.min for r in region.region]
+
+
+W8A8_ROWS = 8  # rows of X sharing each widened int8 weight vector in the W8A8 GEMM
+GEMM_ROWS = 4  # rows of X sharing each dequantized weight vector in the GEMM register tile
+ROW_TILES = (2, 4, 8)  # the register tile's row counts a tunable GEMM space samples from
+
+
+class _LinearRule(ScheduleRule):
+    """A rule for lowbit's linear kernels of some format tags; subclasses say which and how."""
+
+    def matches(self, tag: str, gemv: bool) -> bool:
+        raise NotImplementedError
+
+    def schedule(self, sch: s_tir.Schedule, gemv: bool, tile: int, tunable: bool) -> None:
+        raise NotImplementedError
+
+    def apply(self, func, target: Target, tunable: bool) -> s_tir.Schedule | None:
+        if not isinstance(func, tirx.PrimFunc) or func.attrs is None or KERNEL_ATTR not in func.attrs:
+            return None
+        gemv = bool(func.attrs[GEMV_ATTR])
+        if not self.matches(str(func.attrs[KERNEL_ATTR]), gemv):
+            return None
+        sch = s_tir.Schedule(func)
+        self.schedule(sch, gemv, int(func.attrs[TILE_ATTR]), tunable)
+        return sch
+
+
+def _row_tile(sch: s_tir.Schedule, tunable: bool, fixed: int):
+    return sch.sample_categorical(list(ROW_TILES), [1 / len(ROW_TILES)] * len(ROW_TILES)) if tunable else fixed
+
+
+class W8A8Linear(_LinearRule):
+    """A W8A8 kernel (:func:`lowbit.codegen.kernels.w8a8_kernel`), GEMV and GEMM.
+
+    The activations are quantized once, before the matmul: per-row absmax and int8 codes (LLVM
+    vectorizes these loops over K), parallel over rows in the GEMM. The int8 dot product runs parallel
+    over column tiles, vectorized across a tile's channels with int32 accumulators (int8 widened to
+    int32: ``vpmovsxbd`` + ``vpmulld`` on AVX2, ``smull`` on NEON); the float epilogue is applied per
+    tile as it completes. GEMM: each tile's weights are reused by ``W8A8_ROWS`` rows at a time, the
+    tile staying in L1 while the row blocks stream past.
+    """
+
+    def matches(self, tag: str, gemv: bool) -> bool:
+        return tag in W8A8_KINDS
+
+    def schedule(self, sch, gemv, tile, tunable):
+        output = sch.get_sblock("output")
+        m, n = sch.get_loops(output)
+        n_outer, n_inner = sch.split(n, [None, tile])
+        if gemv:
+            sch.reorder(n_outer, m, n_inner)
+            row_loop = n_outer
+        else:
+            row_loop, m_inner = sch.split(m, [None, _row_tile(sch, tunable, W8A8_ROWS)])
+            sch.reorder(n_outer, row_loop, m_inner, n_inner)
+            static = str(sch.mod["main"].attrs[KERNEL_ATTR]) == "w8a8_static"
+            for name in ("act_quant",) if static else ("act_absmax", "act_quant"):
+                sch.parallel(sch.get_loops(sch.get_sblock(name))[0])
+        sch.vectorize(n_inner)
+        sch.parallel(n_outer)
+        if not gemv:  # a predicate-free main loop over whole row blocks, then the tail
+            sch.annotate(row_loop, "pragma_loop_partition_hint", 1)
+        matmul = sch.get_sblock("matmul")
+        sch.compute_at(matmul, row_loop)
+        sch.set_scope(matmul, 0, "local")
+        *rows_channels, k = sch.get_loops(matmul)[1 if gemv else 2:]  # (m_inner,) n_inner, k
+        k_outer, k_inner = sch.split(k, [None, 4])
+        sch.reorder(k_outer, k_inner, *rows_channels)
+        sch.vectorize(rows_channels[-1])
+        sch.unroll(k_inner)
+        if not gemv:
+            sch.unroll(rows_channels[0])
+        init = sch.decompose_reduction(matmul, k_outer)
+        sch.vectorize(sch.get_loops(init)[-1])
+
+
+class Int4Gemv(_LinearRule):
+    """The int4 GEMV (:func:`lowbit.codegen.kernels.int4_gemv_kernel`), decode.
+
+    Parallel over column tiles. For each tile and group, the tile's partial sums live in vector
+    registers while the group's codes stream past (the 8 codes of a packed word unrolled, one
+    multiply-add each); the group's scale and zero point are then applied to the tile's output
+    accumulators, also in registers. A partial last group is split off by loop partitioning.
+    """
+
+    def matches(self, tag: str, gemv: bool) -> bool:
+        return gemv and tag.startswith("int4")
+
+    def schedule(self, sch, gemv, tile, tunable):
+        matmul = sch.get_sblock("matmul")
+        _, n, g = sch.get_loops(matmul)
+        n_outer, n_inner = sch.split(n, [None, tile])
+        sch.reorder(n_outer, g, n_inner)
+        sch.parallel(n_outer)
+        acc = sch.cache_write(matmul, 0, "local")
+        sch.reverse_compute_at(acc, n_outer)
+        sch.vectorize(sch.get_loops(acc)[-1])
+        partial = sch.get_sblock("partial")
+        sch.compute_at(partial, g)
+        sch.set_scope(partial, 0, "local")
+        channels, r = sch.get_loops(partial)[-2:]
+        r_outer, r_inner = sch.split(r, [None, 8])
+        sch.reorder(r_outer, r_inner, channels)
+        sch.vectorize(channels)
+        sch.unroll(r_inner)
+        sch.vectorize(n_inner)
+        sch.annotate(g, "pragma_loop_partition_hint", 1)
+        init = sch.decompose_reduction(partial, r_outer)
+        sch.vectorize(sch.get_loops(init)[-1])
+        init = sch.decompose_reduction(matmul, g)
+        sch.vectorize(sch.get_loops(init)[-1])
+
+
+class DequantLinear(_LinearRule):
+    """The float, int8 and int4 kernels with an inlinable ``dequant`` block, GEMV and GEMM.
+
+    Parallel over column tiles; within a tile the channels are vectorized with register accumulators
+    and the 8 codes of a packed word unrolled; dequantization is inlined into the product (never a
+    float weight buffer). GEMV (decode, ``M == 1``): one accumulator row. GEMM (prefill): a
+    ``GEMM_ROWS``-row register tile, so each dequantized weight vector serves that many rows (LLVM
+    computes it once for the unrolled rows); the row-block loop is hinted for loop partitioning, so
+    the symbolic row count gets a predicate-free main loop and one tail.
+    """
+
+    def matches(self, tag: str, gemv: bool) -> bool:
+        return tag in ("f32", "int8") or tag.startswith("int4")
+
+    def schedule(self, sch, gemv, tile, tunable):
+        matmul = sch.get_sblock("matmul")
+        m, n, k = sch.get_loops(matmul)
+        n_outer, n_inner = sch.split(n, [None, tile])
+        k_outer, k_inner = sch.split(k, [None, 8])
+        if gemv:
+            sch.reorder(n_outer, m, k_outer, k_inner, n_inner)
+            row_loop = n_outer
+        else:
+            row_loop, m_inner = sch.split(m, [None, _row_tile(sch, tunable, GEMM_ROWS)])
+            sch.reorder(n_outer, row_loop, k_outer, k_inner, m_inner, n_inner)
+            sch.unroll(m_inner)
+            sch.annotate(row_loop, "pragma_loop_partition_hint", 1)  # main loop without bounds checks + tail
+        sch.compute_inline(sch.get_sblock("dequant"))
+        acc = sch.cache_write(matmul, 0, "local")
+        sch.reverse_compute_at(acc, row_loop)
+        sch.vectorize(sch.get_loops(acc)[-1])
+        sch.vectorize(n_inner)
+        sch.unroll(k_inner)
+        sch.parallel(n_outer)
+        init = sch.decompose_reduction(matmul, k_outer)
+        sch.vectorize(sch.get_loops(init)[-1])
+
+
+LINEAR_RULES = (W8A8Linear(), Int4Gemv(), DequantLinear())  # the most specific first
+
+
+def simd_target(**fields) -> ChipTarget:
+    """A CPU target on these rules and the CPU pipeline; ``fields`` as :class:`ChipTarget` takes them."""
+    return ChipTarget(rules=(*LINEAR_RULES, BatchMatmul()), pipeline=cpu_pipeline, **fields)
