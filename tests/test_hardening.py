@@ -169,6 +169,24 @@ def test_truncated_gguf_is_named(tmp_path, monkeypatch):
         resolve_model(str(truncated))
 
 
+def test_processes_filling_the_cache_together_convert_once(tmp_path):
+    """Two processes that miss the same cache entry both succeed; one converts, the other waits."""
+    from .tiny_gguf import write_tiny_gguf
+
+    gguf = write_tiny_gguf(tmp_path / "tiny.gguf")
+    code = ("import sys; from lowbit.compiler.sources.models import resolve_model; "
+            "print(resolve_model(sys.argv[1]).folder)")
+    env = {**os.environ, "LOWBIT_CACHE": str(tmp_path / "cache")}
+    runs = [subprocess.Popen([sys.executable, "-c", code, str(gguf)], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [run.communicate(timeout=300) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], [err[-500:] for _, err in outputs]
+    folders = {out.strip() for out, _ in outputs}
+    assert len(folders) == 1
+    assert sorted(p.name for p in (tmp_path / "cache" / "models").iterdir() if not p.name.endswith(".lock")) \
+        == [Path(folders.pop()).name]
+
+
 def test_broken_pipe_is_not_an_error(tiny_artifact):
     done = subprocess.run(f"set -o pipefail; {sys.executable} -m lowbit.compiler.cli inspect --json {tiny_artifact}"
                           " | head -c 10 >/dev/null", shell=True, executable="/bin/bash", capture_output=True,

@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from lowbit.codegen.errors import LowbitError
+from .cache import cache_dir, filling
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -59,10 +60,6 @@ class OnnxModel:
     path: Path
     tokenizer_folder: Path | None
     kind: str = "onnx"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("LOWBIT_CACHE", Path.home() / ".cache" / "lowbit"))
 
 
 def resolve_model(source: str) -> HFModel | OnnxModel:
@@ -130,6 +127,13 @@ def _converted_gguf_folder(gguf_path: Path) -> Path:
     folder = cache_dir() / "models" / f"{gguf_path.stem}-{key}"
     if (folder / "config.json").is_file():
         return folder
+    with filling(folder):
+        if not (folder / "config.json").is_file():
+            _convert_gguf(gguf_path, folder)
+    return folder
+
+
+def _convert_gguf(gguf_path: Path, folder: Path) -> None:
     check_gguf(gguf_path)
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -160,7 +164,6 @@ def _converted_gguf_folder(gguf_path: Path) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return folder
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ samples never overlap.
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
 import tarfile
@@ -16,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from lowbit.codegen.errors import LowbitError
-from .models import cache_dir
+from .cache import cache_dir, filling
 
 SDIST = "brotli==1.2.1"
 SDIST_FILE = "brotli-1.2.1.tar.gz"
@@ -46,10 +47,16 @@ def text_path(name: str) -> Path:
         raise LowbitError(f"unknown bundled text {name!r}; choose one of {', '.join(TEXTS)} or pass a file")
     folder = cache_dir() / "text"
     path = folder / f"{name}.txt"
-    if path.is_file() and _sha256(path.read_bytes()) == TEXTS[name][1]:
+    if _verified(path, name):
         return path
-    _fetch_all(folder)
+    with filling(folder):
+        if not _verified(path, name):
+            _fetch_all(folder)
     return path
+
+
+def _verified(path: Path, name: str) -> bool:
+    return path.is_file() and _sha256(path.read_bytes()) == TEXTS[name][1]
 
 
 def _fetch_all(folder: Path) -> None:
@@ -68,7 +75,9 @@ def _fetch_all(folder: Path) -> None:
                 data = tar.extractfile(member).read()
                 if _sha256(data) != digest:
                     raise LowbitError(f"{member} in {SDIST_FILE} does not match its pinned sha256")
-                (folder / f"{name}.txt").write_bytes(data)
+                staged = folder / f".{name}.txt.tmp-{os.getpid()}"
+                staged.write_bytes(data)
+                os.replace(staged, folder / f"{name}.txt")
 
 
 def read_text(spec: str) -> str:
