@@ -83,14 +83,15 @@ class PreparedModel:
     eos: list[int]
     calibration: Calibration | None = None
 
-    def build(self, recipe: Recipe, chip=None, progress: bool | None = False, stages: Stages | None = None
-              ) -> BuiltModel:
+    def build(self, recipe: Recipe, chip=None, progress: bool | None = False, stages: Stages | None = None,
+              merge_siblings: bool = True) -> BuiltModel:
         """Quantize under ``recipe`` and build for ``chip`` (default: the host); ``stages``: the
-        caller's stage display (two stages here)."""
+        caller's stage display (two stages here); ``merge_siblings=False`` keeps one kernel and one
+        weight per linear layer (see :class:`~lowbit.passes.quantize_linears.QuantizeLinears`)."""
         chip = chip or get_target("host")
         stages = stages or Stages(2, progress=False)
         with stages.stage(f"applying {recipe.name}"), bar(len(self.ir.params), "quantizing", progress) as quantized:
-            result = run_pipeline(self.ir, recipe, chip, self.calibration, quantized)
+            result = run_pipeline(self.ir, recipe, chip, self.calibration, quantized, merge_siblings)
         with stages.stage(f"building for {chip.name}"):
             executable = build_library(result.ir.mod, chip)
         return BuiltModel(self.source, recipe, chip, result, executable, self.tokenizer_folder, self.eos)
@@ -124,7 +125,8 @@ class PreparedModel:
 
         def output_kl(name, weight_nk):
             if not probe:
-                probe.append(OutputProbe(self.build(Recipe("fp32")).session(), windows[0][: text.probe_tokens]))
+                float_model = self.build(Recipe("fp32"), merge_siblings=False)  # each layer replaceable
+                probe.append(OutputProbe(float_model.session(), windows[0][: text.probe_tokens]))
             return probe[0].kl(name, weight_nk)
 
         return dataclasses.replace(self, calibration=Calibration(statistics, recalibrate, output_kl))

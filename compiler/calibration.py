@@ -26,6 +26,8 @@ from lowbit.passes.recipe import Recipe
 from lowbit.passes.statistics import LinearStatistics
 from lowbit.targets import build, get_target
 
+from .runtime.threads import use_available_cores
+
 
 @dataclasses.dataclass(frozen=True)
 class CalibrationText:
@@ -75,6 +77,7 @@ class Calibrator:
     """
 
     def __init__(self, ir: ModelIR, samples: list[list[int]]):
+        use_available_cores()
         self.ir, self.samples = ir, samples
         self.host = get_target("host")
         mod, weights, self.sites = self._instrumented(ir.params)

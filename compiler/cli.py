@@ -100,6 +100,15 @@ def _parser() -> argparse.ArgumentParser:
     _trust_arguments(r)
     r.add_argument("--json", action="store_true")
 
+    b = command("bench", "prefill and decode tokens/s of an artifact (medians of repeats, like llama-bench)")
+    b.add_argument("artifact")
+    b.add_argument("--prompt-tokens", type=_whole(1), default=64, help="tokens per prefill (default 64)")
+    b.add_argument("--new-tokens", type=_whole(1), default=128, help="decode steps per repeat (default 128)")
+    b.add_argument("--repeats", type=_whole(1, 1000), default=5, help="measured repeats (default 5)")
+    b.add_argument("--warmup", type=_whole(0, 100), default=1, help="uncounted repeats first (default 1)")
+    _trust_arguments(b)
+    b.add_argument("--json", action="store_true")
+
     e = command("eval", "perplexity of an artifact, or of a model under a recipe, on real text")
     e.add_argument("model", help="artifact directory, or a model as for `compile` (built in memory)")
     e.add_argument("-r", "--recipe", help="recipe for a model (default fp32); compared with the fp32 build")
@@ -190,6 +199,14 @@ def _run(args) -> dict:
             "decode_tokens_per_s": round(gen.decode_tokens_per_s, 2)}
 
 
+def _bench(args) -> dict:
+    from .api import load
+    from .runtime.benchmark import benchmark
+
+    return benchmark(load(args.artifact, _trusted_keys(args)), args.prompt_tokens, args.new_tokens, args.repeats,
+                     args.warmup)
+
+
 def _eval(args) -> dict:
     from .api import evaluate
 
@@ -248,6 +265,13 @@ def _print_human(command: str, result, args) -> None:
             print(result["text"] or " ".join(map(str, result["token_ids"])))
         print(f"[{result['prompt_tokens']} prompt tokens at {result['prefill_tokens_per_s']} tok/s, "
               f"{result['new_tokens']} new at {result['decode_tokens_per_s']} tok/s]", file=sys.stderr)
+    elif command == "bench":
+        print(f"{result['artifact']} ({result['recipe']}, {result['target']}), {result['threads']} threads, "
+              f"{result['cpu']}")
+        for phase, tokens in (("prefill", result["prompt_tokens"]), ("decode", result["new_tokens"])):
+            rate = result[f"{phase}_tokens_per_s"]
+            print(f"  {phase:<8} {tokens:>5} tokens  {rate['median']:9.2f} tok/s  (min {rate['min']:.2f}, "
+                  f"max {rate['max']:.2f}, {result['repeats']} repeats)")
     elif command == "eval":
         print(f"perplexity {result['perplexity']:.3f} over {result['tokens']} tokens of {result['text']} "
               f"(windows of {result['window']}, recipe {result['recipe']})")
@@ -311,7 +335,7 @@ def main(argv=None) -> int:
     sys.stdout.reconfigure(errors="backslashreplace")  # a path with undecodable bytes still prints
     args = _parser().parse_args(argv)
     debug = getattr(args, "debug", False)
-    handlers = {"compile": _compile, "run": _run, "eval": _eval, "analyze": _analyze, "inspect": _inspect,
+    handlers = {"compile": _compile, "run": _run, "bench": _bench, "eval": _eval, "analyze": _analyze, "inspect": _inspect,
                 "sign": _sign, "keygen": _keygen, "targets": _targets}
     try:
         result = handlers[args.command](args)

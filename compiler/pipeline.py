@@ -67,6 +67,7 @@ class PipelineContext:
     chip: object
     calibration: Calibration | None = None
     progress: object = None
+    merge_siblings: bool = True  # linears reading one input run as one kernel
 
 
 class Step:
@@ -178,13 +179,14 @@ class QuantizeLinearLayers(Step):
     def __init__(self, recipe: Recipe):
         scheme = linear_scheme(recipe.weights, recipe.activations)
         self.guarantees = (f"every linear layer calls its scheme's kernel ({scheme.name}; int8 for kept layers, "
-                           "float for ignored ones) on weights packed in the chip's layout; a report line per layer")
+                           "float for ignored ones) on weights packed in the chip's layout, linears that read one input "
+                           "as one kernel on their stacked weights; a report line per layer")
         self.needs_calibration = scheme.needs_statistics or (
             recipe.weights is not None and recipe.weights.rounds_by_gptq)
 
     def run(self, state, context):
         quantize = QuantizeLinears(context.recipe, state.ir.params, context.chip, state.statistics, state.kept,
-                                   context.progress, packed=state.packed)
+                                   context.progress, packed=state.packed, merge_siblings=context.merge_siblings)
         mod = quantize(state.ir.mod)
         layers = {name: f"{fmt}; {state.notes[name]}" if name in state.notes else fmt
                   for name, fmt in quantize.report.items()}
@@ -224,18 +226,18 @@ class PipelineResult:
 
 
 def run_pipeline(ir: ModelIR, recipe: Recipe, chip, calibration: Calibration | None = None,
-                 progress=None) -> PipelineResult:
+                 progress=None, merge_siblings: bool = True) -> PipelineResult:
     """Run ``build_steps(recipe)`` on ``ir`` for ``chip``; ``ir`` and ``calibration`` are not changed.
 
     ``calibration`` feeds the steps that need it; ``progress`` (a tqdm bar) advances once per weight
-    quantized.
+    quantized; ``merge_siblings``: see :class:`~lowbit.passes.quantize_linears.QuantizeLinears`.
     """
     check_layer_patterns(recipe, ir)
     steps = build_steps(recipe)
     if calibration is None and (recipe.needs_calibration or any(step.needs_calibration for step in steps)):
         raise LowbitError(f"recipe {recipe.name} needs calibration statistics")
     state = PipelineState(ir, None if calibration is None else calibration.statistics)
-    context = PipelineContext(recipe, chip, calibration, progress)
+    context = PipelineContext(recipe, chip, calibration, progress, merge_siblings)
     for step in steps:
         state = step.run(state, context)
     return PipelineResult(state.ir, state.layers, list(state.kept))

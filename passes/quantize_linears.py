@@ -14,6 +14,10 @@ need ``statistics``, as static W8A8 does). Both entry functions get the same ker
 weight stays only where something else still reads it (a tied embedding); ``sync_params`` drops the
 rest. ``params`` (the caller's dict) is not changed: the packed weights are in :attr:`QuantizeLinears.params`.
 Every decision is recorded in ``report`` (layer, format, reason) for the manifest.
+
+With ``merge_siblings`` (the default), linears that read the same input and pack alike run as one
+kernel on their stacked weights (:mod:`lowbit.passes.sibling_linears`), named
+``<merged name>.<suffix>``; each member's report line says which channels of the stack are its own.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from .linear_match import match_linear
 from .recipe import WeightQuant
 from .schemes import FloatLinear, LinearScheme, QuantizedWeight, linear_scheme
 from .schemes.linear import rows
+from .sibling_linears import SiblingGroup, sibling_groups, stack_packed
 
 
 @dataclasses.dataclass
@@ -95,8 +100,10 @@ class QuantizeLinears:
     """See the module docstring."""
 
     def __init__(self, recipe, params: dict[str, np.ndarray], chip, statistics=None, kept=(), progress=None,
-                 packed: dict[str, PackedLinear] | None = None):
-        """``packed``: layers already packed (GPTQ's stages round them while recalibrating)."""
+                 packed: dict[str, PackedLinear] | None = None, merge_siblings: bool = True):
+        """``packed``: layers already packed (GPTQ's stages round them while recalibrating);
+        ``merge_siblings``: run linears that read one input as one kernel (off where each layer's
+        weight must stay replaceable on its own, as the output probe replaces them)."""
         self.recipe = recipe
         self._given = dict(packed or {})
         self.kept = set(kept)  # layers kept in int8 per-channel RTN whatever the recipe
@@ -104,8 +111,10 @@ class QuantizeLinears:
         self.chip = chip
         self.statistics = statistics or {}
         self.progress = progress
+        self.merge_siblings = merge_siblings
         self.report: dict[str, str] = {}
         self._packed: dict[str, PackedLinear] = {}
+        self._merged: dict[str, PackedLinear | None] = {}
 
     def packed(self, name: str, transposed: bool) -> PackedLinear:
         """The packed form of weight ``name`` (stored ``[N, K]`` if ``transposed`` else ``[K, N]``)."""
@@ -121,6 +130,24 @@ class QuantizeLinears:
             for suffix, array in entry.tensors.items():
                 self.params[f"{name}.{suffix}"] = array
         return self._packed[name]
+
+    def merged(self, group: SiblingGroup) -> PackedLinear | None:
+        """The stacked form of a sibling group, or ``None`` where its members cannot be merged."""
+        if group.name not in self._merged:
+            entries = [self.packed(use.name, use.transposed) for use in group.members]
+            tensors = stack_packed(entries, entries[0].scheme.shared_tensors)
+            entry = None
+            if tensors is not None:
+                entry = dataclasses.replace(entries[0], n=sum(e.n for e in entries), tensors=tensors,
+                                            note=f"{len(entries)} layers stacked", quantized=None)
+                start = 0
+                for use, member in zip(group.members, entries):
+                    self.report[use.name] += f"; channels {start}-{start + member.n} of {group.name}"
+                    start += member.n
+                for suffix, array in tensors.items():
+                    self.params[f"{group.name}.{suffix}"] = array
+            self._merged[group.name] = entry
+        return self._merged[group.name]
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         kernels: dict[tuple, tvm.ir.GlobalVar] = {}
@@ -140,6 +167,9 @@ class _LinearRewriter(relax.PyExprMutator):
         self.var2val = relax.analysis.get_var2val(func)
         self.weights = {p.name for p in func.params[int(func.attrs["num_input"]):]}
         self.new_vars: dict[str, relax.Var] = {}
+        groups = sibling_groups(func) if owner.merge_siblings else []
+        self.groups = {use.name: group for group in groups for use in group.members}
+        self.sibling_outputs: dict[str, relax.Var] = {}  # member weight name -> its slice of the stack
 
     def rewrite(self, gvar, func) -> tvm.IRModule:
         body = self.visit_expr(func.body)
@@ -169,8 +199,27 @@ class _LinearRewriter(relax.PyExprMutator):
         use = match_linear(call, self.var2val, self.weights)
         if use is None:
             return super().visit_call_(call)
+        group = self.groups.get(use.name)
+        if group is not None and use.name not in self.sibling_outputs:
+            merged = self.owner.merged(group)
+            if merged is not None:
+                self._emit_group(group, merged, self.visit_expr(call.args[0]))
+        if use.name in self.sibling_outputs:
+            return self.sibling_outputs[use.name]
         packed = self.owner.packed(use.name, use.transposed)
         x = self.visit_expr(call.args[0])
         weights = [self._weight_var(f"{use.name}.{s}", a) for s, a in packed.tensors.items()]
         kernel = self._kernel(packed, rows(x), str(x.ty.dtype))
         return packed.scheme.emit(self.builder_, x, weights, kernel, packed.n, packed.layout)
+
+    def _emit_group(self, group: SiblingGroup, merged: PackedLinear, x: relax.Expr) -> None:
+        """One kernel call on the stacked weights, then each member's channels sliced off."""
+        weights = [self._weight_var(f"{group.name}.{s}", a) for s, a in merged.tensors.items()]
+        kernel = self._kernel(merged, rows(x), str(x.ty.dtype))
+        y = self.builder_.emit(merged.scheme.emit(self.builder_, x, weights, kernel, merged.n, merged.layout))
+        axis, start = len(y.ty.shape) - 1, 0
+        for use in group.members:
+            n = self.owner.packed(use.name, use.transposed).n
+            self.sibling_outputs[use.name] = self.builder_.emit(
+                relax.op.strided_slice(y, axes=[axis], begin=[start], end=[start + n]))
+            start += n

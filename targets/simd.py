@@ -3,7 +3,7 @@
 lowbit's own linear kernels (:mod:`lowbit.codegen.kernels`) are found by their ``lowbit.kernel``
 tag and scheduled by :class:`DequantLinear`, :class:`Int4Gemv` and :class:`W8A8Linear`, on the
 weights' column-tile layout (``lowbit.tile``); the attention products TVM generates get
-:class:`BatchMatmul`. Vector widths come from the TVM target, so the same rules lower to AVX2,
+:class:`BatchMatmul`, and decode's one-row norms and softmax :class:`SingleRowReduction`. Vector widths come from the TVM target, so the same rules lower to AVX2,
 AVX-512 or NEON code. A family lists them in its targets' ``rules`` (:mod:`lowbit.targets.x86`,
 :mod:`lowbit.targets.arm`), ahead of dlight's generic CPU rules (:mod:`lowbit.targets.pipeline`).
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight import ScheduleRule
+from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
 from tvm.target.codegen import llvm_get_vector_width
@@ -106,6 +107,52 @@ def _indices(region):
     if any(not isinstance(r.min, tirx.Var) for r in region.region):
         return None
     return [r.min for r in region.region]
+
+
+class SingleRowReduction(CPUScheduleRule):
+    """A fused norm or softmax over one row (decode: ``[1, 1, hidden]``), scheduled serially.
+
+    Requires a PrimFunc of reduction and injective blocks (what FuseOps makes of RMSNorm, LayerNorm,
+    softmax) whose reduction blocks have no spatial extent other than 1. dlight's CPU ``Reduction``
+    rule mistakes such a function's channel loop for its row loop (the unit row loops are
+    normalized away): it runs the channel loop in parallel with the whole reduction recomputed under
+    each channel, O(width^2) work with every thread writing the same accumulator. Other functions
+    return ``None`` and fall through.
+
+    Guarantees: the blocks run one after another on one thread (a row is microseconds of work, less
+    than a thread-pool launch); an innermost loop that is a whole number of vectors is split to the
+    vector width, vectorized in injective blocks and unrolled in reductions.
+    """
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if infos is None or len(infos) < 2 or all(info.is_injective() for info in infos):
+            return None
+        for info in infos:
+            if not info.is_injective() and any(
+                    iv.iter_type == tirx.IterVar.DataPar and not _is_one(iv.dom.extent)
+                    for iv in sch.get(info.block_rv).iter_vars):
+                return None
+        lanes = max(llvm_get_vector_width(target) // 32, 2)
+        for info in infos:
+            inner = sch.get_loops(info.block_rv)[-1]
+            extent = sch.get(inner).extent
+            if not (isinstance(extent, tirx.IntImm) and int(extent) > lanes and int(extent) % lanes == 0):
+                continue  # short or ragged: LLVM's own loop vectorizer takes it
+            inner_outer, inner = sch.split(inner, [None, lanes])
+            if info.is_injective():
+                sch.vectorize(inner)
+            else:
+                sch.annotate(inner, "pragma_auto_unroll_max_step", lanes)
+                sch.annotate(inner, "pragma_unroll_explicit", 1)
+        return sch
+
+
+def _is_one(extent) -> bool:
+    return isinstance(extent, tirx.IntImm) and int(extent) == 1
 
 
 W8A8_ROWS = 8  # rows of X sharing each widened int8 weight vector in the W8A8 GEMM
@@ -262,4 +309,4 @@ LINEAR_RULES = (W8A8Linear(), Int4Gemv(), DequantLinear())  # the most specific 
 
 def simd_target(**fields) -> ChipTarget:
     """A CPU target on these rules and the CPU pipeline; ``fields`` as :class:`ChipTarget` takes them."""
-    return ChipTarget(rules=(*LINEAR_RULES, BatchMatmul()), pipeline=cpu_pipeline, **fields)
+    return ChipTarget(rules=(*LINEAR_RULES, BatchMatmul(), SingleRowReduction()), pipeline=cpu_pipeline, **fields)

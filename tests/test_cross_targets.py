@@ -67,14 +67,18 @@ def test_calibrated_recipes_compile_for_another_chip(tiny_model_dir, tmp_path, r
         host_tag, host_note = report.split(": ", 1)
         arm_tag, arm_note = manifest["layers"][name].split(": ", 1)
         assert host_tag.rsplit("_t", 1)[0] == arm_tag.rsplit("_t", 1)[0] and host_note == arm_note, name
-        host_codes, arm_codes = (_codes(weights, name) for weights in (host.result.ir.params, arm_weights))
+        host_codes, arm_codes = (_codes(weights, name, note) for weights, note in
+                                 ((host.result.ir.params, host_note), (arm_weights, arm_note)))
         np.testing.assert_array_equal(host_codes[:, : arm_codes.shape[1]], arm_codes[:, : host_codes.shape[1]])
 
 
-def _codes(weights: dict, name: str) -> np.ndarray:
-    """A layer's codes ``[K, N_padded]`` whatever its column-tile layout (int4 unpacked)."""
-    tiled = weights[f"{name}.qweight"]
+def _codes(weights: dict, name: str, note: str) -> np.ndarray:
+    """A layer's codes ``[K, N_padded]`` whatever its column-tile layout (int4 unpacked), also where
+    its report ``note`` says that it runs stacked with its siblings (``channels a-b of STACK``)."""
+    stacked = re.search(r"channels (\d+)-(\d+) of (\S+)$", note)
+    tiled = weights[f"{stacked[3] if stacked else name}.qweight"]
     codes = from_column_tiles(tiled, tiled.shape[0] * tiled.shape[2])
+    codes = codes[:, int(stacked[1]):int(stacked[2])] if stacked else codes
     return unpack_int4(codes) if codes.dtype == np.uint32 else codes
 
 

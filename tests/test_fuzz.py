@@ -410,6 +410,7 @@ _OPTIONS = {
             "--trusted-key"],
     "eval": ["--tokens", "--window", "--text", "--calib-samples", "--reference", "-r", "--trusted-key"],
     "inspect": [],
+    "bench": ["--prompt-tokens", "--new-tokens", "--repeats", "--warmup", "--trusted-key"],
     "compile": ["--max-context", "--calib-samples", "--calib-seq-len", "-t", "-r", "--calib"],
     "analyze": ["--top", "--calib-samples", "-r", "-t"],
     "sign": ["--key"],
@@ -424,7 +425,7 @@ def test_fuzz_command_line(fuzz, tiny_artifact, data):
     a case takes at most seconds."""
     command = data.draw(st.sampled_from(sorted(_OPTIONS)))
     argv: list = [command]
-    if command in ("run", "eval", "inspect", "sign"):
+    if command in ("run", "bench", "eval", "inspect", "sign"):
         argv.append(data.draw(st.sampled_from([str(tiny_artifact), "missing-dir", "file.txt", b"\xff-dir"])))
     elif command in ("compile", "analyze"):
         argv.append(data.draw(st.sampled_from(["missing-model", "file.txt", b"\xff.gguf", "x.onnx"])))

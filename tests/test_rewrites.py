@@ -3,11 +3,13 @@ function expected after, ``tvm.ir.assert_structural_equal``. The numeric end-to-
 passes are in test_smoothing.py, test_gptq.py and test_end_to_end.py."""
 
 import numpy as np
+import pytest
 import tvm
 from tvm import relax, tirx
 
 from lowbit.codegen.formats import LinearFormat
 from lowbit.codegen.kernels import kernel_name, linear_kernel
+from lowbit.compiler import CalibrationText, get_recipe, prepare
 from lowbit.passes.bounded_gather import bounded_gather
 from lowbit.passes.instrument import instrument_linear_inputs
 from lowbit.passes.quantize_linears import QuantizeLinears
@@ -120,3 +122,79 @@ def test_smoothing_groups_fold_into_a_norm_weight_only_when_it_has_one_reader():
     assert (group.target.kind, group.target.name) == ("norm", "norm.weight")
     (shared,) = find_smoothing_groups(_norm_then_linears(shared_gamma=True))
     assert shared.target is None  # scaling gamma would change the second norm too
+
+
+def _siblings_module(widths):
+    """``x`` read by one linear per width in ``widths`` (the q/k/v shape of a block), outputs summed
+    pairwise into a tuple so that every linear stays live."""
+    seq = tirx.Var("seq", "int64")
+    x = relax.Var("x", relax.TensorType([1, seq, K], "float32"))
+    weights = [relax.Var(f"block.{name}.weight", relax.TensorType([n, K], "float32"))
+               for name, n in zip("qkv", widths)]
+
+    def body(b, x, *ws):
+        return b.emit(relax.Tuple([b.emit(relax.op.matmul(x, b.emit(relax.op.permute_dims(w, [1, 0])))) for w in ws]))
+    return _entry(body, x, *weights)
+
+
+def _kernel_calls(mod, entry: str = "prefill") -> list:
+    calls = []
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+    relax.analysis.post_order_visit(mod[entry].body, lambda e: calls.append(e) if isinstance(e, relax.Call)
+                                    and e.op.same_as(call_tir) else None)
+    return calls
+
+
+def test_linears_reading_one_input_run_as_one_kernel():
+    chip = get_target("host")
+    tile = chip.linear_layout(LinearFormat("int4", 32)).tile
+    widths = (2 * tile, tile, tile)
+    rng = np.random.default_rng(0)
+    params = {f"block.{name}.weight": rng.standard_normal((n, K)).astype(np.float32) for name, n in zip("qkv", widths)}
+    quantize = QuantizeLinears(Recipe("w4", WeightQuant(4, 32)), params, chip)
+    after = quantize(_siblings_module(widths))
+    calls = _kernel_calls(after)
+    assert len(calls) == 1
+    stacked = "block.q+k+v.weight"
+    assert [v.name for v in calls[0].args[1].fields[1:]] == [f"{stacked}.qweight", f"{stacked}.scales"]
+    for suffix in ("qweight", "scales"):  # members' tiles, one after another
+        np.testing.assert_array_equal(quantize.params[f"{stacked}.{suffix}"], np.concatenate(
+            [quantize.params[f"block.{name}.weight.{suffix}"] for name in "qkv"]))
+    assert quantize.report["block.k.weight"].endswith(f"channels {2 * tile}-{3 * tile} of {stacked}")
+    slices = [b.value for b in after["prefill"].body.blocks[0].bindings
+              if isinstance(b.value, relax.Call) and b.value.op.name == "relax.strided_slice"]
+    assert [(int(s.args[2][0].value), int(s.args[3][0].value)) for s in slices] == [(0, 2 * tile), (2 * tile, 3 * tile),
+                                                                             (3 * tile, 4 * tile)]
+
+
+def test_siblings_that_do_not_pack_alike_stay_apart():
+    chip = get_target("host")
+    tile = chip.linear_layout(LinearFormat("int4", 32)).tile
+    widths = (tile, tile + 8)  # the second is padded to whole tiles: it cannot sit inside a stack
+    rng = np.random.default_rng(0)
+    params = {f"block.{name}.weight": rng.standard_normal((n, K)).astype(np.float32) for name, n in zip("qk", widths)}
+    assert len(_kernel_calls(QuantizeLinears(Recipe("w4", WeightQuant(4, 32)), params, chip)(
+        _siblings_module(widths)))) == 2
+    params["block.k.weight"] = params["block.k.weight"][:tile]
+    assert len(_kernel_calls(QuantizeLinears(Recipe("w4", WeightQuant(4, 32)), params, chip, kept=["block.k.weight"])(
+        _siblings_module((tile, tile))))) == 2  # int8 beside int4: two formats
+    assert len(_kernel_calls(QuantizeLinears(Recipe("w4", WeightQuant(4, 32)), params, chip, merge_siblings=False)(
+        _siblings_module((tile, tile))))) == 2
+
+
+@pytest.mark.parametrize("recipe", ["w4a16-rtn-g32", "w8a8-smoothquant-static"])  # fp32: test_end_to_end
+def test_stacked_siblings_compute_what_the_layers_compute(tiny_model_dir, recipe):
+    """A real (tiny, random) Llama built with and without stacking: fewer kernels, the same logits."""
+    calibration = CalibrationText("calib", "The quick brown fox jumps over the lazy dog. " * 40, 4, 32)
+    prepared = prepare(str(tiny_model_dir), max_context=64, calibration=calibration)
+    stacked, apart = (prepared.build(get_recipe(recipe), merge_siblings=merge) for merge in (True, False))
+    calls = [len(_kernel_calls(model.result.ir.mod, "decode")) for model in (stacked, apart)]
+    layers = stacked.result.ir.kv.num_layers
+    assert calls[0] == calls[1] - 3 * layers  # q/k/v: 3 -> 1, gate/up: 2 -> 1, per block
+    ids = [5, 900, 17, 4242, 31, 77, 1234, 8]
+    sessions = [model.session() for model in (stacked, apart)]
+    logits = [session.prefill(ids[:-2]) for session in sessions]
+    np.testing.assert_allclose(logits[0], logits[1], rtol=0, atol=1e-5 * np.abs(logits[1]).max())
+    for token in ids[-2:]:
+        steps = [session.decode(token) for session in sessions]
+        np.testing.assert_allclose(steps[0], steps[1], rtol=0, atol=1e-5 * np.abs(steps[1]).max())

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from .artifact import LIBRARY, WEIGHTS, read_manifest
+from .threads import use_available_cores
 from lowbit.codegen.errors import LowbitError
 
 
@@ -69,6 +70,7 @@ class Session:
         import tvm
         from tvm import relax
 
+        use_available_cores()
         self.where = where
         self.manifest = manifest
         self.device = tvm.cpu()

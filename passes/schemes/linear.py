@@ -26,6 +26,7 @@ class LinearScheme:
     """How one linear layer ``y = x @ W.T`` (``W[N, K]``) is stored and computed."""
 
     name: ClassVar[str]
+    shared_tensors: ClassVar[tuple[str, ...]] = ()  # packed tensors held per layer, not per column tile
 
     def __init__(self, weights: WeightQuant | None = None, activations: ActQuant | None = None):
         self.weights, self.activations = weights, activations
@@ -175,6 +176,7 @@ class W8A8Linear(LinearScheme):
     calibrated scale per layer input), int32 accumulation (``w8a8``)."""
 
     name = "w8a8"
+    shared_tensors = ("act_scale",)
 
     @classmethod
     def matches(cls, weights, activations) -> bool:
