@@ -11,9 +11,9 @@ import dataclasses
 
 import numpy as np
 
-from .packing import from_column_tiles, to_column_tiles
+from .packing import from_column_tiles, pack_int4_quads, to_column_tiles
 
-FORMAT_KINDS = ("f32", "int8", "int4", "w8a8", "w8a8_static")
+FORMAT_KINDS = ("f32", "int8", "int4", "w8a8", "w8a8_static", "w4a8")
 W8A8_KINDS = ("w8a8", "w8a8_static")  # int8 activations: per-token dynamic scales / one static scale
 
 
@@ -24,7 +24,9 @@ class LinearFormat:
     kind: ``f32`` (float weights), ``int8`` (int8 codes, one scale per output channel), ``int4``
     (codes packed 8 per uint32 along K, one scale [and zero point] per ``group_size`` inputs), or
     ``w8a8`` / ``w8a8_static``: the ``int8`` weights with the activations quantized to int8 too
-    (per token at run time, or with one calibrated scale).
+    (per token at run time, or with one calibrated scale); ``w4a8``: the ``int4`` weights as nibble
+    quads (:func:`~lowbit.codegen.packing.pack_int4_quads`) times int8 activations quantized per
+    token and group at run time, accumulated in int32 by a byte dot product.
     """
 
     kind: str
@@ -37,8 +39,8 @@ class LinearFormat:
 
     @property
     def tag(self) -> str:
-        if self.kind == "int4":
-            return f"int4_g{self.group_size}{'_asym' if self.has_zeros else ''}"
+        if self.kind in ("int4", "w4a8"):
+            return f"{self.kind}_g{self.group_size}{'_asym' if self.has_zeros else ''}"
         return self.kind
 
 
@@ -59,6 +61,14 @@ class ColumnTiles:
 
     def unpack(self, tiled: np.ndarray, n: int) -> np.ndarray:
         return from_column_tiles(tiled, n)
+
+    def pack_quads(self, codes: np.ndarray, k_padded: int, pad_code: int) -> np.ndarray:
+        """int4 ``codes[K, N]`` as nibble quads in these tiles, ``K`` padded with ``pad_code`` to
+        ``k_padded`` rows and ``N`` to whole tiles."""
+        k, n = codes.shape
+        padded = np.full((k_padded, self.padded(n)), pad_code, np.uint8)
+        padded[:k, :n] = codes
+        return pack_int4_quads(padded, self.tile)
 
     def padded(self, n: int) -> int:
         """``n`` output channels rounded up to whole tiles (what the kernel computes)."""

@@ -40,6 +40,8 @@ def linear_kernel(fmt: LinearFormat, layout: ColumnTiles, m, n: int, k: int, dty
     tiles = n // t
     if fmt.kind in W8A8_KINDS:
         func = w8a8_kernel(fmt, t, m, k, tiles, dtype)
+    elif fmt.kind == "w4a8":
+        func = w4a8_kernel(fmt, t, m, k, tiles, dtype)
     elif fmt.kind == "int4" and isinstance(m, int) and m == 1:
         func = int4_gemv_kernel(fmt, t, k, tiles, dtype)
     else:
@@ -183,4 +185,70 @@ def w8a8_kernel(fmt: LinearFormat, t: int, m, k: int, tiles: int, dtype: str = "
     y = te.compute(
         (m, tiles * t), lambda i, j: acc[i, j].astype(dtype) * row_scale(i) * w_scale[j // t, j % t], name="output"
     )
+    return te.create_prim_func([x, *inputs, y])
+
+
+def w4a8_padded_k(k: int, group_size: int) -> int:
+    """The input width a ``w4a8`` kernel computes over: ``k`` rounded up to whole groups."""
+    return -(-k // group_size) * group_size
+
+
+def w4a8_kernel(fmt: LinearFormat, t: int, m, k: int, tiles: int, dtype: str = "float32") -> tirx.PrimFunc:
+    """W4A8: int4 weight codes times int8 activations, a byte dot product into int32 per group.
+
+    Arguments, in order: ``X[M, K]`` float, ``W[N/t, Kp/8, t, 4]`` uint8 nibble quads
+    (:func:`~lowbit.codegen.packing.pack_int4_quads`; ``Kp`` is ``K`` rounded up to whole groups of
+    ``G = fmt.group_size``), ``scale[N/t, Kp/G, t]`` float, with ``has_zeros`` ``zero[N/t, Kp/G, t]``
+    float (else the zero point is 8), then the output ``Y[M, N]``. Computes, per row ``m`` and group
+    ``g`` (inputs past ``K`` count as zero)::
+
+        sx[m, g]    = max_{k in g} |X[m, k]| / 127 (1 for an all-zero group)
+        xq[m, k]    = int8(clip(round_half_even(X[m, k] / sx[m, g]), -127, 127))
+        xsum[m, g]  = sum_{k in g} xq[m, k]
+        acc[m, g, n] = sum_{k in g} int32(code[k, n]) * int32(xq[m, k])            # exact in int32
+        Y[m, n]     = sum_g scale[g, n] * sx[m, g] * (float(acc[m, g, n]) - zero[g, n] * float(xsum[m, g]))
+
+    The dot product reduces over ``(ko, h, j)`` with ``k = g*G + 8*ko + 4*h + j``: ``h`` picks the
+    nibble of byte ``j``, so a target can tensorize ``(channels, h, j)`` as one vector load, a mask,
+    a shift and two 4-way byte dot products. Blocks: ``act_absmax``, ``act_scale``, ``act_quant``,
+    ``act_sum``, ``partial`` (int32) and ``matmul``.
+    """
+    size = fmt.group_size
+    k_padded = w4a8_padded_k(k, size)
+    groups = k_padded // size
+    qmax = tirx.const(float(INT8_QMAX), dtype)
+    x = te.placeholder((m, k), dtype, name="X")
+    w = te.placeholder((tiles, k_padded // 8, t, 4), "uint8", name="W")
+    scale = te.placeholder((tiles, groups, t), dtype, name="scale")
+    inputs = [w, scale]
+    if fmt.has_zeros:
+        zero = te.placeholder((tiles, groups, t), dtype, name="zero")
+        inputs.append(zero)
+
+    def x_at(i, kk):  # zero past K
+        return x[i, kk] if k_padded == k else tirx.if_then_else(kk < k, x[i, tirx.min(kk, k - 1)], tirx.const(0.0, dtype))
+
+    ra = te.reduce_axis((0, size), name="ra")
+    absmax = te.compute((m, groups), lambda i, g: te.max(tirx.abs(x_at(i, g * size + ra)), axis=ra), name="act_absmax")
+    x_scale = te.compute((m, groups), lambda i, g: tirx.Select(
+        absmax[i, g] > 0, absmax[i, g] / qmax, tirx.const(1.0, dtype)), name="act_scale")
+    xq = te.compute((m, k_padded), lambda i, kk: tirx.max(tirx.min(
+        tirx.round(x_at(i, kk) / x_scale[i, kk // size]), qmax), -qmax).astype("int8"), name="act_quant")
+    rs = te.reduce_axis((0, size), name="rs")
+    xsum = te.compute((m, groups), lambda i, g: te.sum(xq[i, g * size + rs].astype("int32"), axis=rs), name="act_sum")
+    ko = te.reduce_axis((0, size // 8), name="ko")
+    h = te.reduce_axis((0, 2), name="h")
+    j = te.reduce_axis((0, 4), name="j")
+    nibble = tirx.const(0xF, "uint8")
+    partial = te.compute((m, groups, tiles * t), lambda i, g, nn: te.sum(
+        ((w[nn // t, g * (size // 8) + ko, nn % t, j] >> (h * 4).astype("uint8")) & nibble).astype("int32")
+        * xq[i, g * size + ko * 8 + h * 4 + j].astype("int32"), axis=[ko, h, j]), name="partial")
+
+    def zero_at(g, nn):
+        return zero[nn // t, g, nn % t] if fmt.has_zeros else tirx.const(8.0, dtype)
+
+    rg = te.reduce_axis((0, groups), name="g")
+    y = te.compute((m, tiles * t), lambda i, nn: te.sum(
+        scale[nn // t, rg, nn % t] * x_scale[i, rg]
+        * (partial[i, rg, nn].astype(dtype) - zero_at(rg, nn) * xsum[i, rg].astype(dtype)), axis=rg), name="matmul")
     return te.create_prim_func([x, *inputs, y])

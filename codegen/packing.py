@@ -4,6 +4,12 @@ Weights are stored *k-major*: a linear layer ``y = x @ W.T`` with ``W[N, K]`` ke
 ``[K', N]`` so that a kernel vectorizes across output channels (contiguous ``N``) and never needs a
 horizontal reduction. int4 codes are unsigned nibbles (0..15) packed 8 per ``uint32`` along ``K``:
 code ``k`` of a word sits in bits ``4 * (k % 8)``.
+
+Integer-dot kernels (``w4a8``) take int4 codes as *nibble quads* instead (:func:`pack_int4_quads`):
+per column tile and block of 8 inputs, 4 bytes per channel, byte ``j`` holding code ``k + j`` in its
+low and code ``k + 4 + j`` in its high nibble, so that one vector load, a mask and a shift give two
+vectors of 4 consecutive codes per channel: the operand of a 4-way byte dot product (x86
+``vpdpbusd`` / ``vpmaddubsw``, ARM ``udot``).
 """
 
 from __future__ import annotations
@@ -49,3 +55,22 @@ def from_column_tiles(tiled: np.ndarray, n: int) -> np.ndarray:
     """Inverse of :func:`to_column_tiles` for the first ``n`` columns."""
     tiles, rows, tile = tiled.shape
     return tiled.transpose(1, 0, 2).reshape(rows, tiles * tile)[:, :n]
+
+
+def pack_int4_quads(codes: np.ndarray, tile: int) -> np.ndarray:
+    """``[K, N]`` codes in 0..15 -> nibble quads ``[N / tile, K / 8, tile, 4]`` uint8 (see the module
+    docstring); ``K`` a multiple of 8, ``N`` of ``tile``."""
+    k, n = codes.shape
+    if k % INT4_PER_WORD or n % tile:
+        raise ValueError(f"nibble quads need K divisible by {INT4_PER_WORD} and N by {tile}, got K={k}, N={n}")
+    if codes.min(initial=0) < 0 or codes.max(initial=0) > 15:
+        raise ValueError("int4 codes must lie in 0..15")
+    c = codes.astype(np.uint8).reshape(k // 8, 2, 4, n // tile, tile)  # block, half, j, tile, lane
+    return np.ascontiguousarray((c[:, 0] | (c[:, 1] << 4)).transpose(2, 0, 3, 1))
+
+
+def unpack_int4_quads(quads: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`pack_int4_quads`: ``[N / tile, K / 8, tile, 4]`` -> ``[K, N]`` codes."""
+    tiles, blocks, tile, _ = quads.shape
+    halves = np.stack([quads & 0xF, quads >> 4], axis=2)  # tile, block, half, lane, j
+    return np.ascontiguousarray(halves.transpose(1, 2, 4, 0, 3)).reshape(blocks * 8, tiles * tile)

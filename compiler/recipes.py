@@ -11,6 +11,8 @@ A recipe name is parsed, not enumerated, so every valid combination has a name:
   (stored in the int4 kernels).
 * ``w4a16-awq-g128``: activation-aware scales folded into the previous op and a clipping search,
   then the RTN grid; ``w4a16-awq-gptq-g128``: the same scales and clipping, then GPTQ's rounding.
+* ``w4a8-rtn-g128`` (``-gptq``, ``-awq``... as for ``w4a16``): the same int4 weights times int8
+  activations quantized per token and group at run time, on the chip's byte dot product (VNNI).
 * ``w8a8-smoothquant``: int8 weights per channel and int8 activations per token (dynamic), after
   SmoothQuant smoothing; ``w8a8-naive`` is the same without smoothing; ``-static`` quantizes
   activations with one calibrated scale per layer input instead.
@@ -34,11 +36,13 @@ from lowbit.codegen.errors import LowbitError
 from lowbit.passes.recipe import ActQuant, Keep, Recipe, Smoothing, WeightQuant
 
 _WEIGHT_ONLY = re.compile(
-    r"^w(?P<bits>\d+)a16-(?P<method>awq-gptq|[a-z]+)(?:-g(?P<group>\d+))?(?P<asym>-asym)?(?P<noact>-noact)?$"
+    r"^w(?P<bits>\d+)a(?P<abits>16|8)-(?P<method>awq-gptq|[a-z]+)(?:-g(?P<group>\d+))?(?P<asym>-asym)?"
+    r"(?P<noact>-noact)?$"
 )
 _W8A8 = re.compile(r"^w8a8-(?P<smoothing>naive|smoothquant)(?P<static>-static)?$")
-_GRAMMAR = ("w{3,4,8}a16-{rtn,gptq,awq,awq-gptq}[-g{32,64,128,256}][-asym][-noact] "
-            "or w8a8-{naive,smoothquant}[-static], then optional :options, or a .toml file")
+_GRAMMAR = ("w{3,4,8}a16-{rtn,gptq,awq,awq-gptq}[-g{32,64,128,256}][-asym][-noact], the same with "
+            "w{3,4}a8 (int8 activations per group), or w8a8-{naive,smoothquant}[-static], then optional "
+            ":options, or a .toml file")
 
 
 def _parse_name(name: str) -> Recipe:
@@ -53,6 +57,9 @@ def _parse_name(name: str) -> Recipe:
         raise LowbitError(f"unknown recipe {name!r}; valid recipes: {', '.join(EXAMPLE_RECIPES)} (pattern: {_GRAMMAR})")
     if match["noact"] and "gptq" not in match["method"]:
         raise LowbitError(f"recipe {name}: -noact (GPTQ's column order) applies to gptq only")
+    if match["abits"] == "8" and int(match["bits"]) >= 8:
+        raise LowbitError(f"unknown recipe {name!r}: int8 weights with int8 activations are w8a8-naive or "
+                          "w8a8-smoothquant[-static]")
     weights = WeightQuant(
         bits=int(match["bits"]),
         group_size=int(match["group"]) if match["group"] else None,
@@ -60,13 +67,14 @@ def _parse_name(name: str) -> Recipe:
         method=match["method"],
         act_order=False if match["noact"] else None,
     )
-    return Recipe(name=name, weights=weights)
+    activations = ActQuant(granularity="group") if match["abits"] == "8" else None
+    return Recipe(name=name, weights=weights, activations=activations)
 
 
 EXAMPLE_RECIPES = ("fp32", "w8a16-rtn", "w4a16-rtn", "w4a16-rtn-g32", "w4a16-rtn-g64", "w4a16-rtn-g128",
                    "w4a16-rtn-g128-asym", "w4a16-gptq-g128", "w4a16-gptq-g128-noact", "w3a16-gptq-g128",
-                   "w4a16-awq-g128", "w4a16-awq-gptq-g128", "w8a8-naive", "w8a8-smoothquant",
-                   "w8a8-smoothquant-static")
+                   "w4a16-awq-g128", "w4a16-awq-gptq-g128", "w4a8-rtn-g32", "w4a8-rtn-g128", "w4a8-awq-g128",
+                   "w4a8-gptq-g128", "w8a8-naive", "w8a8-smoothquant", "w8a8-smoothquant-static")
 DEFAULT_RECIPE = "w4a16-rtn-g128"
 _OPTIONS = "ignore=PATTERN[,PATTERN], keep=PATTERN[,PATTERN]|autoN, alpha=0.5|auto, damp=0.01, stages=2"
 

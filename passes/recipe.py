@@ -16,7 +16,7 @@ from lowbit.codegen.errors import LowbitError
 SUPPORTED_BITS = (3, 4, 8)
 SUPPORTED_GROUP_SIZES = (32, 64, 128, 256)
 SUPPORTED_METHODS = ("rtn", "gptq", "awq", "awq-gptq")
-ACT_GRANULARITIES = ("token", "tensor")
+ACT_GRANULARITIES = ("token", "tensor", "group")
 MAX_STAGES = 64
 
 
@@ -105,7 +105,8 @@ class ActQuant:
     Attributes:
         bits: 8.
         granularity: ``token``: one scale per token, computed at run time inside the kernel;
-            ``tensor``: one static scale per layer input, from the calibration absmax.
+            ``tensor``: one static scale per layer input, from the calibration absmax; ``group``:
+            one scale per token and group of the weights' group size, at run time (W4A8).
     """
 
     bits: int = 8
@@ -179,8 +180,14 @@ class Recipe:
     keep: Keep = Keep()
 
     def __post_init__(self):
-        if self.activations is not None and (self.weights is None or self.weights.bits != 8):
-            raise LowbitError("recipe: int8 activations need int8 weights (w8a8)")
+        if self.activations is None:
+            return
+        if self.activations.granularity == "group":
+            if self.weights is None or self.weights.bits >= 8:
+                raise LowbitError("recipe: int8 activations per group go with 3- or 4-bit weights (w4a8)")
+        elif self.weights is None or self.weights.bits != 8:
+            raise LowbitError("recipe: int8 activations per token or tensor need int8 weights (w8a8); "
+                              "4-bit weights take them per group (w4a8)")
 
     @property
     def needs_calibration(self) -> bool:

@@ -13,6 +13,9 @@ from lowbit.codegen.errors import LowbitError
 from lowbit.codegen.formats import ColumnTiles, LinearFormat
 
 
+DOT_ACCUMULATORS = 4  # accumulator vectors per column tile of the w4a8 kernels
+
+
 @dataclasses.dataclass(frozen=True)
 class ChipTarget:
     """One chip that lowbit can compile for.
@@ -29,6 +32,9 @@ class ChipTarget:
         pipeline: ``chip -> relax pipeline pass`` of the family (:func:`lowbit.targets.pipeline.cpu_pipeline`),
             or ``None`` where lowbit cannot build for the family yet.
         linear_tile: output channels per column tile of the weights (:meth:`linear_layout`).
+        dot_lanes: int32 lanes of the vector the byte dot product accumulates into (16 for AVX-512).
+        int4_dot: the registered tensor intrinsic for the ``w4a8`` kernels' inner step
+            (:mod:`lowbit.targets.nibble_dot`), or ``None`` to leave it to LLVM's vectorizer.
         machines: ``platform.machine()`` values of hosts that run this target's code.
         cpu_flags: the host CPU flag (``/proc/cpuinfo``) that proves each capability, where its name differs.
         cross_compiler: the C++ compiler that links ``model.so`` when the target is not this
@@ -43,6 +49,8 @@ class ChipTarget:
     rules: tuple = ()
     pipeline: Callable | None = None
     linear_tile: int = 16
+    dot_lanes: int = 4
+    int4_dot: str | None = None
     machines: tuple[str, ...] = ()
     cpu_flags: Mapping[str, str] = dataclasses.field(default_factory=dict)
     cross_compiler: str | None = None
@@ -59,7 +67,11 @@ class ChipTarget:
         return Target(self.tvm_target)
 
     def linear_layout(self, fmt: LinearFormat) -> ColumnTiles:
-        """The memory layout this chip's kernels want for a linear weight of format ``fmt``."""
+        """The memory layout this chip's kernels want for a linear weight of format ``fmt``: for the
+        byte dot product (``w4a8``), ``DOT_ACCUMULATORS`` vectors of ``dot_lanes`` channels per tile
+        (independent accumulator chains hide the instruction's latency)."""
+        if fmt.kind == "w4a8":
+            return ColumnTiles(DOT_ACCUMULATORS * self.dot_lanes)
         return ColumnTiles(self.linear_tile)
 
     def runs_on_this_machine(self) -> bool:
@@ -93,6 +105,7 @@ class ChipTarget:
             "capabilities": list(self.capabilities),
             "description": self.description,
             "linear_tile": self.linear_tile,
+            "int4_dot": self.int4_dot,
             "can_build": self.can_build,
             "runs_here": self.runs_on_this_machine(),
         }

@@ -304,9 +304,64 @@ class DequantLinear(_LinearRule):
         sch.vectorize(sch.get_loops(init)[-1])
 
 
+class W4A8Linear(_LinearRule):
+    """The W4A8 kernel (:func:`lowbit.codegen.kernels.w4a8_kernel`), GEMV and GEMM.
+
+    The activations are quantized first, per row and group (parallel over rows in the GEMM). Then,
+    parallel over column tiles: for each row, for each group, the tile's int32 accumulators (one
+    vector per ``dot_lanes`` channels, unrolled: independent chains) take the group's dot products
+    8 inputs at a time, tensorized with the target's ``int4_dot`` intrinsic where it names one; the
+    group's scales and zero points are then applied to the float output accumulators in registers.
+    A tile's codes (``tile * K / 2`` bytes) stay in L1 while the GEMM's rows pass over them.
+    """
+
+    def __init__(self, lanes: int, intrinsic: str | None):
+        self.lanes, self.intrinsic = lanes, intrinsic
+
+    def matches(self, tag: str, gemv: bool) -> bool:
+        return tag.startswith("w4a8")
+
+    def schedule(self, sch, gemv, tile, tunable):
+        if not gemv:
+            for name in ("act_absmax", "act_quant", "act_sum"):
+                sch.parallel(sch.get_loops(sch.get_sblock(name))[0])
+        matmul = sch.get_sblock("matmul")
+        m, n, g = sch.get_loops(matmul)
+        n_outer, n_inner = sch.split(n, [None, tile])
+        sch.reorder(n_outer, m, g, n_inner)
+        sch.parallel(n_outer)
+        acc = sch.cache_write(matmul, 0, "local")
+        sch.reverse_compute_at(acc, m)
+        sch.vectorize(sch.get_loops(acc)[-1])
+        partial = sch.get_sblock("partial")
+        sch.compute_at(partial, g)
+        sch.set_scope(partial, 0, "local")
+        channels, ko, h, j = sch.get_loops(partial)[-4:]
+        vectors, lanes = sch.split(channels, [None, self.lanes])
+        init = None
+        if self.intrinsic is not None:
+            sch.reorder(ko, vectors, lanes, h, j)
+            init = sch.decompose_reduction(partial, ko)
+            sch.tensorize(lanes, self.intrinsic)
+        else:
+            sch.reorder(ko, vectors, h, j, lanes)
+            init = sch.decompose_reduction(partial, ko)
+            sch.vectorize(lanes)
+            sch.unroll(h)
+            sch.unroll(j)
+        sch.unroll(vectors)
+        sch.vectorize(sch.get_loops(init)[-1])
+        sch.vectorize(n_inner)
+        init = sch.decompose_reduction(matmul, g)
+        sch.vectorize(sch.get_loops(init)[-1])
+
+
 LINEAR_RULES = (W8A8Linear(), Int4Gemv(), DequantLinear())  # the most specific first
 
 
 def simd_target(**fields) -> ChipTarget:
-    """A CPU target on these rules and the CPU pipeline; ``fields`` as :class:`ChipTarget` takes them."""
-    return ChipTarget(rules=(*LINEAR_RULES, BatchMatmul(), SingleRowReduction()), pipeline=cpu_pipeline, **fields)
+    """A CPU target on these rules and the CPU pipeline; ``fields`` as :class:`ChipTarget` takes them
+    (``dot_lanes`` and ``int4_dot`` also configure the ``w4a8`` rule)."""
+    w4a8 = W4A8Linear(fields.get("dot_lanes", 4), fields.get("int4_dot"))
+    return ChipTarget(rules=(*LINEAR_RULES, w4a8, BatchMatmul(), SingleRowReduction()), pipeline=cpu_pipeline,
+                      **fields)

@@ -1,19 +1,77 @@
-"""x86-64 targets: AVX2 (+FMA) and AVX-512 with VNNI, on the SIMD rules of :mod:`lowbit.targets.simd`."""
+"""x86-64 targets: AVX2 (+FMA) and AVX-512 with VNNI, on the SIMD rules of :mod:`lowbit.targets.simd`.
 
+The ``w4a8`` kernels' byte dot product (:mod:`lowbit.targets.nibble_dot`) runs on AVX-512 VNNI
+``vpdpbusd`` (16 int32 lanes: 4 unsigned codes times 4 signed activations per lane and instruction)
+or, without VNNI, on AVX2 ``vpmaddubsw`` + ``vpmaddwd`` (8 lanes; the 16-bit pair sums cannot
+saturate: ``2 * 15 * 127 < 2^15``). The activations go in the signed operand and the int4 codes,
+0..15, in the unsigned one, so no offset needs compensating. LLVM 22 wants the byte operands of
+``vpdpbusd`` as ``<64 x i8>``, hence the ``int8x64`` reinterprets.
+"""
+
+from tvm.script import tirx as T
+
+from .nibble_dot import register_nibble_dot
 from .registry import register_target
 from .simd import simd_target
 
 MACHINES = ("x86_64", "AMD64")
 
+
+@T.prim_func(s_tir=True)
+def _nibble_dot_vnni(a: T.handle, b: T.handle, c: T.handle) -> None:
+    A = T.match_buffer(a, (16, 4), "uint8", offset_factor=1)
+    B = T.match_buffer(b, (8,), "int8", offset_factor=1)
+    C = T.match_buffer(c, (16,), "int32", offset_factor=1, scope="local")
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:16, 0:4], B[0:8])
+        T.writes(C[0:16])
+        quads = A.vload([0, 0], "uint8x64")
+        low = T.bitwise_and(quads, T.broadcast(T.uint8(15), 64))
+        high = T.bitwise_and(T.shift_right(quads, T.broadcast(T.uint8(4), 64)), T.broadcast(T.uint8(15), 64))
+        x_low = T.reinterpret(T.broadcast(T.reinterpret(B.vload([0], "int8x4"), dtype="int32"), 16), dtype="int8x64")
+        x_high = T.reinterpret(T.broadcast(T.reinterpret(B.vload([4], "int8x4"), dtype="int32"), 16), dtype="int8x64")
+        dot = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+                                      C.vload([0], "int32x16"), T.reinterpret(low, dtype="int8x64"), x_low,
+                                      dtype="int32x16")
+        C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"), dot, T.reinterpret(high, dtype="int8x64"),
+            x_high, dtype="int32x16")
+
+
+@T.prim_func(s_tir=True)
+def _nibble_dot_avx2(a: T.handle, b: T.handle, c: T.handle) -> None:
+    A = T.match_buffer(a, (8, 4), "uint8", offset_factor=1)
+    B = T.match_buffer(b, (8,), "int8", offset_factor=1)
+    C = T.match_buffer(c, (8,), "int32", offset_factor=1, scope="local")
+    with T.sblock("root"):
+        T.reads(C[0:8], A[0:8, 0:4], B[0:8])
+        T.writes(C[0:8])
+        quads = A.vload([0, 0], "uint8x32")
+        low = T.bitwise_and(quads, T.broadcast(T.uint8(15), 32))
+        high = T.bitwise_and(T.shift_right(quads, T.broadcast(T.uint8(4), 32)), T.broadcast(T.uint8(15), 32))
+        x_low = T.reinterpret(T.broadcast(T.reinterpret(B.vload([0], "int8x4"), dtype="int32"), 8), dtype="int8x32")
+        x_high = T.reinterpret(T.broadcast(T.reinterpret(B.vload([4], "int8x4"), dtype="int32"), 8), dtype="int8x32")
+        pairs_low = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
+                                            T.reinterpret(low, dtype="int8x32"), x_low, dtype="int16x16")
+        pairs_high = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
+                                             T.reinterpret(high, dtype="int8x32"), x_high, dtype="int16x16")
+        C[T.ramp(T.int32(0), 1, 8)] = C.vload([0], "int32x8") + T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), pairs_low + pairs_high, T.broadcast(T.int16(1), 16),
+            dtype="int32x8")
+
+
+NIBBLE_DOT_VNNI = register_nibble_dot("lowbit_nibble_dot_vnni16", 16, _nibble_dot_vnni)
+NIBBLE_DOT_AVX2 = register_nibble_dot("lowbit_nibble_dot_avx2_8", 8, _nibble_dot_avx2)
+
 X86_AVX2 = register_target(simd_target(
-    name="x86-avx2", family="x86", machines=MACHINES, linear_tile=16,
+    name="x86-avx2", family="x86", machines=MACHINES, linear_tile=16, dot_lanes=8, int4_dot=NIBBLE_DOT_AVX2,
     tvm_target={"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "haswell"},
     capabilities=("avx2", "fma"),
     description="x86-64 with AVX2 + FMA (Haswell, Zen 1-3 and newer)",
 ))
 
 X86_VNNI = register_target(simd_target(
-    name="x86-vnni", family="x86", machines=MACHINES, linear_tile=32,
+    name="x86-vnni", family="x86", machines=MACHINES, linear_tile=32, dot_lanes=16, int4_dot=NIBBLE_DOT_VNNI,
     tvm_target={"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "cascadelake"},
     capabilities=("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni"),
     description="x86-64 with AVX-512 and VNNI (Cascade Lake, Ice Lake, Zen 4 and newer)",

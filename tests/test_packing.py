@@ -1,6 +1,7 @@
 """Bit-exact round trips of the weight layouts and of RTN quantization (property tests)."""
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -63,3 +64,18 @@ def test_rtn_partial_last_group():
     q = WeightGrid(4, 128, True).quantize(weight)
     assert q.scales.shape == (5, 3)  # 4 full groups of 128 and one of 64
     assert np.abs(q.dequantize() - weight).max() <= np.abs(q.scales).max() + 1e-6
+
+
+def test_nibble_quads_round_trip_and_layout():
+    """Byte j of channel l in block b holds code 8b+j (low nibble) and 8b+4+j (high nibble)."""
+    from lowbit.codegen.packing import pack_int4_quads, unpack_int4_quads
+
+    codes = np.random.default_rng(3).integers(0, 16, (48, 128)).astype(np.uint8)
+    quads = pack_int4_quads(codes, 64)
+    assert quads.shape == (2, 6, 64, 4) and quads.dtype == np.uint8
+    np.testing.assert_array_equal(unpack_int4_quads(quads), codes)
+    tile, block, lane, j = 1, 4, 9, 2
+    assert quads[tile, block, lane, j] & 0xF == codes[8 * block + j, 64 * tile + lane]
+    assert quads[tile, block, lane, j] >> 4 == codes[8 * block + 4 + j, 64 * tile + lane]
+    with pytest.raises(ValueError, match="0..15"):
+        pack_int4_quads(codes + 16, 64)

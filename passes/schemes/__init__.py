@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from ..recipe import ActQuant, WeightQuant
 from .grids import ActivationGrid, QuantizedWeight, WeightGrid
-from .linear import FloatLinear, Int4Linear, Int8Linear, LinearScheme, W8A8Linear
+from .linear import FloatLinear, Int4Linear, Int8Linear, LinearScheme, W4A8Linear, W8A8Linear
 
 LINEAR_SCHEMES: dict[str, type[LinearScheme]] = {}
 
@@ -24,7 +24,7 @@ def register_linear_scheme(scheme: type[LinearScheme]) -> type[LinearScheme]:
     return scheme
 
 
-for _scheme in (FloatLinear, Int8Linear, Int4Linear, W8A8Linear):
+for _scheme in (FloatLinear, Int8Linear, Int4Linear, W4A8Linear, W8A8Linear):
     register_linear_scheme(_scheme)
 
 

@@ -110,20 +110,30 @@ class WeightGrid:
 @dataclasses.dataclass(frozen=True)
 class ActivationGrid:
     """int8 activations in ``[-127, 127]``: one scale per ``token`` row (``max|x| / 127``, at run
-    time) or per ``tensor`` (one calibrated scale, ``max |x|`` over calibration / 127)."""
+    time), per ``group`` of ``group_size`` consecutive inputs of each row (at run time), or per
+    ``tensor`` (one calibrated scale, ``max |x|`` over calibration / 127)."""
 
     granularity: str
     qmax: int = INT8_QMAX
+    group_size: int = 0
 
     def scale(self, x: np.ndarray, calibrated_absmax: np.ndarray) -> np.ndarray:
-        """The scale of each row of ``x[M, K]`` (``[M, 1]``), or of the whole tensor (``[1, 1]``)."""
+        """The scale of each row of ``x[M, K]`` (``[M, 1]``), of each row's group of inputs
+        (``[M, K]``, repeated across the group), or of the whole tensor (``[1, 1]``)."""
         if self.granularity == "token":
             scale = np.abs(x).max(axis=1, keepdims=True) / self.qmax
+        elif self.granularity == "group":
+            m, k = x.shape
+            size = self.group_size or k
+            padded = np.zeros((m, -(-k // size) * size), np.float32)
+            padded[:, :k] = np.abs(x)
+            absmax = padded.reshape(m, -1, size).max(axis=2)
+            scale = np.repeat(absmax / np.float32(self.qmax), size, axis=1)[:, :k]
         else:
             scale = np.full((1, 1), np.max(calibrated_absmax) / self.qmax, np.float32)
         return np.where(scale > 0, scale, 1.0).astype(np.float32)
 
     def simulate(self, x: np.ndarray, calibrated_absmax: np.ndarray) -> np.ndarray:
-        """``x`` through the grid and back to float, as the W8A8 kernels see it."""
+        """``x`` through the grid and back to float, as the int8-activation kernels see it."""
         scale = self.scale(x, calibrated_absmax)
         return np.clip(np.rint(x / scale), -self.qmax, self.qmax) * scale

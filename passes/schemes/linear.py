@@ -16,6 +16,7 @@ import tvm
 from tvm import relax, tirx
 
 from lowbit.codegen.formats import ColumnTiles, LinearFormat
+from lowbit.codegen.kernels import w4a8_padded_k
 from lowbit.codegen.packing import INT4_PER_WORD, pack_int4
 
 from ..recipe import ActQuant, WeightQuant
@@ -45,7 +46,10 @@ class LinearScheme:
     @property
     def activation_grid(self) -> ActivationGrid | None:
         """The grid the kernel puts its inputs on, or ``None`` for float inputs."""
-        return None if self.activations is None else ActivationGrid(self.activations.granularity)
+        if self.activations is None:
+            return None
+        grouped = self.activations.granularity == "group" and self.weights.group_size is not None
+        return ActivationGrid(self.activations.granularity, group_size=self.weights.group_size if grouped else 0)
 
     def unsupported(self, n: int, k: int) -> str | None:
         """Why this scheme cannot hold an ``[N, K]`` weight (the layer then stays float), or ``None``."""
@@ -171,6 +175,35 @@ class Int4Linear(LinearScheme):
         return f"{quantized.bits}-bit group {quantized.group_size}{'' if self.weights.symmetric else ' asym'}, {method}"
 
 
+class W4A8Linear(Int4Linear):
+    """The int4 grid (3- or 4-bit codes, groups, optional zero points) times int8 activations
+    quantized per token and group at run time, int32 accumulation by a byte dot product (``w4a8``).
+    The codes are laid out as nibble quads, the inputs padded to whole groups."""
+
+    name = "w4a8"
+
+    @classmethod
+    def matches(cls, weights, activations) -> bool:
+        return weights is not None and weights.bits < 8 and activations is not None
+
+    def format(self, k: int) -> LinearFormat:
+        return LinearFormat("w4a8", self.weight_grid.group(k), not self.weights.symmetric)
+
+    def pack(self, weight_nk, quantized, layout, statistics=None):
+        codes = quantized.codes
+        if self.weights.symmetric and self.weights.bits < 4:
+            codes = codes + np.uint8(8 - 2 ** (self.weights.bits - 1))
+        k = codes.shape[0]
+        k_padded = w4a8_padded_k(k, quantized.group_size)
+        tensors = {"qweight": layout.pack_quads(codes, k_padded, pad_code=8), "scales": layout.pack(quantized.scales)}
+        if not self.weights.symmetric:
+            tensors["zeros"] = layout.pack(quantized.zeros)
+        return tensors
+
+    def describe(self, quantized, method, tensors) -> str:
+        return f"{super().describe(quantized, method, tensors)}; int8 activations per token and group"
+
+
 class W8A8Linear(LinearScheme):
     """int8 weights per output channel times int8 activations (per token at run time, or one
     calibrated scale per layer input), int32 accumulation (``w8a8``)."""
@@ -180,7 +213,7 @@ class W8A8Linear(LinearScheme):
 
     @classmethod
     def matches(cls, weights, activations) -> bool:
-        return activations is not None
+        return activations is not None and activations.granularity != "group"
 
     def format(self, k: int) -> LinearFormat:
         return LinearFormat("w8a8" if self.activations.granularity == "token" else "w8a8_static")
