@@ -4,8 +4,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 MODEL ?= smollm2-135m
-RECIPE ?= w4a16-rtn-g128
-OUT ?= out/smol-w4
+RECIPE ?= w4a8-rtn-g32:keep=lm_head*
+OUT ?= out/smol-w4a8
+FLOAT_OUT ?= out/smol-fp32
 
 .PHONY: demo test install clean
 
@@ -19,13 +20,15 @@ $(BIN)/lowbit: pyproject.toml
 install: $(BIN)/lowbit
 
 demo: install
-	$(BIN)/lowbit compile $(MODEL) -r $(RECIPE) -t host -o $(OUT)
+	$(BIN)/lowbit compile $(MODEL) -r fp32 -t host -o $(FLOAT_OUT)
+	$(BIN)/lowbit compile $(MODEL) -r '$(RECIPE)' -t host -o $(OUT)
 	$(BIN)/lowbit inspect $(OUT)
-	$(BIN)/lowbit eval $(OUT) --tokens 2048
+	$(BIN)/lowbit eval $(OUT) --reference $(FLOAT_OUT) --tokens 2048
+	$(BIN)/lowbit bench $(FLOAT_OUT) $(OUT) --repeats 3
 	$(BIN)/lowbit run $(OUT) --prompt "The capital of France is" --max-new-tokens 16
 
 test: install
-	$(BIN)/python -m pytest -q --durations=15 -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -q -rs --durations=15 -n 2 --dist loadgroup
 
 clean:
 	rm -rf $(VENV) out

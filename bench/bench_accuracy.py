@@ -23,7 +23,8 @@ from lowbit.compiler.sources.texts import read_text
 RECIPES = ("w8a16-rtn", "w8a8-naive", "w8a8-smoothquant", "w8a8-smoothquant:alpha=auto", "w8a8-naive-static",
            "w8a8-smoothquant-static", "w4a16-rtn-g128", "w4a16-awq-g128", "w4a16-gptq-g128",
            "w4a16-gptq-g128:stages=2", "w4a16-awq-gptq-g128", "w4a16-rtn", "w4a16-awq", "w4a16-gptq",
-           "w3a16-rtn-g128", "w3a16-gptq-g128", "w4a16-rtn-g128:keep=auto10", "w4a16-rtn-g128:keep=lm_head*")
+           "w3a16-rtn-g128", "w3a16-gptq-g128", "w4a16-rtn-g128:keep=auto10", "w4a16-rtn-g128:keep=lm_head*",
+           "w4a16-rtn-g32", "w4a8-rtn-g32", "w4a8-rtn-g128", "w4a8-awq-g128", "w4a8-gptq-g128", "w4a8-awq-gptq-g128")
 
 
 def main() -> None:

@@ -252,3 +252,62 @@ def w4a8_kernel(fmt: LinearFormat, t: int, m, k: int, tiles: int, dtype: str = "
         scale[nn // t, rg, nn % t] * x_scale[i, rg]
         * (partial[i, rg, nn].astype(dtype) - zero_at(rg, nn) * xsum[i, rg].astype(dtype)), axis=rg), name="matmul")
     return te.create_prim_func([x, *inputs, y])
+
+
+def gather_kernel(fmt: LinearFormat, layout: ColumnTiles, rows: int, k: int, index_shape: list,
+                  index_dtype: str = "int64", dtype: str = "float32") -> tirx.PrimFunc:
+    """An embedding lookup from a linear layer's packed weight: ``out[..., :] = W[ids[...], :]``.
+
+    For a table tied to an output head ``W[rows, K]`` (``rows`` output channels of ``K`` inputs), the
+    looked-up row is output channel ``ids[...]`` of the head's packed tensors, dequantized on the
+    way: the table is stored once, in the head's format and ``layout``. Arguments: ``ids`` of
+    ``index_shape`` (ints or ``tirx.Var``\ s; clipped into ``[0, rows)``), the head's weight tensors as
+    :func:`linear_kernel` takes them (without activation scales), then ``out[*index_shape, K]``.
+    """
+    t = layout.tile
+    tiles = layout.padded(rows) // t
+    ids = te.placeholder(tuple(index_shape), index_dtype, name="ids")
+    inputs, element = _weight_element(fmt, t, k, tiles, dtype)
+
+    def lookup(*indices):
+        index = ids[indices[:-1]].astype("int64")
+        row = tirx.max(tirx.min(index, tirx.const(rows - 1, "int64")), tirx.const(0, "int64")).astype("int32")
+        return element(indices[-1], row)
+
+    out = te.compute((*index_shape, k), lookup, name="gather")
+    return te.create_prim_func([ids, *inputs, out])
+
+
+def _weight_element(fmt: LinearFormat, t: int, k: int, tiles: int, dtype: str):
+    """The placeholders of a packed linear weight (in :func:`linear_kernel`'s argument order, less
+    activation scales) and ``value(kk, nn)``: the float weight of input ``kk``, output channel ``nn``."""
+    if fmt.kind in ("f32", "int8", "w8a8", "w8a8_static"):
+        w = te.placeholder((tiles, k, t), dtype if fmt.kind == "f32" else "int8", name="W")
+        if fmt.kind == "f32":
+            return [w], lambda kk, nn: w[nn // t, kk, nn % t]
+        scale = te.placeholder((tiles, t), dtype, name="scale")
+        return [w, scale], lambda kk, nn: w[nn // t, kk, nn % t].astype(dtype) * scale[nn // t, nn % t]
+    size = fmt.group_size
+    if fmt.kind == "int4":
+        inputs, codes, scale_at, zero_at = _int4_weights(fmt, t, k, tiles, dtype)
+    else:  # w4a8: nibble quads over the inputs padded to whole groups
+        k_padded = w4a8_padded_k(k, size)
+        groups = k_padded // size
+        w = te.placeholder((tiles, k_padded // 8, t, 4), "uint8", name="W")
+        scale = te.placeholder((tiles, groups, t), dtype, name="scale")
+        inputs = [w, scale]
+        zero = None
+        if fmt.has_zeros:
+            zero = te.placeholder((tiles, groups, t), dtype, name="zero")
+            inputs.append(zero)
+
+        def codes(kk, nn):
+            byte = w[nn // t, kk // 8, nn % t, kk % 4]
+            return ((byte >> ((kk // 4) % 2 * 4).astype("uint8")) & tirx.const(0xF, "uint8")).astype(dtype)
+
+        def scale_at(g, nn):
+            return scale[nn // t, g, nn % t]
+
+        def zero_at(g, nn):
+            return zero[nn // t, g, nn % t] if zero is not None else tirx.const(8.0, dtype)
+    return inputs, lambda kk, nn: (codes(kk, nn) - zero_at(kk // size, nn)) * scale_at(kk // size, nn)

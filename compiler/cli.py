@@ -101,7 +101,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true")
 
     b = command("bench", "prefill and decode tokens/s of an artifact (medians of repeats, like llama-bench)")
-    b.add_argument("artifact")
+    b.add_argument("artifact", nargs="+", help="one or more artifact directories (measured in turn, side by side)")
     b.add_argument("--prompt-tokens", type=_whole(1), default=64, help="tokens per prefill (default 64)")
     b.add_argument("--new-tokens", type=_whole(1), default=128, help="decode steps per repeat (default 128)")
     b.add_argument("--repeats", type=_whole(1, 1000), default=5, help="measured repeats (default 5)")
@@ -203,8 +203,9 @@ def _bench(args) -> dict:
     from .api import load
     from .runtime.benchmark import benchmark
 
-    return benchmark(load(args.artifact, _trusted_keys(args)), args.prompt_tokens, args.new_tokens, args.repeats,
-                     args.warmup)
+    runs = [benchmark(load(path, _trusted_keys(args)), args.prompt_tokens, args.new_tokens, args.repeats, args.warmup)
+            for path in args.artifact]
+    return runs[0] if len(runs) == 1 else {"runs": runs}
 
 
 def _eval(args) -> dict:
@@ -266,18 +267,21 @@ def _print_human(command: str, result, args) -> None:
         print(f"[{result['prompt_tokens']} prompt tokens at {result['prefill_tokens_per_s']} tok/s, "
               f"{result['new_tokens']} new at {result['decode_tokens_per_s']} tok/s]", file=sys.stderr)
     elif command == "bench":
-        print(f"{result['artifact']} ({result['recipe']}, {result['target']}), {result['threads']} threads, "
-              f"{result['cpu']}")
-        for phase, tokens in (("prefill", result["prompt_tokens"]), ("decode", result["new_tokens"])):
-            rate = result[f"{phase}_tokens_per_s"]
-            print(f"  {phase:<8} {tokens:>5} tokens  {rate['median']:9.2f} tok/s  (min {rate['min']:.2f}, "
-                  f"max {rate['max']:.2f}, {result['repeats']} repeats)")
+        runs = result.get("runs", [result])
+        first = runs[0]
+        print(f"{first['threads']} threads, {first['cpu']}; {first['prompt_tokens']}-token prompt, "
+              f"{first['new_tokens']} new tokens; median (min-max) of {first['repeats']} repeats")
+        print(f"  {'artifact':<32} {'recipe':<24} {'prefill tok/s':>22} {'decode tok/s':>22}")
+        for run in runs:
+            rates = [run[f"{phase}_tokens_per_s"] for phase in ("prefill", "decode")]
+            cells = [f"{r['median']:.1f} ({r['min']:.0f}-{r['max']:.0f})" for r in rates]
+            print(f"  {run['artifact']:<32} {run['recipe']:<24} {cells[0]:>22} {cells[1]:>22}")
     elif command == "eval":
         print(f"perplexity {result['perplexity']:.3f} over {result['tokens']} tokens of {result['text']} "
               f"(windows of {result['window']}, recipe {result['recipe']})")
         if "kl_vs_float" in result:
-            print(f"vs float: mean KL {result['kl_vs_float']:.5f} nats, top-1 agreement "
-                  f"{100 * result['top1_agreement']:.2f} %")
+            print(f"vs float: perplexity {result['float_perplexity']:.3f} ({100 * result['perplexity_gap']:+.1f} %), "
+                  f"mean KL {result['kl_vs_float']:.5f} nats, top-1 agreement {100 * result['top1_agreement']:.2f} %")
     elif command == "analyze":
         end_to_end = "output_kl" in result["layers"][0]
         print(f"{result['recipe']}: per layer, the layer's relative output error on {result['calibration_tokens']} "

@@ -15,6 +15,10 @@ weight stays only where something else still reads it (a tied embedding); ``sync
 rest. ``params`` (the caller's dict) is not changed: the packed weights are in :attr:`QuantizeLinears.params`.
 Every decision is recorded in ``report`` (layer, format, reason) for the manifest.
 
+A gather from a weight that a linear layer also reads as ``[N, K]`` (an embedding table tied to the
+output head) becomes a lookup in that layer's packed tensors (:func:`lowbit.codegen.kernels.gather_kernel`):
+the table is stored once, in the head's format, and the float table is dropped.
+
 With ``merge_siblings`` (the default), linears that read the same input and pack alike run as one
 kernel on their stacked weights (:mod:`lowbit.passes.sibling_linears`), named
 ``<merged name>.<suffix>``; each member's report line says which channels of the stack are its own.
@@ -30,10 +34,10 @@ from tvm import relax
 
 from lowbit.codegen.errors import LowbitError
 from lowbit.codegen.formats import ColumnTiles, LinearFormat
-from lowbit.codegen.kernels import kernel_name, linear_kernel
+from lowbit.codegen.kernels import gather_kernel, kernel_name, linear_kernel
 
 from .gptq import quantize_gptq_validated
-from .linear_match import match_linear
+from .linear_match import find_linears, match_linear
 from .recipe import WeightQuant
 from .schemes import FloatLinear, LinearScheme, QuantizedWeight, linear_scheme
 from .schemes.linear import rows
@@ -170,6 +174,7 @@ class _LinearRewriter(relax.PyExprMutator):
         groups = sibling_groups(func) if owner.merge_siblings else []
         self.groups = {use.name: group for group in groups for use in group.members}
         self.sibling_outputs: dict[str, relax.Var] = {}  # member weight name -> its slice of the stack
+        self.tied = {name for name, use in find_linears(func).items() if use.transposed}  # [N, K] tables
 
     def rewrite(self, gvar, func) -> tvm.IRModule:
         body = self.visit_expr(func.body)
@@ -196,6 +201,8 @@ class _LinearRewriter(relax.PyExprMutator):
         return self.kernels[key]
 
     def visit_call_(self, call: relax.Call):  # noqa: D401 - TVM visitor hook
+        if _is_take(call) and isinstance(call.args[0], relax.Var) and call.args[0].name in self.tied:
+            return self._gather(call)
         use = match_linear(call, self.var2val, self.weights)
         if use is None:
             return super().visit_call_(call)
@@ -223,3 +230,30 @@ class _LinearRewriter(relax.PyExprMutator):
             self.sibling_outputs[use.name] = self.builder_.emit(
                 relax.op.strided_slice(y, axes=[axis], begin=[start], end=[start + n]))
             start += n
+
+    def _gather(self, call: relax.Call) -> relax.Expr:
+        """``take(W, ids, axis=0)`` of a tied table as a lookup in W's packed tensors."""
+        name = call.args[0].name
+        ids = self.visit_expr(call.args[1])
+        if int(call.attrs.axis) != 0 or not isinstance(ids.ty, relax.TensorType) or ids.ty.shape is None:
+            return super().visit_call_(call)
+        packed = self.owner.packed(name, transposed=True)
+        tensors = {s: a for s, a in packed.tensors.items() if s not in packed.scheme.shared_tensors}
+        weights = [self._weight_var(f"{name}.{s}", a) for s, a in tensors.items()]
+        shape = list(ids.ty.shape)
+        static = [isinstance(d, tvm.tirx.IntImm) for d in shape]
+        key = ("gather", packed.fmt, packed.layout, packed.n, packed.k, str(ids.ty.dtype),
+               tuple(int(d) if s else "?" for d, s in zip(shape, static)))
+        if key not in self.kernels:
+            dims = [int(d) if s else tvm.tirx.Var(f"n{i}", "int64") for i, (d, s) in enumerate(zip(shape, static))]
+            symbol = f"lowbit_gather_{packed.tag}_n{packed.n}_k{packed.k}_" + "x".join(
+                str(d) if s else "d" for d, s in zip(key[-1], static))
+            func = gather_kernel(packed.fmt, packed.layout, packed.n, packed.k, dims, str(ids.ty.dtype)).with_attrs(
+                {"op_pattern": 8, "global_symbol": symbol})
+            self.kernels[key] = self.builder_.add_func(func, symbol)
+        out = relax.TensorType([*shape, packed.k], str(call.ty.dtype))
+        return relax.call_tir(self.kernels[key], [ids, *weights], out)
+
+
+def _is_take(call: relax.Call) -> bool:
+    return isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.take"

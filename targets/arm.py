@@ -1,8 +1,39 @@
 """AArch64 targets: NEON with dotprod (sdot), and with i8mm (smmla), on the SIMD rules of
-:mod:`lowbit.targets.simd`, lowered to NEON vector code; ``model.so`` is linked by a cross compiler."""
+:mod:`lowbit.targets.simd`, lowered to NEON vector code; ``model.so`` is linked by a cross compiler.
 
+The ``w4a8`` kernels' byte dot product (:mod:`lowbit.targets.nibble_dot`) runs on ``sdot`` (4 int32
+lanes, 4 signed byte products each): the int4 codes, 0..15, are valid signed bytes as they are.
+"""
+
+from tvm.script import tirx as T
+
+from .nibble_dot import register_nibble_dot
 from .registry import register_target
 from .simd import simd_target
+
+
+@T.prim_func(s_tir=True)
+def _nibble_dot_sdot(a: T.handle, b: T.handle, c: T.handle) -> None:
+    A = T.match_buffer(a, (4, 4), "uint8", offset_factor=1)
+    B = T.match_buffer(b, (8,), "int8", offset_factor=1)
+    C = T.match_buffer(c, (4,), "int32", offset_factor=1, scope="local")
+    with T.sblock("root"):
+        T.reads(C[0:4], A[0:4, 0:4], B[0:8])
+        T.writes(C[0:4])
+        quads = A.vload([0, 0], "uint8x16")
+        low = T.bitwise_and(quads, T.broadcast(T.uint8(15), 16))
+        high = T.shift_right(quads, T.broadcast(T.uint8(4), 16))
+        x_low = T.reinterpret(T.broadcast(T.reinterpret(B.vload([0], "int8x4"), dtype="int32"), 4), dtype="int8x16")
+        x_high = T.reinterpret(T.broadcast(T.reinterpret(B.vload([4], "int8x4"), dtype="int32"), 4), dtype="int8x16")
+        dot = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"),
+                                      C.vload([0], "int32x4"), T.reinterpret(low, dtype="int8x16"), x_low,
+                                      dtype="int32x4")
+        C[T.ramp(T.int32(0), 1, 4)] = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"), dot,
+            T.reinterpret(high, dtype="int8x16"), x_high, dtype="int32x4")
+
+
+NIBBLE_DOT_SDOT = register_nibble_dot("lowbit_nibble_dot_sdot4", 4, _nibble_dot_sdot)
 
 ARM = {
     "family": "arm",
@@ -10,6 +41,8 @@ ARM = {
     "cpu_flags": {"neon": "asimd", "dotprod": "asimddp", "i8mm": "i8mm"},  # capability -> /proc/cpuinfo Features
     "cross_compiler": "aarch64-linux-gnu-g++",
     "linear_tile": 16,
+    "dot_lanes": 4,
+    "int4_dot": NIBBLE_DOT_SDOT,
 }
 
 ARM_DOTPROD = register_target(simd_target(

@@ -150,6 +150,7 @@ def test_eval_model_with_recipe_compares_to_float(tiny_model_dir, tmp_path):
     result = json.loads(done.stdout)
     assert result["recipe"] == "w4a16-rtn-g32" and result["tokens"] == 64
     assert 0 < result["kl_vs_float"] < 0.05 and 0.9 <= result["top1_agreement"] <= 1
+    assert result["perplexity_gap"] == pytest.approx(result["perplexity"] / result["float_perplexity"] - 1, abs=1e-3)
     done = lowbit("eval", tiny_model_dir, *common)  # fp32: nothing to compare with
     assert done.returncode == 0, done.stderr
     assert "kl_vs_float" not in json.loads(done.stdout)
@@ -181,3 +182,17 @@ def test_layer_patterns_that_match_nothing_are_errors(tiny_model_dir, tmp_path, 
     done = lowbit("compile", tiny_model_dir, "-r", recipe, "-o", tmp_path / "out")
     assert done.returncode == 2 and needle in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_bench_reports_medians_of_its_repeats(tiny_artifact):
+    done = lowbit("bench", tiny_artifact, tiny_artifact, "--prompt-tokens", "16", "--new-tokens", "8", "--repeats",
+                  "3", "--warmup", "0", "--json")
+    assert done.returncode == 0, done.stderr
+    runs = json.loads(done.stdout)["runs"]
+    assert len(runs) == 2 and runs[0]["recipe"] == "w4a16-rtn-g32" and runs[0]["threads"] >= 1
+    for run in runs:
+        for phase in ("prefill", "decode"):
+            rate = run[f"{phase}_tokens_per_s"]
+            assert len(rate["all"]) == 3 and 0 < rate["min"] <= rate["median"] <= rate["max"]
+    done = lowbit("bench", tiny_artifact, "--prompt-tokens", "200", "--new-tokens", "100")
+    assert done.returncode == 2 and "200 prompt tokens plus 100 new tokens exceed the context" in done.stderr

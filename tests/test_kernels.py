@@ -190,3 +190,27 @@ def test_gemm_rules_return_a_tunable_space():
     want = x @ _reference_weight(RECIPES["int4_g32"], np.random.default_rng(5).standard_normal((48, 64))
                                  .astype(np.float32)).T
     np.testing.assert_allclose(out.numpy()[:, :48], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("recipe", ["fp32", "w8a16-rtn", "w4a16-rtn-g32-asym", "w4a8-rtn-g128", "w8a8-smoothquant-static"])
+def test_gather_reads_rows_of_the_packed_head(recipe):
+    """A tied embedding lookup from the head's packed tensors gives the rows the head computes with
+    (its dequantized weight), out-of-range ids clipped; 1-D and 2-D index arrays."""
+    from lowbit.codegen.kernels import gather_kernel
+    from lowbit.compiler import get_recipe
+
+    rows, k = 300, 200
+    rng = np.random.default_rng(5)
+    table = rng.standard_normal((rows, k)).astype(np.float32)
+    recipe = get_recipe(recipe)
+    statistics = LinearStatistics.empty(k, 1)
+    statistics.add(rng.standard_normal((4, k)).astype(np.float32))
+    packed = pack_linear(table, recipe, "head", CHIP, statistics)
+    tensors = [a for s, a in packed.tensors.items() if s not in packed.scheme.shared_tensors]
+    want_table = table if packed.quantized is None else packed.quantized.dequantize()
+    for ids in (np.array([0, 299, 17, 500, -3], np.int32), np.array([[5, 6, 7], [299, 1, 2]], np.int64)):
+        func = gather_kernel(packed.fmt, packed.layout, rows, k, list(ids.shape), str(ids.dtype))
+        lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=CHIP.tvm()).jit()
+        out = tvm.runtime.tensor(np.zeros((*ids.shape, k), np.float32), tvm.cpu())
+        lib["main"](*[tvm.runtime.tensor(a, tvm.cpu()) for a in (ids, *tensors)], out)
+        np.testing.assert_allclose(out.numpy(), want_table[np.clip(ids, 0, rows - 1)], rtol=1e-6, atol=1e-6)

@@ -19,7 +19,7 @@ from lowbit.passes.quantize_linears import pack_linear
 from lowbit.passes.schemes import linear_scheme
 from lowbit.targets import get_target, schedule
 
-PATHS = {"x86-vnni": "vpdpbusd", "x86-avx2": "vpmaddubsw"}  # target -> the dot instruction it must use
+PATHS = {"x86-vnni": "vpdpbusd", "x86-avx2": "vpmaddubsw", "arm-dotprod": "sdot"}  # target -> its dot instruction
 
 
 def _build(chip, fmt, m, n, k):

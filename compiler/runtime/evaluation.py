@@ -24,12 +24,15 @@ class EvalResult:
     window: int
     kl_vs_float: float | None = None
     top1_agreement: float | None = None
+    float_perplexity: float | None = None  # the reference's, on the same windows
 
     def as_dict(self) -> dict:
         out = {"perplexity": round(self.perplexity, 4), "tokens": self.tokens, "window": self.window}
         if self.kl_vs_float is not None:
             out["kl_vs_float"] = round(self.kl_vs_float, 6)
             out["top1_agreement"] = round(self.top1_agreement, 4)
+            out["float_perplexity"] = round(self.float_perplexity, 4)
+            out["perplexity_gap"] = round(self.perplexity / self.float_perplexity - 1, 4)
         return out
 
 
@@ -56,7 +59,7 @@ def evaluate_session(session, token_ids, window: int, reference=None, progress=N
 
     ``reference``: a float session to compare against on the same windows (KL, top-1 agreement).
     """
-    nll = kl = agree = 0.0
+    nll = nll_ref = kl = agree = 0.0
     count = 0
     for chunk in windows(token_ids, window):
         inputs, targets = chunk[:-1], np.asarray(chunk[1:])
@@ -66,6 +69,7 @@ def evaluate_session(session, token_ids, window: int, reference=None, progress=N
         nll -= float(log_p[np.arange(len(targets)), targets].sum())
         if reference is not None:
             log_ref = log_softmax(reference.prefill(inputs))
+            nll_ref -= float(log_ref[np.arange(len(targets)), targets].sum())
             kl += float((np.exp(log_ref) * (log_ref - log_p)).sum())
             agree += float((log_ref.argmax(axis=-1) == log_p.argmax(axis=-1)).sum())
         count += len(targets)
@@ -74,4 +78,5 @@ def evaluate_session(session, token_ids, window: int, reference=None, progress=N
     result = EvalResult(float(np.exp(nll / count)), count, window)
     if reference is not None:
         result.kl_vs_float, result.top1_agreement = kl / count, agree / count
+        result.float_perplexity = float(np.exp(nll_ref / count))
     return result
