@@ -181,7 +181,8 @@ def ensure_artifact(recipe: str, cache: Path, rebuild: bool) -> tuple[Path, floa
     from lowbit.compiler.runtime.artifact import read_manifest
     from lowbit.codegen.errors import LowbitError
 
-    path = cache / f"{MODEL}-{recipe}-{lowbit_sources_hash()}"
+    label = re.sub(r"[^A-Za-z0-9_.-]+", "_", recipe)  # recipe options (":keep=lm_head*") as a plain name
+    path = cache / f"{MODEL}-{label}-{lowbit_sources_hash()}"
     if path.is_dir() and not rebuild:
         try:
             read_manifest(path)
@@ -190,7 +191,7 @@ def ensure_artifact(recipe: str, cache: Path, rebuild: bool) -> tuple[Path, floa
             pass  # damaged: compile again
     print(f"  compiling {MODEL} with {recipe} into {path} ...", file=sys.stderr)
     result = lowbit_compile(MODEL, recipe, "host", output=path, progress=False)
-    for stale in cache.glob(f"{MODEL}-{recipe}-*"):  # artifacts of older sources
+    for stale in cache.glob(f"{MODEL}-{label}-*"):  # artifacts of older sources
         if stale.is_dir() and stale.name != path.name and re.fullmatch(r"[0-9a-f]{12}", stale.name[-12:]):
             shutil.rmtree(stale)
     return path, result.seconds
@@ -661,13 +662,15 @@ def part_b(args) -> tuple[str, dict]:
 # report
 # ---------------------------------------------------------------------------------------------
 def write_results(section: str) -> None:
-    """Replace (or append) the ``SECTION`` of RESULTS.md, keeping everything else."""
+    """Replace (or append) the section of RESULTS.md that ``section`` starts with (its ``## `` heading
+    line), keeping everything else."""
+    heading = section.split("\n", 1)[0]
     text = RESULTS.read_text(encoding="utf-8") if RESULTS.is_file() else "# Benchmark results\n"
-    start = text.find(SECTION)
+    start = text.find(heading + "\n")
     if start < 0:
         text = text.rstrip("\n") + "\n\n" + section
     else:
-        nxt = text.find("\n## ", start + len(SECTION))
+        nxt = text.find("\n## ", start + len(heading))
         text = text[:start] + section + ("" if nxt < 0 else "\n" + text[nxt + 1:])
     RESULTS.write_text(text.rstrip("\n") + "\n", encoding="utf-8")
 

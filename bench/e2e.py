@@ -116,6 +116,7 @@ def measure_speed(runners: list[Worker], prompt: list[int], rounds: int, quiet_c
     while True:
         for w in runners:
             time.sleep(0.2)  # let the previous runner's threads go idle
+            w.ask(cmd="speed", prompt=prompt[:8], new=4)  # untimed: its weights back in cache, its threads awake
             probe, before = CpuLoad(), w.cpu_seconds()
             reply = w.ask(cmd="speed", prompt=prompt, new=NEW_TOKENS)
             wall = reply["prefill_s"] + reply["decode_s"]
@@ -196,7 +197,8 @@ def main(argv=None) -> int:
 
 def _markdown(report: dict, argv, seconds: float) -> str:
     command = "python bench/e2e.py" + "".join(f" {shlex.quote(a)}" for a in (argv or sys.argv[1:]))
-    lines = [SECTION, "",
+    lines = [SECTION, "", "![tokens/s per runner and kernel times](results.png) "
+             "(`PYTHONPATH=bench/.cache/plot python bench/plot_results.py`)", "",
              f"Date: {datetime.datetime.now().astimezone().isoformat(timespec='minutes')}. Machine: "
              f"{report['machine']}. {lowbit_revision()}. Peers: {peers.LLAMA_CPP} (built from its sdist, native, "
              f"AMX off), {peers.ORT_GENAI[0]}.", "", f"Command: `{command}`", "",

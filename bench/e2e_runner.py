@@ -65,11 +65,11 @@ class LlamaCpp:
     def prefill(self, ids):
         self.llm.reset()
         self.llm.eval(ids)
-        return np.asarray(self.llm.eval_logits[-1])
+        return self.llm.scores[self.llm.n_tokens - 1]  # a view: eval_logits would copy every row to lists
 
     def step(self, token):
         self.llm.eval([token])
-        return np.asarray(self.llm.eval_logits[-1])
+        return self.llm.scores[self.llm.n_tokens - 1]
 
     def logits(self, window):
         self.scoring.reset()

@@ -6,7 +6,9 @@ processes put first on ``PYTHONPATH``, so they share lowbit's venv for torch, tr
 * ``llama-cpp-python==0.3.36`` built from its PyPI sdist with native CPU flags (about 12 minutes on
   2 cores). AMX is turned off: llama.cpp's AMX matmul dies with SIGILL on OpenMP worker threads on
   Linux (no ``ARCH_REQ_XCOMP_PERM`` request), AVX-512 and VNNI stay on.
-* ``onnxruntime-genai==0.18.0`` and ``onnx-ir`` (its model builder).
+* ``onnxruntime-genai==0.18.0`` and ``onnx-ir`` (its model builder);
+* ``matplotlib``, for ``bench/plot_results.py``, in a folder of its own (``bench/.cache/plot``: it
+  brings its own numpy, which must not shadow lowbit's in the peer processes).
 
 and converts the peers' models from lowbit's own cached fp32 Hugging Face folder of SmolLM2-135M
 (the same weights lowbit compiles): GGUF F32 with llama.cpp's ``convert_hf_to_gguf.py`` (from the
@@ -33,6 +35,8 @@ PEERS = CACHE / "peers"  # pip --target folder
 MODELS = CACHE / "peer-models"
 LLAMA_CPP = "llama-cpp-python==0.3.36"
 ORT_GENAI = ("onnxruntime-genai==0.18.0", "onnx-ir")
+PLOT = CACHE / "plot"  # pip --target folder of matplotlib (with its own numpy), for bench/plot_results.py
+PLOTTING = "matplotlib==3.10.8"
 NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 
 
@@ -58,6 +62,8 @@ def install() -> None:
         _pip("--no-deps", "diskcache", "jinja2")
     if not (PEERS / "onnxruntime_genai").is_dir():
         _pip("--no-deps", *ORT_GENAI)
+    if not (PLOT / "matplotlib").is_dir():
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--target", str(PLOT), PLOTTING], check=True)
 
 
 def hf_folder() -> Path:

@@ -203,8 +203,8 @@ def _bench(args) -> dict:
     from .api import load
     from .runtime.benchmark import benchmark
 
-    runs = [benchmark(load(path, _trusted_keys(args)), args.prompt_tokens, args.new_tokens, args.repeats, args.warmup)
-            for path in args.artifact]
+    runs = [dict(benchmark(load(path, _trusted_keys(args)), args.prompt_tokens, args.new_tokens, args.repeats,
+                           args.warmup), artifact=path) for path in args.artifact]
     return runs[0] if len(runs) == 1 else {"runs": runs}
 
 
@@ -271,11 +271,12 @@ def _print_human(command: str, result, args) -> None:
         first = runs[0]
         print(f"{first['threads']} threads, {first['cpu']}; {first['prompt_tokens']}-token prompt, "
               f"{first['new_tokens']} new tokens; median (min-max) of {first['repeats']} repeats")
-        print(f"  {'artifact':<32} {'recipe':<24} {'prefill tok/s':>22} {'decode tok/s':>22}")
+        width = max(len("artifact"), *(len(run["artifact"]) for run in runs))
+        print(f"  {'artifact':<{width}} {'recipe':<24} {'prefill tok/s':>22} {'decode tok/s':>22}")
         for run in runs:
             rates = [run[f"{phase}_tokens_per_s"] for phase in ("prefill", "decode")]
             cells = [f"{r['median']:.1f} ({r['min']:.0f}-{r['max']:.0f})" for r in rates]
-            print(f"  {run['artifact']:<32} {run['recipe']:<24} {cells[0]:>22} {cells[1]:>22}")
+            print(f"  {run['artifact']:<{width}} {run['recipe']:<24} {cells[0]:>22} {cells[1]:>22}")
     elif command == "eval":
         print(f"perplexity {result['perplexity']:.3f} over {result['tokens']} tokens of {result['text']} "
               f"(windows of {result['window']}, recipe {result['recipe']})")

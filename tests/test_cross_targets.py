@@ -75,7 +75,7 @@ def test_calibrated_recipes_compile_for_another_chip(tiny_model_dir, tmp_path, r
 def _codes(weights: dict, name: str, note: str) -> np.ndarray:
     """A layer's codes ``[K, N_padded]`` whatever its column-tile layout (int4 unpacked), also where
     its report ``note`` says that it runs stacked with its siblings (``channels a-b of STACK``)."""
-    stacked = re.search(r"channels (\d+)-(\d+) of (\S+)$", note)
+    stacked = re.search(r"channels (\d+)-(\d+) of ([^;\s]+)", note)
     tiled = weights[f"{stacked[3] if stacked else name}.qweight"]
     codes = from_column_tiles(tiled, tiled.shape[0] * tiled.shape[2])
     codes = codes[:, int(stacked[1]):int(stacked[2])] if stacked else codes

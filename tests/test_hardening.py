@@ -143,7 +143,7 @@ def test_wrong_api_argument_types_name_the_argument(tmp_path, tiny_model_dir, kw
     ("base = 3\n", "base must be a string"),
     ("base = 'self.toml'\n", "base chain loops"),
     ("[smoothing]\nalpha = 'auto'\n", "alpha must be a number"),
-    ("[activations]\nbits = 8\n", "int8 activations need int8 weights"),
+    ("[activations]\nbits = 8\n", "int8 activations per token or tensor need int8 weights"),
     ("weights = 3\n", r"\[weights\] takes"),
 ])
 def test_bad_recipe_files_name_the_field(tmp_path, text, needle):

@@ -38,7 +38,7 @@ def benchmark(session, prompt_tokens: int = 64, new_tokens: int = 128, repeats: 
             prefill.append(prompt_tokens / prefill_s)
             decode.append(new_tokens / decode_s)
     return {
-        "artifact": session.where,
+        "artifact": session.where,  # the command line puts the path it was given here
         "recipe": session.manifest["recipe"]["name"],
         "target": session.manifest["target"]["name"],
         "prompt_tokens": prompt_tokens,
