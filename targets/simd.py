@@ -229,6 +229,25 @@ class W8A8Linear(_LinearRule):
         sch.vectorize(sch.get_loops(init)[-1])
 
 
+def _group_partials_per_tile(sch: s_tir.Schedule, tile: int):
+    """The shared frame of the per-group kernels (``partial`` sums per group, then ``matmul`` over
+    groups): parallel over column tiles of ``tile`` channels; per row, the tile's float outputs
+    accumulate in registers over the groups, each group's ``partial`` computed in registers under the
+    group loop. Returns the ``matmul`` and ``partial`` blocks, the group loop and the vector loop."""
+    matmul = sch.get_sblock("matmul")
+    m, n, g = sch.get_loops(matmul)
+    n_outer, n_inner = sch.split(n, [None, tile])
+    sch.reorder(n_outer, m, g, n_inner)
+    sch.parallel(n_outer)
+    acc = sch.cache_write(matmul, 0, "local")
+    sch.reverse_compute_at(acc, m)
+    sch.vectorize(sch.get_loops(acc)[-1])
+    partial = sch.get_sblock("partial")
+    sch.compute_at(partial, g)
+    sch.set_scope(partial, 0, "local")
+    return matmul, partial, g, n_inner
+
+
 class Int4Gemv(_LinearRule):
     """The int4 GEMV (:func:`lowbit.codegen.kernels.int4_gemv_kernel`), decode.
 
@@ -242,17 +261,7 @@ class Int4Gemv(_LinearRule):
         return gemv and tag.startswith("int4")
 
     def schedule(self, sch, gemv, tile, tunable):
-        matmul = sch.get_sblock("matmul")
-        _, n, g = sch.get_loops(matmul)
-        n_outer, n_inner = sch.split(n, [None, tile])
-        sch.reorder(n_outer, g, n_inner)
-        sch.parallel(n_outer)
-        acc = sch.cache_write(matmul, 0, "local")
-        sch.reverse_compute_at(acc, n_outer)
-        sch.vectorize(sch.get_loops(acc)[-1])
-        partial = sch.get_sblock("partial")
-        sch.compute_at(partial, g)
-        sch.set_scope(partial, 0, "local")
+        matmul, partial, g, n_inner = _group_partials_per_tile(sch, tile)
         channels, r = sch.get_loops(partial)[-2:]
         r_outer, r_inner = sch.split(r, [None, 8])
         sch.reorder(r_outer, r_inner, channels)
@@ -325,17 +334,7 @@ class W4A8Linear(_LinearRule):
         if not gemv:
             for name in ("act_absmax", "act_quant", "act_sum"):
                 sch.parallel(sch.get_loops(sch.get_sblock(name))[0])
-        matmul = sch.get_sblock("matmul")
-        m, n, g = sch.get_loops(matmul)
-        n_outer, n_inner = sch.split(n, [None, tile])
-        sch.reorder(n_outer, m, g, n_inner)
-        sch.parallel(n_outer)
-        acc = sch.cache_write(matmul, 0, "local")
-        sch.reverse_compute_at(acc, m)
-        sch.vectorize(sch.get_loops(acc)[-1])
-        partial = sch.get_sblock("partial")
-        sch.compute_at(partial, g)
-        sch.set_scope(partial, 0, "local")
+        matmul, partial, g, n_inner = _group_partials_per_tile(sch, tile)
         channels, ko, h, j = sch.get_loops(partial)[-4:]
         vectors, lanes = sch.split(channels, [None, self.lanes])
         init = None

@@ -163,10 +163,16 @@ class Int4Linear(LinearScheme):
         return LinearFormat("int4", self.weight_grid.group(k), not self.weights.symmetric)
 
     def pack(self, weight_nk, quantized, layout, statistics=None):
-        codes = quantized.codes
+        return self._with_scales({"qweight": layout.pack(pack_int4(self._nibbles(quantized)))}, quantized, layout)
+
+    def _nibbles(self, quantized: QuantizedWeight) -> np.ndarray:
+        """The codes as the kernels' 4-bit values: symmetric 3-bit codes recentred on zero point 8."""
         if self.weights.symmetric and self.weights.bits < 4:
-            codes = codes + np.uint8(8 - 2 ** (self.weights.bits - 1))
-        tensors = {"qweight": layout.pack(pack_int4(codes)), "scales": layout.pack(quantized.scales)}
+            return quantized.codes + np.uint8(8 - 2 ** (self.weights.bits - 1))
+        return quantized.codes
+
+    def _with_scales(self, tensors: dict, quantized: QuantizedWeight, layout: ColumnTiles) -> dict:
+        tensors["scales"] = layout.pack(quantized.scales)
         if not self.weights.symmetric:
             tensors["zeros"] = layout.pack(quantized.zeros)
         return tensors
@@ -190,15 +196,9 @@ class W4A8Linear(Int4Linear):
         return LinearFormat("w4a8", self.weight_grid.group(k), not self.weights.symmetric)
 
     def pack(self, weight_nk, quantized, layout, statistics=None):
-        codes = quantized.codes
-        if self.weights.symmetric and self.weights.bits < 4:
-            codes = codes + np.uint8(8 - 2 ** (self.weights.bits - 1))
-        k = codes.shape[0]
-        k_padded = w4a8_padded_k(k, quantized.group_size)
-        tensors = {"qweight": layout.pack_quads(codes, k_padded, pad_code=8), "scales": layout.pack(quantized.scales)}
-        if not self.weights.symmetric:
-            tensors["zeros"] = layout.pack(quantized.zeros)
-        return tensors
+        codes = self._nibbles(quantized)
+        k_padded = w4a8_padded_k(codes.shape[0], quantized.group_size)
+        return self._with_scales({"qweight": layout.pack_quads(codes, k_padded, pad_code=8)}, quantized, layout)
 
     def describe(self, quantized, method, tensors) -> str:
         return f"{super().describe(quantized, method, tensors)}; int8 activations per token and group"
