@@ -35,26 +35,24 @@ def main() -> None:
     session = build(args.model, args.recipe, progress=False).session()
     ids = np.arange(100, 100 + args.tokens)
 
-    def run() -> int:
-        """One measured unit of work; returns the tokens it processed."""
+    tokens = args.tokens if args.phase == "prefill" else args.steps
+
+    def measure(before=lambda: None) -> float:
+        """Seconds of the measured part: the prefill, or the decode steps after a new prefill;
+        ``before`` runs just ahead of the timed part (clearing the instrument's counters)."""
+        if args.phase == "decode":
+            session.prefill(ids)
+        before()
+        start = time.perf_counter()
         if args.phase == "prefill":
             session.prefill(ids)
-            return args.tokens
-        session.prefill(ids)
-        start = time.perf_counter()
-        for step in range(args.steps):
-            session.decode(200 + step)
+        else:
+            for step in range(args.steps):
+                session.decode(200 + step)
         return time.perf_counter() - start
 
-    def timed() -> tuple[float, int]:
-        if args.phase == "prefill":
-            start = time.perf_counter()
-            run()
-            return time.perf_counter() - start, args.tokens
-        return run(), args.steps
-
-    timed()  # warm-up
-    wall, tokens = min(timed() for _ in range(3))
+    measure()  # warm-up
+    wall = min(measure() for _ in range(3))
 
     seconds: collections.Counter = collections.Counter()
     calls: collections.Counter = collections.Counter()
@@ -69,18 +67,7 @@ def main() -> None:
         return 0
 
     session._vm.set_instrument(instrument)
-    if args.phase == "decode":
-        session.prefill(ids)
-        seconds.clear()
-        calls.clear()
-        start = time.perf_counter()
-        for step in range(args.steps):
-            session.decode(200 + step)
-        instrumented = time.perf_counter() - start
-    else:
-        start = time.perf_counter()
-        session.prefill(ids)
-        instrumented = time.perf_counter() - start
+    instrumented = measure(before=lambda: (seconds.clear(), calls.clear()))
     kernels = sum(seconds.values())
     unit = "token" if args.phase == "decode" else "prefill"
     per = tokens if args.phase == "decode" else 1
