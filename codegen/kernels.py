@@ -256,7 +256,7 @@ def w4a8_kernel(fmt: LinearFormat, t: int, m, k: int, tiles: int, dtype: str = "
 
 def gather_kernel(fmt: LinearFormat, layout: ColumnTiles, rows: int, k: int, index_shape: list,
                   index_dtype: str = "int64", dtype: str = "float32") -> tirx.PrimFunc:
-    """An embedding lookup from a linear layer's packed weight: ``out[..., :] = W[ids[...], :]``.
+    r"""An embedding lookup from a linear layer's packed weight: ``out[..., :] = W[ids[...], :]``.
 
     For a table tied to an output head ``W[rows, K]`` (``rows`` output channels of ``K`` inputs), the
     looked-up row is output channel ``ids[...]`` of the head's packed tensors, dequantized on the

@@ -13,6 +13,7 @@ import dataclasses
 from pathlib import Path
 
 from lowbit.codegen.errors import LowbitError
+from lowbit.passes.kv_cache import CACHE_LAYOUT
 from lowbit.passes.model_ir import ModelIR
 from lowbit.passes.recipe import Recipe
 from lowbit.targets import build as build_library
@@ -50,7 +51,7 @@ class BuiltModel:
             "inputs": ir.input_names,
             "outputs": ir.output_names,
             "entry_functions": ["prefill", "decode"],
-            "kv_cache": dataclasses.asdict(ir.kv) | {"layout": "[1, num_kv_heads, seq, head_dim]"},
+            "kv_cache": dataclasses.asdict(ir.kv) | {"layout": CACHE_LAYOUT} | self.result.cache,
             "vocab_size": ir.vocab_size,
             "max_context": ir.max_context,
             "eos_token_ids": [i for i in self.eos if i < ir.vocab_size],

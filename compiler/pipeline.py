@@ -13,8 +13,11 @@ each present only when the recipe asks for it:
 3. :class:`RoundInStages` (GPTQ's ``stages``): the linear layers, in graph order, are rounded stage
    by stage; each stage after the first is calibrated again with every earlier layer replaced by
    the float weight its codes stand for.
-4. :class:`QuantizeLinears` and :class:`Finalize`: every linear becomes its scheme's kernel call,
-   then dead code elimination and parameter sync (every entry function takes exactly the live weights).
+4. :class:`QuantizeLinears`: every linear becomes its scheme's kernel call.
+5. :class:`CacheInPlace` (every recipe): the KV cache becomes a preallocated one written in place,
+   decode's attention one kernel over it (:mod:`lowbit.passes.kv_cache`).
+6. :class:`Finalize`: dead code elimination and parameter sync (every entry function takes exactly
+   the live weights).
 
 Steps never change the caller's :class:`ModelIR`, params or statistics: each returns a new state.
 """
@@ -28,6 +31,7 @@ from tvm import relax
 
 from lowbit.codegen.errors import LowbitError
 from lowbit.passes.awq import apply_awq
+from lowbit.passes.kv_cache import cache_in_place
 from lowbit.passes.linear_match import LinearUse, find_linears
 from lowbit.passes.model_ir import ENTRY_FUNCTIONS, ModelIR, sync_params
 from lowbit.passes.quantize_linears import PackedLinear, QuantizeLinears, pack_linear
@@ -50,6 +54,7 @@ class PipelineState:
     packed: dict[str, PackedLinear] = dataclasses.field(default_factory=dict)
     notes: dict[str, str] = dataclasses.field(default_factory=dict)
     layers: dict[str, str] = dataclasses.field(default_factory=dict)  # weight name -> format and reason
+    cache: dict = dataclasses.field(default_factory=dict)  # what CacheInPlace did (for the manifest)
 
     def linears(self) -> dict[str, LinearUse]:
         return find_linears(self.ir.mod["prefill"])
@@ -194,6 +199,16 @@ class QuantizeLinearLayers(Step):
                                    layers=layers)
 
 
+class CacheInPlace(Step):
+    requires = "entry functions with the imported concat-and-return KV cache"
+    guarantees = ("entry functions take past_length and preallocated caches written in place; decode's attention, "
+                  "where recognized in the dataflow graph, one kernel reading the caches in place")
+
+    def run(self, state, context):
+        ir, summary = cache_in_place(state.ir)
+        return dataclasses.replace(state, ir=ir, cache=summary)
+
+
 class Finalize(Step):
     requires = "the quantized module"
     guarantees = "dead code removed; every entry function takes exactly the weights some entry function reads"
@@ -215,7 +230,7 @@ def build_steps(recipe: Recipe) -> list[Step]:
         steps.append(ScaleForWeights())
     if recipe.weights is not None and recipe.weights.stages > 1:
         steps.append(RoundInStages(recipe.weights.stages))
-    return steps + [QuantizeLinearLayers(recipe), Finalize()]
+    return steps + [QuantizeLinearLayers(recipe), CacheInPlace(), Finalize()]
 
 
 @dataclasses.dataclass
@@ -223,6 +238,7 @@ class PipelineResult:
     ir: ModelIR
     layers: dict[str, str]  # weight name -> format and reason
     kept: list[str]  # layers kept in int8 by the recipe's keep option, most sensitive first
+    cache: dict = dataclasses.field(default_factory=dict)  # see CacheInPlace
 
 
 def run_pipeline(ir: ModelIR, recipe: Recipe, chip, calibration: Calibration | None = None,
@@ -240,7 +256,7 @@ def run_pipeline(ir: ModelIR, recipe: Recipe, chip, calibration: Calibration | N
     context = PipelineContext(recipe, chip, calibration, progress, merge_siblings)
     for step in steps:
         state = step.run(state, context)
-    return PipelineResult(state.ir, state.layers, list(state.kept))
+    return PipelineResult(state.ir, state.layers, list(state.kept), state.cache)
 
 
 def check_layer_patterns(recipe: Recipe, ir: ModelIR) -> dict[str, LinearUse]:

@@ -20,6 +20,7 @@ from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
 from tvm.target.codegen import llvm_get_vector_width
 
+from lowbit.codegen.attention import APPEND_TAG, DECODE_ATTENTION_TAG
 from lowbit.codegen.formats import W8A8_KINDS
 from lowbit.codegen.kernels import GEMV_ATTR, KERNEL_ATTR, TILE_ATTR
 
@@ -151,6 +152,50 @@ class SingleRowReduction(CPUScheduleRule):
         return sch
 
 
+class CacheKernels(ScheduleRule):
+    """The in-place KV cache's kernels (:mod:`lowbit.codegen.attention`).
+
+    ``kv_append`` (a few hundred elements per token) stays a plain loop nest. ``decode_attention``
+    runs on one thread (measured: splitting its query heads over two threads doubled its time, the
+    per-head buffers being allocated inside the parallel loop), each head's scores, softmax and
+    weighted sum of values computed under its iteration: the score dot products as vector-width
+    partial sums (``rfactor``), the value accumulation vectorized over the head dimension.
+    """
+
+    def apply(self, func, target: Target, _tunable: bool) -> s_tir.Schedule | None:
+        if not isinstance(func, tirx.PrimFunc) or func.attrs is None or KERNEL_ATTR not in func.attrs:
+            return None
+        tag = str(func.attrs[KERNEL_ATTR])
+        if tag == APPEND_TAG:
+            return s_tir.Schedule(func)
+        if tag != DECODE_ATTENTION_TAG:
+            return None
+        sch = s_tir.Schedule(func)
+        lanes = max(llvm_get_vector_width(target) // 32, 4)
+        _, _, channels = sch.get_loops(sch.get_sblock("dots"))
+        partial = None
+        width = int(sch.get(channels).extent)
+        if width % lanes == 0 and width >= 2 * lanes:  # lanes partial sums per score, then their sum
+            _, lane = sch.split(channels, [None, lanes])
+            partial = sch.rfactor(lane, 2)
+        _, head, _, _ = sch.get_loops(sch.get_sblock("out"))
+        for name in ("mixed", "total", "weights", "peak", "logits", "dots") + (("dots_rf",) if partial else ()):
+            sch.compute_at(sch.get_sblock(name), head)
+        sch.compute_inline(sch.get_sblock("logits"))
+        if partial is not None:
+            lane, position, chunk = sch.get_loops(sch.get_sblock("dots_rf"))[-3:]
+            sch.reorder(position, chunk, lane)
+            sch.vectorize(lane)
+            sch.decompose_reduction(sch.get_sblock("dots_rf"), chunk)
+        mixed = sch.get_sblock("mixed")
+        channel, position = sch.get_loops(mixed)[-2:]
+        sch.reorder(position, channel)
+        sch.vectorize(channel)
+        sch.decompose_reduction(mixed, position)
+        sch.vectorize(sch.get_loops(sch.get_sblock("out"))[-1])
+        return sch
+
+
 def _is_one(extent) -> bool:
     return isinstance(extent, tirx.IntImm) and int(extent) == 1
 
@@ -170,7 +215,7 @@ class _LinearRule(ScheduleRule):
         raise NotImplementedError
 
     def apply(self, func, target: Target, tunable: bool) -> s_tir.Schedule | None:
-        if not isinstance(func, tirx.PrimFunc) or func.attrs is None or KERNEL_ATTR not in func.attrs:
+        if not isinstance(func, tirx.PrimFunc) or func.attrs is None or TILE_ATTR not in func.attrs:
             return None
         gemv = bool(func.attrs[GEMV_ATTR])
         if not self.matches(str(func.attrs[KERNEL_ATTR]), gemv):
@@ -362,5 +407,6 @@ def simd_target(**fields) -> ChipTarget:
     """A CPU target on these rules and the CPU pipeline; ``fields`` as :class:`ChipTarget` takes them
     (``dot_lanes`` and ``int4_dot`` also configure the ``w4a8`` rule)."""
     w4a8 = W4A8Linear(fields.get("dot_lanes", 4), fields.get("int4_dot"))
-    return ChipTarget(rules=(*LINEAR_RULES, w4a8, BatchMatmul(), SingleRowReduction()), pipeline=cpu_pipeline,
+    return ChipTarget(rules=(*LINEAR_RULES, w4a8, CacheKernels(), BatchMatmul(), SingleRowReduction()),
+                      pipeline=cpu_pipeline,
                       **fields)

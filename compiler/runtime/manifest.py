@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 
 from lowbit.codegen.errors import LowbitError
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 _Count = Annotated[int, Field(ge=1)]
 _Size = Annotated[int, Field(ge=0)]
@@ -40,6 +40,8 @@ class KVCacheInfo(_Record):
     head_dim: _Count
     dtype: _Name
     layout: str
+    attention_fused: _Size  # layers whose decode attention is one kernel over the cache
+    attention_layers: _Count
 
 
 class WeightInfo(_Record):

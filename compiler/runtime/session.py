@@ -14,6 +14,7 @@ from .artifact import LIBRARY, WEIGHTS, read_manifest
 from .threads import use_available_cores
 from lowbit.codegen.errors import LowbitError
 
+INITIAL_CAPACITY = 256  # cache positions allocated for a new session
 
 @dataclasses.dataclass
 class Generation:
@@ -102,7 +103,7 @@ class Session:
         if self.manifest["entry_functions"] != ["prefill", "decode"]:
             raise LowbitError(f"{self.where}: entry_functions must be prefill and decode; recompile the artifact")
         kv = self.manifest["kv_cache"]
-        if len(self.manifest["inputs"]) != 1 + 2 * kv["num_layers"]:
+        if len(self.manifest["inputs"]) != 2 + 2 * kv["num_layers"]:
             raise LowbitError(f"{self.where}: manifest.json lists {len(self.manifest['inputs'])} inputs for "
                               f"{kv['num_layers']} layers; recompile the artifact")
         for entry in self.manifest["entry_functions"]:
@@ -120,10 +121,25 @@ class Session:
 
     # -- cache -------------------------------------------------------------------------------
     def reset(self) -> None:
-        """Forget the conversation: empty KV cache."""
-        empty = np.zeros((1, self.kv_heads, 0, self.head_dim), np.float32)
-        self._cache = [self._tvm.runtime.tensor(empty, self.device) for _ in range(2 * self.num_layers)]
+        """Forget the conversation (the cache's memory is kept for the next one)."""
+        if not hasattr(self, "_cache"):
+            self._cache, self.capacity = [], 0
         self.position = 0
+
+    def _reserve(self, tokens: int) -> None:
+        """Caches that hold ``tokens`` positions: allocated once, grown by doubling (up to the
+        model's context) with the conversation so far copied over, so growth costs O(1) per token."""
+        if tokens <= self.capacity:
+            return
+        capacity = min(max(tokens, 2 * self.capacity, INITIAL_CAPACITY), self.max_context)
+        shape = (1, self.kv_heads, capacity, self.head_dim)
+        grown = []
+        for old in self._cache or [None] * (2 * self.num_layers):
+            array = np.zeros(shape, np.float32)
+            if old is not None and self.position:
+                array[:, :, :self.position] = old.numpy()[:, :, :self.position]
+            grown.append(self._tvm.runtime.tensor(array, self.device))
+        self._cache, self.capacity = grown, capacity
 
     @contextlib.contextmanager
     def weights_replaced(self, arrays: dict[str, np.ndarray]):
@@ -169,15 +185,15 @@ class Session:
                 f"{self.position + count} tokens exceed the context of {self.max_context} tokens of "
                 f"{self.where}; shorten the prompt or lower --max-new-tokens"
             )
-        inputs = [self._tvm.runtime.tensor(ids, self.device)]
+        self._reserve(self.position + count)
+        inputs = [self._tvm.runtime.tensor(ids, self.device), self._tvm.runtime.ShapeTuple([self.position])]
         try:
             outputs = self._vm[entry](*inputs, *self._cache, *self._weights)
         except (ValueError, TypeError) as exc:  # the kernels' own argument checks
             first = next(iter(str(exc).splitlines()), "")
             raise LowbitError(f"{self.where}: the compiled model rejected its weights ({first}); "
                               "recompile the artifact") from None
-        self._cache = list(outputs[1:])
-        self.position += count
+        self.position += count  # the entry function wrote the tokens' keys and values into the caches
         return outputs[0].numpy()[0]
 
     def prefill(self, token_ids) -> np.ndarray:
