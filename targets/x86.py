@@ -6,6 +6,11 @@ or, without VNNI, on AVX2 ``vpmaddubsw`` + ``vpmaddwd`` (8 lanes; the 16-bit pai
 saturate: ``2 * 15 * 127 < 2^15``). The activations go in the signed operand and the int4 codes,
 0..15, in the unsigned one, so no offset needs compensating. LLVM 22 wants the byte operands of
 ``vpdpbusd`` as ``<64 x i8>``, hence the ``int8x64`` reinterprets.
+
+Both implementations prefetch the codes ``PREFETCH_BYTES`` ahead of the ones they load: decode reads
+every weight once per token, from L3 or DRAM, and the hardware prefetcher alone left the VNNI GEMVs
+at about 9 GB/s per core (measured on SmolLM2 w4a8-rtn-g128, one thread, while a second process ran:
+decode 78 tok/s without, 92-128 with 1 KiB, 92-105 with 2 KiB, 98 with 4 KiB, 79 with 512 B ahead).
 """
 
 from tvm.script import tirx as T
@@ -15,6 +20,8 @@ from .registry import register_target
 from .simd import simd_target
 
 MACHINES = ("x86_64", "AMD64")
+PREFETCH_BYTES = 1024
+_PREFETCH_CHANNELS = PREFETCH_BYTES // 4  # the intrinsics' code buffers hold 4 bytes per channel
 
 
 @T.prim_func(s_tir=True)
@@ -25,6 +32,8 @@ def _nibble_dot_vnni(a: T.handle, b: T.handle, c: T.handle) -> None:
     with T.sblock("root"):
         T.reads(C[0:16], A[0:16, 0:4], B[0:8])
         T.writes(C[0:16])
+        T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(A[_PREFETCH_CHANNELS, 0]),
+                                      T.int32(0), T.int32(3), T.int32(1)))  # read, keep in all caches, data
         quads = A.vload([0, 0], "uint8x64")
         low = T.bitwise_and(quads, T.broadcast(T.uint8(15), 64))
         high = T.bitwise_and(T.shift_right(quads, T.broadcast(T.uint8(4), 64)), T.broadcast(T.uint8(15), 64))
@@ -46,6 +55,8 @@ def _nibble_dot_avx2(a: T.handle, b: T.handle, c: T.handle) -> None:
     with T.sblock("root"):
         T.reads(C[0:8], A[0:8, 0:4], B[0:8])
         T.writes(C[0:8])
+        T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(A[_PREFETCH_CHANNELS, 0]),
+                                      T.int32(0), T.int32(3), T.int32(1)))  # read, keep in all caches, data
         quads = A.vload([0, 0], "uint8x32")
         low = T.bitwise_and(quads, T.broadcast(T.uint8(15), 32))
         high = T.bitwise_and(T.shift_right(quads, T.broadcast(T.uint8(4), 32)), T.broadcast(T.uint8(15), 32))
