@@ -9,7 +9,7 @@ exported once with a dynamic sequence length and a dynamic past length, imported
 from __future__ import annotations
 
 import contextlib
-import operator
+import os
 
 import torch
 from tvm import relax
@@ -102,12 +102,17 @@ def _layer_norm(node, importer):
                                      None if bias is None else env[bias], 1e-5 if eps is None else eps, shape)
 
 
-def _in_place_divide(node, importer):
-    """``a.div_(b)`` (Mixtral's router normalizes its top-k weights so): the quotient, and later
-    readers of ``a`` read the quotient too. TVM has no converter for it."""
-    result = importer._binary_op(relax.op.divide, operator.truediv)(node)
-    importer.env[node.args[0]] = result
-    return result
+def _in_place(op: str):
+    """An in-place op (``a.div_(b)``: Mixtral's router normalizing its weights; ``a.clamp_(...)``:
+    OLMo's ``clip_qkv``) as its out-of-place ``op``, with later readers of ``a`` reading the
+    result too. TVM has no converters for these."""
+
+    def convert(node, importer):
+        result = importer.convert_map[op](node)
+        importer.env[node.args[0]] = result
+        return result
+
+    return convert
 
 
 def _repeat_interleave(node, importer):
@@ -128,7 +133,8 @@ EXTRA_CONVERTERS = {
     "new_zeros.default": _new_filled(0),
     "where.ScalarOther": _where_scalar_other,
     "layer_norm.default": _layer_norm,
-    "div_.Tensor": _in_place_divide,
+    "div_.Tensor": _in_place("div.Tensor"),
+    "clamp_.default": _in_place("clamp.default"),
     "repeat_interleave.self_int": _repeat_interleave,
 }
 
@@ -202,18 +208,21 @@ def _batched_experts(model):
 
 def _export_failure(model, exc: Exception) -> LowbitError:
     """The error for a model ``torch.export`` cannot take: the innermost submodule of ``model``
-    whose code was running (by its name in the model, its class and source line), torch's reason,
-    and what to try."""
+    that was running (its name in the model and its class), the innermost line of code outside
+    torch that was running (the model's own line that failed), torch's reason, and what to try."""
     names = {id(module): name for name, module in model.named_modules()}
-    where = ""
+    torch_dir = os.path.dirname(torch.__file__) + os.sep
+    module, line = None, None
     tb = exc.__traceback__
     while tb is not None:
-        module = tb.tb_frame.f_locals.get("self")
-        if id(module) in names:
-            code = tb.tb_frame.f_code
-            where = (f" in {names[id(module)] or 'the model itself'} ({type(module).__name__}, "
-                     f"{code.co_filename}:{tb.tb_lineno})")
+        frame = tb.tb_frame
+        if id(frame.f_locals.get("self")) in names:
+            module = frame.f_locals["self"]
+        if not frame.f_code.co_filename.startswith(torch_dir):
+            line = f"{frame.f_code.co_filename}:{tb.tb_lineno}"
         tb = tb.tb_next
+    where = "" if module is None else f" in {names[id(module)] or 'the model itself'} ({type(module).__name__})"
+    where += "" if line is None else f" at {line}"
     reason = next(iter(str(exc).splitlines()), "")
     return LowbitError(
         f"torch.export failed for {type(model).__name__}{where}: {type(exc).__name__}: {reason}. "
