@@ -1,6 +1,6 @@
 """The mainstream decoder architectures through the torch.export frontend, against transformers.
 
-Each family is a tiny random-weight model built from its config (nothing is downloaded): 2-3
+Each family is a tiny random-weight model built from its config (nothing is downloaded): 2
 layers, hidden 64, vocab 512, float32, saved as a Hugging Face folder and compiled through the
 public API as a user's folder would be. Per family: fp32 prefill logits over a prompt longer than
 any sliding window, and 8 greedy decode steps past it, match transformers' (each with its own cache
@@ -8,8 +8,13 @@ classes: sliding layers trimmed there, full in lowbit's ABI with the window in t
 quantizes every linear layer (fused ``qkv_proj`` / ``gate_up_proj`` included) and stays close to
 float.
 
-Measured on this machine (max |lowbit - transformers| / max |logit|): 3e-7 to 1.6e-6 for prefill and
-decode; w8a16-rtn mean KL against float 1e-5 to 1e-4 nats.
+Measured (max |lowbit - transformers| / max |logit|): 3e-7 to 1.4e-6 for prefill and decode
+(Gemma 2 the largest); the tolerance is rtol 1e-4 with atol 1e-5 of the largest logit. w8a16-rtn
+mean KL against float: 8e-7 to 5e-6 nats (Gemma 2/3 the largest). Random tiny models predict
+nearly uniform distributions, so any KL is small: the bound, 1e-4, is 20x the worst measured.
+Qwen3-MoE passes the same checks (3e-7 / 4e-7 / 1e-6) and is left out for time: it takes the
+same experts path as Mixtral. The experts' weights of a mixture of experts stay float (they are
+gathered per token, not linear layers); the router is quantized.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ PROMPT_LEN, DECODE_STEPS = 20, 8
 WINDOW = 8  # sliding window of the families that have one, well inside the prompt
 RTOL = 1e-4
 ATOL = 1e-5  # times the largest |logit| of the compared logits
-MAX_W8A16_KL = 0.01  # nats, mean over positions
+MAX_W8A16_KL = 1e-4  # nats, mean over positions
 _COMMON = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
@@ -45,10 +50,9 @@ def _configs():
         # layers, multi-query attention (one KV head)
         "gemma2": (T.Gemma2Config(**common | {"num_key_value_heads": 1}, head_dim=16, sliding_window=WINDOW),
                    T.Gemma2ForCausalLM),
-        # and QK-norm, a rotary base per layer type, a 2:1 local/global pattern
-        "gemma3": (T.Gemma3TextConfig(**common | {"num_hidden_layers": 3}, head_dim=16, sliding_window=WINDOW,
-                                      layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
-                   T.Gemma3ForCausalLM),
+        # and QK-norm, a rotary base per layer type
+        "gemma3": (T.Gemma3TextConfig(**common, head_dim=16, sliding_window=WINDOW,
+                                      layer_types=["sliding_attention", "full_attention"]), T.Gemma3ForCausalLM),
         # fused qkv_proj and gate_up_proj, partial rotary
         "phi3": (T.Phi3Config(**common, partial_rotary_factor=0.5), T.Phi3ForCausalLM),
         # fused interleaved query_key_value, LayerNorm with bias, parallel residual, partial rotary,
@@ -56,13 +60,13 @@ def _configs():
         "gpt_neox": (T.GPTNeoXConfig(**{k: v for k, v in common.items() if k != "num_key_value_heads"},
                                      rotary_pct=0.5), T.GPTNeoXForCausalLM),
         "olmo": (T.OlmoConfig(**common, clip_qkv=8.0), T.OlmoForCausalLM),  # LayerNorm without weights, clipped qkv
-        # a mixture of experts, top-2 of 4 (exported in transformers' batched_mm form); Qwen3-MoE goes the
-        # same way (same experts integration) and is left out to keep the file's time down
+        # a mixture of experts, top-2 of 4 (exported in transformers' batched_mm form)
         "mixtral": (T.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2), T.MixtralForCausalLM),
     }
 
 
 ARCHITECTURES = list(_configs())
+SLIDING = ["mistral", "gemma2", "gemma3"]
 
 
 @dataclasses.dataclass
@@ -119,19 +123,18 @@ def test_greedy_decode_matches_transformers(arch):
             _assert_close(arch.session.decode(token), out.logits[0, -1].numpy(), f"{arch.name}: decode step {step}")
 
 
-def test_sliding_window_is_exercised(arch):
-    """Where the family has a window, the prompt is long enough for it to change the logits."""
-    config = arch.reference.config
-    if getattr(config, "sliding_window", None) is None:
-        pytest.skip(f"{arch.name} has no sliding window")
+@pytest.mark.parametrize("name", SLIDING)
+def test_sliding_window_is_exercised(name):
+    """The prompt is long enough for the window to change transformers' logits (so the parity
+    tests above check it); the model alone, no lowbit build."""
+    config, model_class = _configs()[name]
+    torch.manual_seed(0)
+    model = model_class(config).eval()
     ids = torch.tensor([_prompt()])
     with torch.no_grad():
-        windowed = arch.reference(ids).logits
-        config.sliding_window = 10 * PROMPT_LEN
-        try:
-            unwindowed = arch.reference(ids).logits
-        finally:
-            config.sliding_window = WINDOW
+        windowed = model(ids).logits
+        model.config.sliding_window = 10 * PROMPT_LEN
+        unwindowed = model(ids).logits
     assert (windowed - unwindowed).abs().max() > 1e-3 * windowed.abs().max()
 
 

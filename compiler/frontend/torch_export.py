@@ -176,6 +176,9 @@ class _ExplicitCacheLM(torch.nn.Module):
 
 
 def kv_layout_of(config) -> KVLayout:
+    """The KV cache layout of a transformers config (its decoder's text config): ``head_dim`` as
+    the config gives it (Gemma, Qwen3: not ``hidden_size / heads``) or else ``hidden_size / heads``;
+    ``num_key_value_heads``, or one KV head per query head where the config has none (GPT-NeoX)."""
     text = config.get_text_config(decoder=True)
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
