@@ -195,8 +195,10 @@ def _batched_experts(model):
 
     The default ``grouped_mm`` form sorts tokens by expert (``histc``) and calls a custom op that
     Relax cannot import; ``batched_mm`` gathers each token's chosen experts' weights and runs
-    batched matmuls, plain ops with static shapes and the same result. Models without experts
-    are unaffected; the model's own setting is restored on exit.
+    batched matmuls, plain ops with static shapes and the same result. The gather copies the chosen
+    experts' weights once per token: right for decode (one token reads its experts anyway), heavy
+    for long prefills of large experts. Models without experts are unaffected; the model's own
+    setting is restored on exit.
     """
     if not hasattr(model, "set_experts_implementation"):
         yield
