@@ -66,20 +66,16 @@ def _output_dtype(node, importer) -> str:
     return importer._convert_data_type(node.meta["val"].dtype)
 
 
-def _new_filled(value):
-    """``Tensor.new_ones`` / ``new_zeros``: a tensor of ``value`` in the dtype the node asks for.
+def _new_ones(node, importer):
+    """``Tensor.new_ones(size, dtype=...)``: ones in the dtype the node asks for.
 
-    TVM's converters give the result the input's dtype and ignore ``dtype=``; transformers' masks
+    TVM's converter gives the result the input's dtype and ignores ``dtype=``; transformers' masks
     call ``positions.new_ones((), dtype=torch.bool)`` on int64 positions, and the mask then came out
     int64 and could not be added to the attention scores.
     """
-
-    def convert(node, importer):
-        size = importer.retrieve_args(node)[1]
-        dtype = _output_dtype(node, importer)
-        return importer.block_builder.emit(relax.op.full(relax.ShapeExpr(list(size)), relax.const(value, dtype), dtype))
-
-    return convert
+    size = importer.retrieve_args(node)[1]
+    dtype = _output_dtype(node, importer)
+    return importer.block_builder.emit(relax.op.full(relax.ShapeExpr(list(size)), relax.const(1, dtype), dtype))
 
 
 def _where_scalar_other(node, importer):
@@ -129,8 +125,7 @@ def _repeat_interleave(node, importer):
 EXTRA_CONVERTERS = {
     "to.device": _same_tensor,
     "scaled_dot_product_attention.default": _attention,
-    "new_ones.default": _new_filled(1),
-    "new_zeros.default": _new_filled(0),
+    "new_ones.default": _new_ones,
     "where.ScalarOther": _where_scalar_other,
     "layer_norm.default": _layer_norm,
     "div_.Tensor": _in_place("div.Tensor"),
