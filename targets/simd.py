@@ -37,7 +37,8 @@ class BatchMatmul(CPUScheduleRule):
     Requires a PrimFunc of one block with spatial loops ``..., i, j`` and one reduction loop ``k``
     innermost (what ``LegalizeOps`` makes of ``relax.matmul``), ``j`` the last index of both ``B``
     and ``C`` so that it is contiguous; any loop extent may be symbolic (the sequence lengths).
-    Other matmuls return ``None`` and fall through to the next rule.
+    Other matmuls, and functions without a root block (extern calls), return ``None`` and fall
+    through to the next rule.
 
     Guarantees: batch loops and row blocks fused and run in parallel; a ``MATMUL_ROWS`` x
     (``VECTORS_PER_ROW`` vectors) register tile accumulates over ``k`` and is stored once; the
@@ -49,7 +50,11 @@ class BatchMatmul(CPUScheduleRule):
         if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
             return None
         sch = s_tir.Schedule(func)
-        blocks = sch.get_child_blocks(sch.get_sblock("root"))
+        try:
+            root = sch.get_sblock("root")
+        except s_tir.ScheduleError:  # an extern call (topk's sort, in a mixture of experts' router) has no root
+            return None
+        blocks = sch.get_child_blocks(root)
         if len(blocks) != 1:
             return None
         block = blocks[0]

@@ -8,6 +8,9 @@ exported once with a dynamic sequence length and a dynamic past length, imported
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import torch
 from tvm import relax
 from tvm.relax.frontend.torch import from_exported_program
@@ -58,14 +61,89 @@ def _attention(node, importer):
 _MASKED = -3.0e38  # finite, so a fully masked row gives zeros instead of NaN
 
 
+def _output_dtype(node, importer) -> str:
+    """The Relax dtype of ``node``'s result, as torch.export recorded it."""
+    return importer._convert_data_type(node.meta["val"].dtype)
+
+
+def _new_ones(node, importer):
+    """``Tensor.new_ones(size, dtype=...)``: ones in the dtype the node asks for.
+
+    TVM's converter gives the result the input's dtype and ignores ``dtype=``; transformers' masks
+    call ``positions.new_ones((), dtype=torch.bool)`` on int64 positions, and the mask then came out
+    int64 and could not be added to the attention scores.
+    """
+    size = importer.retrieve_args(node)[1]
+    dtype = _output_dtype(node, importer)
+    return importer.block_builder.emit(relax.op.full(relax.ShapeExpr(list(size)), relax.const(1, dtype), dtype))
+
+
+def _where_scalar_other(node, importer):
+    """``torch.where(condition, tensor, scalar)`` (eager attention's float masks): TVM converts only
+    the tensor-tensor form."""
+    condition, values, other = importer.retrieve_args(node)[:3]
+    dtype = _output_dtype(node, importer)
+    if str(values.ty.dtype) != dtype:
+        values = importer.block_builder.emit(relax.op.astype(values, dtype))
+    return importer.block_builder.emit(relax.op.where(condition, values, relax.const(other, dtype)))
+
+
+def _layer_norm(node, importer):
+    """``layer_norm`` with or without weight and bias (OLMo's norms have neither): TVM's converter
+    looks up a missing weight and fails."""
+    args = list(node.args) + [None] * (5 - len(node.args))
+    x, shape, weight, bias, eps = args[0], args[1], args[2], args[3], args[4]
+    env = importer.env
+    return importer._layer_norm_impl(env[x], None if weight is None else env[weight],
+                                     None if bias is None else env[bias], 1e-5 if eps is None else eps, shape)
+
+
+def _in_place(op: str):
+    """An in-place op (``a.div_(b)``: Mixtral's router normalizing its weights; ``a.clamp_(...)``:
+    OLMo's ``clip_qkv``) as its out-of-place ``op``, with later readers of ``a`` reading the
+    result too. TVM has no converters for these."""
+
+    def convert(node, importer):
+        result = importer.convert_map[op](node)
+        importer.env[node.args[0]] = result
+        return result
+
+    return convert
+
+
+def _repeat_interleave(node, importer):
+    """``x.repeat_interleave(n, dim)`` with a whole-number ``n`` (a mixture of experts' batched
+    form repeats each token once per chosen expert); without ``dim`` it repeats the flattened
+    tensor, as torch does."""
+    x, repeats = importer.retrieve_args(node)[:2]
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+    if dim is None:
+        x, dim = importer.block_builder.emit(relax.op.reshape(x, [-1])), 0
+    return importer.block_builder.emit(relax.op.repeat(x, repeats, axis=dim))
+
+
 EXTRA_CONVERTERS = {
     "to.device": _same_tensor,
     "scaled_dot_product_attention.default": _attention,
+    "new_ones.default": _new_ones,
+    "where.ScalarOther": _where_scalar_other,
+    "layer_norm.default": _layer_norm,
+    "div_.Tensor": _in_place("div.Tensor"),
+    "clamp_.default": _in_place("clamp.default"),
+    "repeat_interleave.self_int": _repeat_interleave,
 }
 
 
 class _ExplicitCacheLM(torch.nn.Module):
-    """``forward(input_ids, *past) -> (logits, *present)`` around a transformers causal LM."""
+    """``forward(input_ids, *past) -> (logits, *present)`` around a transformers causal LM.
+
+    Requires ``past`` to be ``2 * num_layers`` tensors ``[1, kv_heads, past, head_dim]`` (key, value
+    per layer) with one ``past`` length for every layer. Guarantees every layer's ``present`` is its
+    ``past`` concatenated with the new tokens' keys/values, whatever cache class transformers would
+    pick for the layer: every layer gets a full :class:`~transformers.cache_utils.DynamicLayer`,
+    so a sliding-window layer keeps all of its past too and its window is applied by the attention
+    mask the model computes from positions (what the window means), not by trimming the cache.
+    """
 
     def __init__(self, model, num_layers: int):
         super().__init__()
@@ -73,9 +151,10 @@ class _ExplicitCacheLM(torch.nn.Module):
         self.num_layers = num_layers
 
     def forward(self, input_ids, *past):
-        from transformers.cache_utils import DynamicCache
+        from transformers.cache_utils import DynamicCache, DynamicLayer
 
-        cache = DynamicCache(config=self.lm.config)
+        cache = DynamicCache()  # no config: transformers would give sliding layers a trimmed cache
+        cache.layers = [DynamicLayer() for _ in range(self.num_layers)]
         past_len = past[0].shape[2]
         for i, layer in enumerate(cache.layers):
             key, value = past[2 * i], past[2 * i + 1]
@@ -92,6 +171,9 @@ class _ExplicitCacheLM(torch.nn.Module):
 
 
 def kv_layout_of(config) -> KVLayout:
+    """The KV cache layout of a transformers config (its decoder's text config): ``head_dim`` as
+    the config gives it (Gemma, Qwen3: not ``hidden_size / heads``) or else ``hidden_size / heads``;
+    ``num_key_value_heads``, or one KV head per query head where the config has none (GPT-NeoX)."""
     text = config.get_text_config(decoder=True)
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
@@ -99,6 +181,53 @@ def kv_layout_of(config) -> KVLayout:
         num_layers=text.num_hidden_layers,
         num_kv_heads=getattr(text, "num_key_value_heads", None) or heads,
         head_dim=head_dim,
+    )
+
+
+@contextlib.contextmanager
+def _batched_experts(model):
+    """Mixture-of-experts layers in transformers' ``batched_mm`` form for the duration.
+
+    The default ``grouped_mm`` form sorts tokens by expert (``histc``) and calls a custom op that
+    Relax cannot import; ``batched_mm`` gathers each token's chosen experts' weights and runs
+    batched matmuls, plain ops with static shapes and the same result. The gather copies the chosen
+    experts' weights once per token: right for decode (one token reads its experts anyway), heavy
+    for long prefills of large experts. Models without experts are unaffected; the model's own
+    setting is restored on exit.
+    """
+    if not hasattr(model, "set_experts_implementation"):
+        yield
+        return
+    saved = model.get_experts_implementation()
+    model.set_experts_implementation("batched_mm")
+    try:
+        yield
+    finally:
+        model.set_experts_implementation(saved)
+
+
+def _export_failure(model, exc: Exception) -> LowbitError:
+    """The error for a model ``torch.export`` cannot take: the innermost submodule of ``model``
+    that was running (its name in the model and its class), the innermost line of code outside
+    torch that was running (the model's own line that failed), torch's reason, and what to try."""
+    names = {id(module): name for name, module in model.named_modules()}
+    torch_dir = os.path.dirname(torch.__file__) + os.sep
+    module, line = None, None
+    tb = exc.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if id(frame.f_locals.get("self")) in names:
+            module = frame.f_locals["self"]
+        if not frame.f_code.co_filename.startswith(torch_dir):
+            line = f"{frame.f_code.co_filename}:{tb.tb_lineno}"
+        tb = tb.tb_next
+    where = "" if module is None else f" in {names[id(module)] or 'the model itself'} ({type(module).__name__})"
+    where += "" if line is None else f" at {line}"
+    reason = next(iter(str(exc).splitlines()), "")
+    return LowbitError(
+        f"torch.export failed for {type(model).__name__}{where}: {type(exc).__name__}: {reason}. "
+        "Try another implementation the model's config offers (attn_implementation, experts_implementation) or "
+        "another transformers version whose modeling code exports; torch.export.draft_export lists every problem"
     )
 
 
@@ -116,12 +245,10 @@ def import_torch_model(model, max_context: int | None = None) -> ModelIR:
     past = torch.export.Dim("past", min=0, max=context - 1)
     dynamic = {"input_ids": {1: seq}, "past": tuple({2: past} for _ in example_past)}
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _batched_experts(model):
             program = torch.export.export(wrapper, (example_ids, *example_past), dynamic_shapes=dynamic)
     except Exception as exc:  # torch raises many types here; all mean "this model does not export"
-        raise LowbitError(
-            f"torch.export failed for {type(model).__name__}: {type(exc).__name__}: {str(exc).splitlines()[0]}"
-        ) from exc
+        raise _export_failure(model, exc) from exc
     check_exported_ops(program, EXTRA_CONVERTERS)
     signature = program.graph_signature
     placeholder_to_fqn = {**signature.inputs_to_parameters, **signature.inputs_to_buffers}
