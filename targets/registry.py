@@ -35,6 +35,8 @@ class ChipTarget:
         dot_lanes: int32 lanes of the vector the byte dot product accumulates into (16 for AVX-512).
         int4_dot: the registered tensor intrinsic for the ``w4a8`` kernels' inner step
             (:mod:`lowbit.targets.nibble_dot`), or ``None`` to leave it to LLVM's vectorizer.
+        int4_dot_gemv: the same step for the GEMV (decode), which streams every weight once (e.g.
+            with the codes ahead prefetched); ``None``: ``int4_dot``.
         machines: ``platform.machine()`` values of hosts that run this target's code.
         cpu_flags: the host CPU flag (``/proc/cpuinfo``) that proves each capability, where its name differs.
         cross_compiler: the C++ compiler that links ``model.so`` when the target is not this
@@ -51,6 +53,7 @@ class ChipTarget:
     linear_tile: int = 16
     dot_lanes: int = 4
     int4_dot: str | None = None
+    int4_dot_gemv: str | None = None
     machines: tuple[str, ...] = ()
     cpu_flags: Mapping[str, str] = dataclasses.field(default_factory=dict)
     cross_compiler: str | None = None

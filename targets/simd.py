@@ -369,13 +369,14 @@ class W4A8Linear(_LinearRule):
     The activations are quantized first, per row and group (parallel over rows in the GEMM). Then,
     parallel over column tiles: for each row, for each group, the tile's int32 accumulators (one
     vector per ``dot_lanes`` channels, unrolled: independent chains) take the group's dot products
-    8 inputs at a time, tensorized with the target's ``int4_dot`` intrinsic where it names one; the
-    group's scales and zero points are then applied to the float output accumulators in registers.
+    8 inputs at a time, tensorized with the target's ``int4_dot`` intrinsic (``int4_dot_gemv`` for
+    the GEMV) where it names one; the group's scales and zero points are then applied to the float
+    output accumulators in registers.
     A tile's codes (``tile * K / 2`` bytes) stay in L1 while the GEMM's rows pass over them.
     """
 
-    def __init__(self, lanes: int, intrinsic: str | None):
-        self.lanes, self.intrinsic = lanes, intrinsic
+    def __init__(self, lanes: int, intrinsic: str | None, gemv_intrinsic: str | None = None):
+        self.lanes, self.intrinsic, self.gemv_intrinsic = lanes, intrinsic, gemv_intrinsic or intrinsic
 
     def matches(self, tag: str, gemv: bool) -> bool:
         return tag.startswith("w4a8")
@@ -388,10 +389,11 @@ class W4A8Linear(_LinearRule):
         channels, ko, h, j = sch.get_loops(partial)[-4:]
         vectors, lanes = sch.split(channels, [None, self.lanes])
         init = None
-        if self.intrinsic is not None:
+        intrinsic = self.gemv_intrinsic if gemv else self.intrinsic
+        if intrinsic is not None:
             sch.reorder(ko, vectors, lanes, h, j)
             init = sch.decompose_reduction(partial, ko)
-            sch.tensorize(lanes, self.intrinsic)
+            sch.tensorize(lanes, intrinsic)
         else:
             sch.reorder(ko, vectors, h, j, lanes)
             init = sch.decompose_reduction(partial, ko)
@@ -410,8 +412,8 @@ LINEAR_RULES = (W8A8Linear(), Int4Gemv(), DequantLinear())  # the most specific 
 
 def simd_target(**fields) -> ChipTarget:
     """A CPU target on these rules and the CPU pipeline; ``fields`` as :class:`ChipTarget` takes them
-    (``dot_lanes`` and ``int4_dot`` also configure the ``w4a8`` rule)."""
-    w4a8 = W4A8Linear(fields.get("dot_lanes", 4), fields.get("int4_dot"))
+    (``dot_lanes``, ``int4_dot`` and ``int4_dot_gemv`` also configure the ``w4a8`` rule)."""
+    w4a8 = W4A8Linear(fields.get("dot_lanes", 4), fields.get("int4_dot"), fields.get("int4_dot_gemv"))
     return ChipTarget(rules=(*LINEAR_RULES, w4a8, CacheKernels(), BatchMatmul(), SingleRowReduction()),
                       pipeline=cpu_pipeline,
                       **fields)

@@ -7,10 +7,12 @@ saturate: ``2 * 15 * 127 < 2^15``). The activations go in the signed operand and
 0..15, in the unsigned one, so no offset needs compensating. LLVM 22 wants the byte operands of
 ``vpdpbusd`` as ``<64 x i8>``, hence the ``int8x64`` reinterprets.
 
-Both implementations prefetch the codes ``PREFETCH_BYTES`` ahead of the ones they load: decode reads
-every weight once per token, from L3 or DRAM, and the hardware prefetcher alone left the VNNI GEMVs
-at about 9 GB/s per core (measured on SmolLM2 w4a8-rtn-g128, one thread, while a second process ran:
-decode 78 tok/s without, 92-128 with 1 KiB, 92-105 with 2 KiB, 98 with 4 KiB, 79 with 512 B ahead).
+Each implementation comes twice: the GEMV's (``int4_dot_gemv``) also prefetches the codes
+``PREFETCH_BYTES`` ahead of the ones it loads. Decode reads every weight once per token, from L3 or
+DRAM, and the hardware prefetcher alone left the VNNI GEMVs at about 9 GB/s per core (SmolLM2
+w4a8-rtn-g128, one thread, while a second process ran: decode 78 tok/s without, 92-128 with 1 KiB,
+92-105 with 2 KiB, 98 with 4 KiB, 79 with 512 B ahead; two threads, quiet: 129 -> 142). The GEMM
+re-reads a tile's codes from L1 row after row, where the same prefetch cost 40 % of prefill speed.
 """
 
 from tvm.script import tirx as T
@@ -24,58 +26,73 @@ PREFETCH_BYTES = 1024
 _PREFETCH_CHANNELS = PREFETCH_BYTES // 4  # the intrinsics' code buffers hold 4 bytes per channel
 
 
-@T.prim_func(s_tir=True)
-def _nibble_dot_vnni(a: T.handle, b: T.handle, c: T.handle) -> None:
-    A = T.match_buffer(a, (16, 4), "uint8", offset_factor=1)
-    B = T.match_buffer(b, (8,), "int8", offset_factor=1)
-    C = T.match_buffer(c, (16,), "int32", offset_factor=1, scope="local")
-    with T.sblock("root"):
-        T.reads(C[0:16], A[0:16, 0:4], B[0:8])
-        T.writes(C[0:16])
-        T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(A[_PREFETCH_CHANNELS, 0]),
-                                      T.int32(0), T.int32(3), T.int32(1)))  # read, keep in all caches, data
-        quads = A.vload([0, 0], "uint8x64")
-        low = T.bitwise_and(quads, T.broadcast(T.uint8(15), 64))
-        high = T.bitwise_and(T.shift_right(quads, T.broadcast(T.uint8(4), 64)), T.broadcast(T.uint8(15), 64))
-        x_low = T.reinterpret(T.broadcast(T.reinterpret(B.vload([0], "int8x4"), dtype="int32"), 16), dtype="int8x64")
-        x_high = T.reinterpret(T.broadcast(T.reinterpret(B.vload([4], "int8x4"), dtype="int32"), 16), dtype="int8x64")
-        dot = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
-                                      C.vload([0], "int32x16"), T.reinterpret(low, dtype="int8x64"), x_low,
-                                      dtype="int32x16")
-        C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"), dot, T.reinterpret(high, dtype="int8x64"),
-            x_high, dtype="int32x16")
+def _nibble_dot_vnni(prefetch: bool):
+    """The VNNI step; with ``prefetch``, the codes ``PREFETCH_BYTES`` ahead are prefetched too."""
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (16, 4), "uint8", offset_factor=1)
+        B = T.match_buffer(b, (8,), "int8", offset_factor=1)
+        C = T.match_buffer(c, (16,), "int32", offset_factor=1, scope="local")
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:16, 0:4], B[0:8])
+            T.writes(C[0:16])
+            if prefetch:
+                T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(A[_PREFETCH_CHANNELS, 0]),
+                                              T.int32(0), T.int32(3), T.int32(1)))  # read, all caches, data
+            quads = A.vload([0, 0], "uint8x64")
+            low = T.bitwise_and(quads, T.broadcast(T.uint8(15), 64))
+            high = T.bitwise_and(T.shift_right(quads, T.broadcast(T.uint8(4), 64)), T.broadcast(T.uint8(15), 64))
+            x_low = T.reinterpret(T.broadcast(T.reinterpret(B.vload([0], "int8x4"), dtype="int32"), 16), dtype="int8x64")
+            x_high = T.reinterpret(T.broadcast(T.reinterpret(B.vload([4], "int8x4"), dtype="int32"), 16), dtype="int8x64")
+            dot = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+                                          C.vload([0], "int32x16"), T.reinterpret(low, dtype="int8x64"), x_low,
+                                          dtype="int32x16")
+            C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"), dot, T.reinterpret(high, dtype="int8x64"),
+                x_high, dtype="int32x16")
+
+    return impl
 
 
-@T.prim_func(s_tir=True)
-def _nibble_dot_avx2(a: T.handle, b: T.handle, c: T.handle) -> None:
-    A = T.match_buffer(a, (8, 4), "uint8", offset_factor=1)
-    B = T.match_buffer(b, (8,), "int8", offset_factor=1)
-    C = T.match_buffer(c, (8,), "int32", offset_factor=1, scope="local")
-    with T.sblock("root"):
-        T.reads(C[0:8], A[0:8, 0:4], B[0:8])
-        T.writes(C[0:8])
-        T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(A[_PREFETCH_CHANNELS, 0]),
-                                      T.int32(0), T.int32(3), T.int32(1)))  # read, keep in all caches, data
-        quads = A.vload([0, 0], "uint8x32")
-        low = T.bitwise_and(quads, T.broadcast(T.uint8(15), 32))
-        high = T.bitwise_and(T.shift_right(quads, T.broadcast(T.uint8(4), 32)), T.broadcast(T.uint8(15), 32))
-        x_low = T.reinterpret(T.broadcast(T.reinterpret(B.vload([0], "int8x4"), dtype="int32"), 8), dtype="int8x32")
-        x_high = T.reinterpret(T.broadcast(T.reinterpret(B.vload([4], "int8x4"), dtype="int32"), 8), dtype="int8x32")
-        pairs_low = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
-                                            T.reinterpret(low, dtype="int8x32"), x_low, dtype="int16x16")
-        pairs_high = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
-                                             T.reinterpret(high, dtype="int8x32"), x_high, dtype="int16x16")
-        C[T.ramp(T.int32(0), 1, 8)] = C.vload([0], "int32x8") + T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), pairs_low + pairs_high, T.broadcast(T.int16(1), 16),
-            dtype="int32x8")
+def _nibble_dot_avx2(prefetch: bool):
+    """The AVX2 step; with ``prefetch``, the codes ``PREFETCH_BYTES`` ahead are prefetched too."""
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (8, 4), "uint8", offset_factor=1)
+        B = T.match_buffer(b, (8,), "int8", offset_factor=1)
+        C = T.match_buffer(c, (8,), "int32", offset_factor=1, scope="local")
+        with T.sblock("root"):
+            T.reads(C[0:8], A[0:8, 0:4], B[0:8])
+            T.writes(C[0:8])
+            if prefetch:
+                T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(A[_PREFETCH_CHANNELS, 0]),
+                                              T.int32(0), T.int32(3), T.int32(1)))  # read, all caches, data
+            quads = A.vload([0, 0], "uint8x32")
+            low = T.bitwise_and(quads, T.broadcast(T.uint8(15), 32))
+            high = T.bitwise_and(T.shift_right(quads, T.broadcast(T.uint8(4), 32)), T.broadcast(T.uint8(15), 32))
+            x_low = T.reinterpret(T.broadcast(T.reinterpret(B.vload([0], "int8x4"), dtype="int32"), 8), dtype="int8x32")
+            x_high = T.reinterpret(T.broadcast(T.reinterpret(B.vload([4], "int8x4"), dtype="int32"), 8), dtype="int8x32")
+            pairs_low = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
+                                                T.reinterpret(low, dtype="int8x32"), x_low, dtype="int16x16")
+            pairs_high = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
+                                                 T.reinterpret(high, dtype="int8x32"), x_high, dtype="int16x16")
+            C[T.ramp(T.int32(0), 1, 8)] = C.vload([0], "int32x8") + T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), pairs_low + pairs_high, T.broadcast(T.int16(1), 16),
+                dtype="int32x8")
+
+    return impl
 
 
-NIBBLE_DOT_VNNI = register_nibble_dot("lowbit_nibble_dot_vnni16", 16, _nibble_dot_vnni)
-NIBBLE_DOT_AVX2 = register_nibble_dot("lowbit_nibble_dot_avx2_8", 8, _nibble_dot_avx2)
+NIBBLE_DOT_VNNI = register_nibble_dot("lowbit_nibble_dot_vnni16", 16, _nibble_dot_vnni(False))
+NIBBLE_DOT_VNNI_STREAM = register_nibble_dot("lowbit_nibble_dot_vnni16_prefetch", 16, _nibble_dot_vnni(True))
+NIBBLE_DOT_AVX2 = register_nibble_dot("lowbit_nibble_dot_avx2_8", 8, _nibble_dot_avx2(False))
+NIBBLE_DOT_AVX2_STREAM = register_nibble_dot("lowbit_nibble_dot_avx2_8_prefetch", 8, _nibble_dot_avx2(True))
 
 X86_AVX2 = register_target(simd_target(
     name="x86-avx2", family="x86", machines=MACHINES, linear_tile=16, dot_lanes=8, int4_dot=NIBBLE_DOT_AVX2,
+    int4_dot_gemv=NIBBLE_DOT_AVX2_STREAM,
     tvm_target={"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "haswell"},
     capabilities=("avx2", "fma"),
     description="x86-64 with AVX2 + FMA (Haswell, Zen 1-3 and newer)",
@@ -83,6 +100,7 @@ X86_AVX2 = register_target(simd_target(
 
 X86_VNNI = register_target(simd_target(
     name="x86-vnni", family="x86", machines=MACHINES, linear_tile=32, dot_lanes=16, int4_dot=NIBBLE_DOT_VNNI,
+    int4_dot_gemv=NIBBLE_DOT_VNNI_STREAM,
     tvm_target={"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "cascadelake"},
     capabilities=("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni"),
     description="x86-64 with AVX-512 and VNNI (Cascade Lake, Ice Lake, Zen 4 and newer)",

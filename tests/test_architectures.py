@@ -123,6 +123,17 @@ def test_greedy_decode_matches_transformers(arch):
             _assert_close(arch.session.decode(token), out.logits[0, -1].numpy(), f"{arch.name}: decode step {step}")
 
 
+SOFT_CAPPED = {"gemma2"}  # tanh on the attention scores: not the fused kernel's computation
+
+
+def test_decode_attention_is_fused_where_it_is_plain_attention(arch):
+    """The in-place cache's pattern (GQA/MQA repetition, scale, mask, softmax) is found in every
+    family's graph; soft-capped attention is left to the generic kernels (and still matches, above)."""
+    kv = arch.session.manifest["kv_cache"]
+    want = 0 if arch.name in SOFT_CAPPED else kv["attention_layers"]
+    assert kv["attention_fused"] == want
+
+
 @pytest.mark.parametrize("name", SLIDING)
 def test_sliding_window_is_exercised(name):
     """The prompt is long enough for the window to change transformers' logits (so the parity
