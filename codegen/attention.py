@@ -8,14 +8,15 @@ runtime allocates once; ``capacity`` is symbolic, so one kernel serves any alloc
 * :func:`decode_attention_kernel` is one query token's attention over positions ``[0, length)`` of
   the key and value caches, read in place (no concatenated or broadcast copy): query head ``h``
   reads KV head ``h // (q_heads // kv_heads)`` (grouped-query attention), scores are
-  ``q . k * scale (+ bias)``, softmax as TVM legalizes it (``exp(x - max) / sum``).
+  ``q . k * scale (+ bias)``, softmax as ``exp(x - max) / sum`` with TVM's ``fast_exp`` (relative
+  error below 1e-6 on the softmax's range, measured against numpy in the kernel tests).
 
 Both carry ``lowbit.kernel`` so that a target's rules (:mod:`lowbit.targets.simd`) schedule them.
 """
 
 from __future__ import annotations
 
-from tvm import te, tirx
+from tvm import te, tirx, topi
 from tvm.script import tirx as T
 
 from .kernels import KERNEL_ATTR
@@ -71,7 +72,8 @@ def decode_attention_kernel(q_heads: int, kv_heads: int, head_dim: int, scale: f
     logits = te.compute((q_heads, length), logit, "logits")
     j = te.reduce_axis((0, length), "j")
     peak = te.compute((q_heads,), lambda h: te.max(logits[h, j], axis=j), "peak")
-    weights = te.compute((q_heads, length), lambda h, i: te.exp(logits[h, i] - peak[h]), "weights")
+    shifted = te.compute((q_heads, length), lambda h, i: logits[h, i] - peak[h], "shifted")
+    weights = topi.fast_exp(shifted)  # a polynomial LLVM vectorizes (libm's expf is a call per score)
     j = te.reduce_axis((0, length), "j")
     total = te.compute((q_heads,), lambda h: te.sum(weights[h, j], axis=j), "total")
     j = te.reduce_axis((0, length), "j")
