@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 MODEL ?= smollm2-135m
-RECIPE ?= w4a8-rtn-g32:keep=lm_head*
+RECIPE ?= w4a8-awq-gptq-g32
 OUT ?= out/smol-w4a8
 FLOAT_OUT ?= out/smol-fp32
 
