@@ -20,6 +20,7 @@ gathered per token, not linear layers); the router is quantized.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 import pytest
@@ -31,9 +32,16 @@ PROMPT_LEN, DECODE_STEPS = 20, 8
 WINDOW = 8  # sliding window of the families that have one, well inside the prompt
 RTOL = 1e-4
 ATOL = 1e-5  # times the largest |logit| of the compared logits
-MAX_W8A16_KL = 1e-4  # nats, mean over positions
+# Mean KL of each recipe against float on random ids, in nats (see the module docstring).
+MAX_KL = {"w8a16-rtn": 9.0, "w4a16-rtn-g32": 9.0, "w8a8-smoothquant": 9.0, "w4a16-awq-g32": 9.0}
+FORMAT = {"w8a16-rtn": "int8", "w4a16-rtn-g32": "int4_g32", "w8a8-smoothquant": "w8a8", "w4a16-awq-g32": "int4_g32"}
+CALIBRATION = (4, 32)  # random windows x ids: what the calibrated recipes see
+FOLD_RTOL = 1e-4  # a fold changes the float logits by float rounding only
+# initializer_range 0.2 (transformers' default 0.02 gives logits of std 0.16 and near-uniform
+# distributions, where every KL is tiny): logits of std about 1.6, entropy 2.4-5 nats of ln 512 = 6.2
 _COMMON = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+               num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+               initializer_range=0.2)
 
 
 def _configs():
@@ -82,6 +90,31 @@ class Arch:
         """transformers' model as lowbit loaded it from the folder (its default implementations)."""
         return self.prepared.source.model
 
+    @functools.cached_property
+    def calibrated(self):
+        """The prepared model calibrated on :data:`CALIBRATION` windows of random ids."""
+        rng = np.random.default_rng(2)
+        samples, length = CALIBRATION
+        return self.prepared.calibrated_on_ids([[int(t) for t in rng.integers(3, 512, length)]
+                                                for _ in range(samples)])
+
+    @functools.cached_property
+    def float_logits(self) -> np.ndarray:
+        return self.session.prefill(_eval_ids())
+
+    def float_logits_with(self, params: dict) -> tuple[np.ndarray, np.ndarray]:
+        """fp32 prefill logits on :func:`_eval_ids` and one decode step of the same graph with other
+        float ``params``: the fp32 build's weights replaced by those the fp32 pipeline lays out
+        from them (no second build)."""
+        from lowbit.compiler import get_recipe
+        from lowbit.compiler.pipeline import run_pipeline
+        from lowbit.targets import get_target
+
+        ir = dataclasses.replace(self.prepared.ir, params=params)
+        laid_out = run_pipeline(ir, get_recipe("fp32"), get_target("host")).ir.params
+        with self.session.weights_replaced(laid_out):
+            return self.session.prefill(_eval_ids()), self.session.decode(7)
+
 
 @pytest.fixture(scope="module", params=ARCHITECTURES)
 def arch(request, tmp_path_factory) -> Arch:
@@ -93,6 +126,10 @@ def arch(request, tmp_path_factory) -> Arch:
     model_class(config).eval().save_pretrained(folder)
     prepared = prepare(str(folder), max_context=64)
     return Arch(request.param, prepared, prepared.build(get_recipe("fp32")).session())
+
+
+def _eval_ids() -> list[int]:
+    return [int(t) for t in np.random.default_rng(1).integers(3, 512, 32)]
 
 
 def _prompt() -> list[int]:
@@ -138,18 +175,89 @@ def test_sliding_window_is_exercised(name):
     assert (windowed - unwindowed).abs().max() > 1e-3 * windowed.abs().max()
 
 
-def test_w8a16_quantizes_every_linear_and_stays_close(arch):
-    """Every ``nn.Linear`` of the model (fused projections included) is in the layer report as
-    int8; the mean KL of the output distribution against float on random ids stays small."""
+@pytest.mark.parametrize("recipe", list(MAX_KL))
+def test_recipe_quantizes_every_linear_and_stays_close(arch, recipe):
+    """Every ``nn.Linear`` of the model (fused projections included) is in the layer report in the
+    recipe's format; the mean KL of the output distribution against float on random ids stays
+    within :data:`MAX_KL`. The calibrated recipes calibrate on :data:`CALIBRATION` random windows."""
     from lowbit.compiler import get_recipe
 
-    built = arch.prepared.build(get_recipe("w8a16-rtn"))
+    recipe_obj = get_recipe(recipe)
+    prepared = arch.calibrated if recipe_obj.needs_calibration else arch.prepared
+    built = prepared.build(recipe_obj)
     linears = {f"{name}.weight" for name, module in arch.reference.named_modules()
                if isinstance(module, torch.nn.Linear)}
-    assert linears <= {name for name, fmt in built.result.layers.items() if fmt.startswith("int8")}
-    ids = [int(t) for t in np.random.default_rng(1).integers(3, 512, 32)]
-    kl = _mean_kl(arch.session.prefill(ids), built.session().prefill(ids))
-    assert kl < MAX_W8A16_KL, f"{arch.name}: w8a16-rtn mean KL {kl:.2e} nats"
+    quantized = {name for name, fmt in built.result.layers.items() if fmt.startswith(FORMAT[recipe])}
+    assert linears <= quantized, f"{arch.name}: {sorted(linears - quantized)} not {FORMAT[recipe]}"
+    kl = _mean_kl(arch.float_logits, built.session().prefill(_eval_ids()))
+    print(f"{arch.name} {recipe} mean KL {kl:.3e}")
+    assert kl < MAX_KL[recipe], f"{arch.name}: {recipe} mean KL {kl:.2e} nats"
+
+
+def _assert_same_function(arch, params, what):
+    prefill, step = arch.float_logits_with(params)
+    arch.session.prefill(_eval_ids())
+    float_step = arch.session.decode(7)
+    error = max(_relative_error(prefill, arch.float_logits), _relative_error(step, float_step))
+    print(f"{arch.name} {what}: relative change of the float logits {error:.2e}")
+    assert error < FOLD_RTOL, f"{arch.name}: {what} changed the float logits by {error:.2e} (relative)"
+
+
+def _relative_error(got, want) -> float:
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+def _changed(params, new) -> int:
+    return sum(not np.array_equal(params[n], new[n]) for n in params)
+
+
+def test_smoothquant_fold_leaves_the_float_model_unchanged(arch):
+    """SmoothQuant's scales (alpha 0.5, on the calibration) folded into the float parameters, not
+    rounded: the fp32 logits, prefill and a decode step, are the float model's."""
+    from lowbit.passes.smoothquant import apply_smoothquant
+
+    prepared = arch.calibrated
+    params, _, notes = apply_smoothquant(prepared.ir.mod["prefill"], prepared.ir.params,
+                                         prepared.calibration.statistics, 0.5, "token")
+    assert _changed(prepared.ir.params, params) > 0, notes
+    _assert_same_function(arch, params, "SmoothQuant's fold")
+
+
+def test_awq_scaling_leaves_the_float_model_unchanged(arch):
+    """AWQ's scales for int4 g32 (before its clipping, which changes the function by design) folded
+    into the float parameters: the fp32 logits are the float model's."""
+    from lowbit.compiler import get_recipe
+    from lowbit.passes.awq import awq_scaling
+    from lowbit.passes.schemes import linear_scheme
+
+    prepared = arch.calibrated
+    grid = linear_scheme(get_recipe("w4a16-awq-g32").weights).weight_grid
+    params, _, notes = awq_scaling(prepared.ir.mod["prefill"], prepared.ir.params, prepared.calibration.statistics,
+                                   grid)
+    _assert_same_function(arch, params, "AWQ's scaling")
+
+
+def test_every_fold_target_the_graph_offers_is_exact(arch):
+    """Random admissible scales (e^U(-1, 1) per channel) folded into every fold target the graph
+    analysis finds (norm weights, linear outputs, value projections through attention): the float
+    model is unchanged. The groups without a target carry the reason."""
+    from lowbit.passes.scale_folding import find_smoothing_groups, fold_scales
+
+    params = arch.prepared.ir.params
+    rng = np.random.default_rng(3)
+    groups = find_smoothing_groups(arch.prepared.ir.mod["prefill"])
+    for group in groups:
+        if group.target is None:
+            assert group.reason, group
+            continue
+        s = group.admissible(np.exp(rng.uniform(-1, 1, group.width)).astype(np.float32))
+        params = params | fold_scales(params, group, s)
+    folded = [g for g in groups if g.target is not None]
+    print(f"{arch.name}: {len(folded)} of {len(groups)} groups foldable: "
+          + "; ".join(f"{g.linears[0].name} -> {g.target.kind} {g.target.name}" for g in folded) + " | not: "
+          + "; ".join(f"{g.linears[0].name}: {g.reason}" for g in groups if g.target is None))
+    assert folded, f"{arch.name}: no fold target found"
+    _assert_same_function(arch, params, "random scales in every fold target")
 
 
 def _mean_kl(float_logits: np.ndarray, logits: np.ndarray) -> float:
