@@ -270,6 +270,60 @@ def _mean_kl(float_logits: np.ndarray, logits: np.ndarray) -> float:
     return float((np.exp(p) * (p - q)).sum(axis=-1).mean())
 
 
+ONNX_FAMILIES = ("llama", "qwen2", "phi3")
+
+
+def _onnx_export(arch, path):
+    """The model exported by torch.onnx's dynamo exporter in the decoder layout (``input_ids``,
+    ``past_key_values.{i}.key/value`` -> ``logits``, ``present.{i}.key/value``), ``seq`` and
+    ``past`` dynamic."""
+    from lowbit.compiler.frontend.torch_export import _ExplicitCacheLM, kv_layout_of
+
+    kv = kv_layout_of(arch.reference.config)
+    names = [f"{i}.{part}" for i in range(kv.num_layers) for part in ("key", "value")]
+    past = [torch.zeros((1, kv.num_kv_heads, 3, kv.head_dim)) for _ in names]
+    seq, length = torch.export.Dim("seq", min=1, max=63), torch.export.Dim("past", min=0, max=63)
+    with torch.no_grad():
+        torch.onnx.export(_ExplicitCacheLM(arch.reference, kv.num_layers).eval(),
+                          (torch.zeros((1, 4), dtype=torch.long), *past), str(path), dynamo=True,
+                          dynamic_shapes={"input_ids": {1: seq}, "past": tuple({2: length} for _ in past)},
+                          input_names=["input_ids"] + [f"past_key_values.{n}" for n in names],
+                          output_names=["logits"] + [f"present.{n}" for n in names], verbose=False)
+    return path
+
+
+def _onnxruntime_logits(path, ids, steps):
+    """onnxruntime's logits for ``ids``, then for each of ``steps`` fed with the returned cache."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    past = [i for i in session.get_inputs() if i.name.startswith("past_key_values.")]
+    cache = [np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32) for i in past]
+    out = []
+    for tokens in [ids] + [[t] for t in steps]:
+        logits, *cache = session.run(None, {"input_ids": np.array([tokens])} | {
+            i.name: c for i, c in zip(past, cache)})
+        out.append(logits[0])
+    return out
+
+
+def test_onnx_export_compiles_and_matches_onnxruntime(arch, tmp_path):
+    """The same model exported to ONNX (torch.onnx, dynamo) compiles with lowbit, fp32, and its
+    prefill and 3 decode steps match onnxruntime's on that file."""
+    if arch.name not in ONNX_FAMILIES:
+        pytest.skip(f"the ONNX export is checked on {', '.join(ONNX_FAMILIES)} only (about 30 s each)")
+    from lowbit.compiler import get_recipe, prepare
+
+    path = _onnx_export(arch, tmp_path / f"{arch.name}.onnx")
+    ids, steps = _prompt(), [7, 300, 42]
+    want = _onnxruntime_logits(path, ids, steps)
+    session = prepare(str(path), max_context=64).build(get_recipe("fp32")).session()
+    got = [session.prefill(ids)] + [session.decode(t) for t in steps]
+    errors = [_relative_error(g, w if i == 0 else w[-1]) for i, (g, w) in enumerate(zip(got, want))]
+    print(f"{arch.name} ONNX vs onnxruntime: relative errors {', '.join(f'{e:.1e}' for e in errors)}")
+    assert max(errors) < RTOL, f"{arch.name}: ONNX build vs onnxruntime relative errors {errors}"
+
+
 def test_export_failure_names_the_module_the_reason_and_what_to_try():
     """A submodule whose code branches on a tensor's value cannot be exported: the error says
     which submodule, torch's reason, and what to try."""

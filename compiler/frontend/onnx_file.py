@@ -106,13 +106,18 @@ def _opset(model) -> int:
 
 
 class _Importer(ONNXGraphImporter):
-    """TVM's ONNX importer with the converters for two ops LLM exports use corrected.
+    """TVM's ONNX importer with the converters for ops LLM exports use corrected.
 
     * ``Range(past, past + seq)`` (positions computed from ``Shape`` ops): TVM gives the result a
       fresh length variable, so the rotary tables no longer match ``seq`` and later ``Shape`` ops
-      fail; ``arange(past, past + seq)`` has length ``seq``, which Relax proves.
+      fail; ``arange(past, past + seq)`` has length ``seq``, which Relax proves. Its bounds and step
+      may be initializers (torch.onnx's dynamo exporter).
     * ``ConstantOfShape`` of a constant empty shape (a scalar, as mask code exports): TVM tries to
       broadcast the one-element ``value`` to rank 0 and fails.
+    * ``Reshape`` of a symbolic size (``past + seq``, which TVM keeps as an integer expression) to
+      one element, as the dynamo exporter builds the mask's shape: TVM's converter takes only tensors.
+    * Calls a converter hands on untyped (``Unsqueeze``) are typed before the next one reads them
+      (``Expand`` reads its input's shape).
     """
 
     def _convert_operator(self, op_name, inputs, attrs, opset):
