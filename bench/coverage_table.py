@@ -51,7 +51,7 @@ LEGEND = ("import: torch.export, Relax import and fp32 build; fp32 parity: prefi
           "recipes calibrated on random ids), and for w8a8-sq and AWQ their scales folded into the float model "
           "leave its logits unchanged (1e-4); folds exact: random scales folded into every fold target the graph "
           "analysis finds leave the float logits unchanged; ONNX: the model exported by torch.onnx (dynamo) "
-          "compiles and matches onnxruntime (1e-4)")
+          "compiles and matches onnxruntime (1e-4). ✔ passed, ✘ failed, — skipped (see the note), ? not run")
 
 
 def outcomes(junit: Path) -> dict[str, tuple[str, str]]:
