@@ -110,10 +110,20 @@ class PreparedModel:
     def calibrated(self, text: CalibrationText, progress: bool | None = False) -> "PreparedModel":
         """The same model with a :class:`Calibration` on ``text``: statistics now; a recalibration
         with other weights (GPTQ's stages) and an output probe on the first window when first asked."""
-        from .output_probe import OutputProbe
-
         windows = calibration_samples(self.tokenize(text.text), text.samples,
                                       min(text.seq_len, self.ir.max_context - 1))
+        return self.calibrated_on_ids(windows, text.probe_tokens, progress)
+
+    def calibrated_on_ids(self, windows: list[list[int]], probe_tokens: int = 256,
+                          progress: bool | None = False) -> "PreparedModel":
+        """The same model with a :class:`Calibration` on ``windows`` (lists of token ids, each shorter
+        than the model's context): what :meth:`calibrated` does once the text is cut into windows.
+        A model without a tokenizer (an ONNX file, a test's random model) calibrates this way."""
+        from .output_probe import OutputProbe
+
+        if not windows or any(len(w) < 2 or len(w) >= self.ir.max_context for w in windows):
+            raise LowbitError(f"calibration windows must be 2 to {self.ir.max_context - 1} tokens each, got "
+                              f"{[len(w) for w in windows]}")
         calibrator = Calibrator(self.ir, windows)
         with bar(len(windows), "calibration samples", progress) as samples:
             statistics = calibrator.collect(progress=samples)
@@ -127,7 +137,7 @@ class PreparedModel:
         def output_kl(name, weight_nk):
             if not probe:
                 float_model = self.build(Recipe("fp32"), merge_siblings=False)  # each layer replaceable
-                probe.append(OutputProbe(float_model.session(), windows[0][: text.probe_tokens]))
+                probe.append(OutputProbe(float_model.session(), windows[0][:probe_tokens]))
             return probe[0].kl(name, weight_nk)
 
         return dataclasses.replace(self, calibration=Calibration(statistics, recalibrate, output_kl))

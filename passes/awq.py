@@ -73,6 +73,20 @@ def clip_search(weight: np.ndarray, hessian: np.ndarray, grid: WeightGrid) -> tu
 def apply_awq(func, params: dict, statistics: dict, grid: WeightGrid) -> tuple[dict, dict, dict[str, str]]:
     """Scale every foldable group of ``func`` and clip every linear's weight for ``grid`` (see the
     module docstring); returns the new ``(params, statistics)`` and a note per layer."""
+    params, statistics, notes = awq_scaling(func, params, statistics, grid)
+    params = dict(params)
+    for group in find_smoothing_groups(func):
+        hessian = statistics[group.linears[0].name].hessian()
+        for use in group.linears:
+            clamped, ratio = clip_search(weight_nk(params, use), hessian, grid)
+            params[use.name] = clamped if use.transposed else np.ascontiguousarray(clamped.T)
+            notes[use.name] = f"{notes[use.name]}, clip {ratio:.2f}"
+    return params, statistics, notes
+
+
+def awq_scaling(func, params: dict, statistics: dict, grid: WeightGrid) -> tuple[dict, dict, dict[str, str]]:
+    """AWQ's scaling alone (no clipping): the float model's function is unchanged by it; returns the
+    new ``(params, statistics)`` and a note per layer."""
     notes: dict[str, str] = {}
     for group in foldable_groups(func, notes, "awq: no scaling (no op to fold it into)"):
         names = [use.name for use in group.linears]
@@ -89,12 +103,5 @@ def apply_awq(func, params: dict, statistics: dict, grid: WeightGrid) -> tuple[d
                 best_ratio, best_s, best_error = float(ratio), s, error
         if best_s is not None:
             params, statistics = folded_model(params, statistics, group, best_s)
-        notes.update({name: f"awq ratio {best_ratio:.2f}" for name in names})
-    params = dict(params)
-    for group in find_smoothing_groups(func):
-        hessian = statistics[group.linears[0].name].hessian()
-        for use in group.linears:
-            clamped, ratio = clip_search(weight_nk(params, use), hessian, grid)
-            params[use.name] = clamped if use.transposed else np.ascontiguousarray(clamped.T)
-            notes[use.name] = f"{notes[use.name]}, clip {ratio:.2f}"
+        notes.update({name: f"awq ratio {best_ratio:.2f} into {group.target.name}" for name in names})
     return params, statistics, notes

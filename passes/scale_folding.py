@@ -7,7 +7,10 @@ time when ``1 / s`` can be folded into the op that produces ``X``. The *fold tar
 the dataflow graph (a networkx view of the entry function's bindings), never from names:
 
 * ``norm``: ``X = multiply(h, gamma)`` with ``gamma`` a 1-D weight parameter of width ``K`` read by
-  nothing else (the weight of an RMSNorm/LayerNorm): ``gamma /= s``.
+  nothing else (the weight of an RMSNorm/LayerNorm): ``gamma /= s``; ``X = multiply(h, gamma + c)``
+  with ``c`` a scalar constant (Gemma's ``1 + weight``): ``gamma = (gamma + c) / s - c``;
+  ``X = layer_norm(h, gamma, beta)`` (or ``rms_norm``) with its own weights: ``gamma /= s`` and
+  ``beta /= s``; a cast around the norm (computed in float32) is looked through.
 * ``linear``: ``X = multiply(a, y)`` (or ``X = y``) where ``y`` is, possibly through reshapes, the
   output of a linear layer whose output and weight have no other reader: that layer's output
   channels ``/= s``.
@@ -32,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 
 import networkx as nx
+import tvm
 import numpy as np
 from tvm import relax, tirx
 
@@ -47,6 +51,8 @@ class FoldTarget:
     name: str  # the parameter that absorbs 1 / s
     transposed: bool = True  # linear targets: weight stored [N, K] (True) or [K, N]
     channel_map: tuple[int, ...] | None = None  # through attention: X channel -> the target's output channel
+    offset: float = 0.0  # norm targets: the norm multiplies by (weight + offset), e.g. Gemma's 1 + weight
+    also: tuple[str, ...] = ()  # norm targets: parameters divided by s too (a LayerNorm's bias)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +60,7 @@ class SmoothingGroup:
     linears: tuple[LinearUse, ...]  # the layers reading X
     width: int  # K, the channels of X
     target: FoldTarget | None  # where 1 / s goes; None if the group cannot be smoothed
+    reason: str = ""  # without a target: why not, from the graph
 
     def admissible(self, s: np.ndarray) -> np.ndarray:
         """``s`` made foldable: through attention, the geometric mean over the ``X`` channels that
@@ -97,11 +104,34 @@ def find_smoothing_groups(func: relax.Function) -> list[SmoothingGroup]:
     groups = []
     for x, uses in readers.items():
         width = int(x.ty.shape[-1])
-        target = None
-        if all(_single_reader(graph, weights[use.name]) for use, _ in uses):  # e.g. not a tied embedding
+        target, reason = None, ""
+        shared = [use.name for use, _ in uses if not _single_reader(graph, weights[use.name])]
+        if shared:  # e.g. a tied embedding: scaling the weight would change its other reader too
+            reason = f"weight {shared[0]} has another reader"
+        else:
             target = _fold_target(x, width, var2val, weights, graph, linear_of_output)
-        groups.append(SmoothingGroup(tuple(use for use, _ in uses), width, target))
+            if target is None:
+                reason = f"its input is {_describe(x, var2val, weights)}, with no norm weight or linear output " \
+                         "read only on this path to absorb the scale"
+        groups.append(SmoothingGroup(tuple(use for use, _ in uses), width, target, reason))
     return groups
+
+
+def _describe(expr, var2val, weights, depth: int = 3) -> str:
+    """``expr``'s producing ops, ``depth`` levels up, for a note: ``multiply(rms_norm(...), add(w, const))``."""
+    if isinstance(expr, tvm.ir.Constant):
+        return "const"
+    if isinstance(expr, relax.Var) and expr.name in weights and expr.same_as(weights[expr.name]):
+        return expr.name
+    value = var2val.get(expr) if isinstance(expr, relax.Var) else expr
+    op = _op_name(value)
+    if op is None:
+        return "input" if isinstance(expr, relax.Var) else type(expr).__name__
+    name = op.removeprefix("relax.").removeprefix("nn.")
+    if depth == 0:
+        return f"{name}(...)"
+    args = [_describe(a, var2val, weights, depth - 1) for a in value.args if not isinstance(a, relax.ShapeExpr)]
+    return f"{name}({', '.join(args)})"
 
 
 def foldable_groups(func: relax.Function, notes: dict[str, str], unfoldable: str):
@@ -109,9 +139,36 @@ def foldable_groups(func: relax.Function, notes: dict[str, str], unfoldable: str
     others get the note ``unfoldable`` in ``notes``."""
     for group in find_smoothing_groups(func):
         if group.target is None:
-            notes.update({use.name: unfoldable for use in group.linears})
+            notes.update({use.name: f"{unfoldable}: {group.reason}" for use in group.linears})
         else:
             yield group
+
+
+def _norm_weight(expr, width, var2val, weights, graph) -> tuple[str | None, float]:
+    """``(name, offset)`` if ``expr`` is a norm's per-channel factor that can absorb ``1 / s``: a 1-D
+    weight of width ``width`` read only here (offset 0), or ``weight + c`` for a scalar constant
+    ``c`` (Gemma's ``1 + weight``; possibly through a cast) with the sum read only here; else
+    ``(None, 0.0)``."""
+    def own_weight(e):
+        while isinstance(e, relax.Var) and _op_name(var2val.get(e)) == "relax.astype" and _single_reader(graph, e):
+            e = var2val[e].args[0]
+        param = weights.get(getattr(e, "name", None))
+        if param is not None and e.same_as(param) and len(param.ty.shape) == 1 \
+                and int(param.ty.shape[0]) == width and _single_reader(graph, param):
+            return param.name
+        return None
+
+    name = own_weight(expr)
+    if name is not None:
+        return name, 0.0
+    value = var2val.get(expr) if isinstance(expr, relax.Var) else None
+    if _op_name(value) == "relax.add" and _single_reader(graph, expr):
+        for own, other in (value.args, value.args[::-1]):
+            if isinstance(other, tvm.ir.Constant) and other.value.numpy().size == 1:
+                name = own_weight(own)
+                if name is not None:
+                    return name, float(other.value.numpy().reshape(()))
+    return None, 0.0
 
 
 def _single_reader(graph: nx.DiGraph, var) -> bool:
@@ -120,13 +177,25 @@ def _single_reader(graph: nx.DiGraph, var) -> bool:
 
 def _fold_target(x, width, var2val, weights, graph, linear_of_output) -> FoldTarget | None:
     value = var2val.get(x)
+    product = x
+    while _op_name(var2val.get(product)) == "relax.astype" and _single_reader(graph, var2val[product].args[0]):
+        product = var2val[product].args[0]  # a norm computed in float32, cast back: the cast commutes with 1 / s
+    norm = var2val.get(product)
+    if _op_name(norm) in ("relax.nn.layer_norm", "relax.nn.rms_norm"):  # the weight (and bias) as the op's operands
+        gamma = _norm_weight(norm.args[1], width, var2val, weights, graph)
+        beta = _norm_weight(norm.args[2], width, var2val, weights, graph) if len(norm.args) > 2 and \
+            _op_name(norm) == "relax.nn.layer_norm" else (None, 0.0)
+        if gamma[0] is None or gamma[1] or beta[1] or (beta[0] is None and len(norm.args) > 2
+                                                        and _op_name(norm) == "relax.nn.layer_norm"):
+            return None
+        return FoldTarget("norm", gamma[0], also=() if beta[0] is None else (beta[0],))
+    if _op_name(norm) == "relax.multiply":
+        for own in norm.args:
+            name, offset = _norm_weight(own, width, var2val, weights, graph)
+            if name is not None:
+                return FoldTarget("norm", name, offset=offset)
     if _op_name(value) != "relax.multiply":
         return _linear_target(x, var2val, weights, graph, linear_of_output)
-    for own, other in (value.args, value.args[::-1]):
-        param = weights.get(getattr(own, "name", None))
-        if param is not None and own.same_as(param) and len(param.ty.shape) == 1:
-            if int(param.ty.shape[0]) == width and _single_reader(graph, param):
-                return FoldTarget("norm", param.name)
     for operand in value.args:
         target = _linear_target(operand, var2val, weights, graph, linear_of_output)
         if target is not None:
@@ -278,8 +347,10 @@ def fold_scales(params: dict[str, np.ndarray], group: SmoothingGroup, s: np.ndar
     else:
         s_target = s
     folded = {}
-    if target.kind == "norm":
-        folded[target.name] = (params[target.name] / s).astype(np.float32)
+    if target.kind == "norm":  # (w + offset) / s = w' + offset
+        folded[target.name] = ((params[target.name] + target.offset) / s - target.offset).astype(np.float32)
+        for name in target.also:
+            folded[name] = (params[name] / s).astype(np.float32)
     elif target.transposed:  # [N, K]: output channels are rows
         folded[target.name] = (params[target.name] / s_target[:, None]).astype(np.float32)
     else:

@@ -114,10 +114,14 @@ def pytest_addoption(parser):
 
 def pytest_collection_modifyitems(items):
     """Under ``pytest -n N --dist loadgroup`` (``make test``): every test of a module runs on one
-    worker (its module fixtures are made once), and every test that needs the session's SmolLM2
-    runs on the same worker (it is prepared and built once)."""
+    worker (its module fixtures are made once), except that the tests of one architecture (the
+    ``arch`` fixture's parameter) form a group of their own; and every test that needs the session's
+    SmolLM2 runs on the same worker (it is prepared and built once)."""
     for item in items:
         group = "smollm2" if "smol" in getattr(item, "fixturenames", ()) else item.module.__name__
+        family = getattr(getattr(item, "callspec", None), "params", {}).get("arch")
+        if family is not None and group != "smollm2":  # test_architectures: one group per family
+            group = f"{group}[{family}]"
         item.add_marker(pytest.mark.xdist_group(group))
 
 

@@ -214,6 +214,40 @@ def test_contrib_ops_are_all_named_before_the_checker(tmp_path):
         assert name in message
 
 
+def test_onnx_runtime_contrib_ops_are_named_as_such(tmp_path):
+    """A tiny graph in ONNX Runtime GenAI's format (its five contrib ops, MatMulNBits twice): one
+    error lists each op type once with its domain, its first node and the count, says they are ONNX
+    Runtime contrib ops lowbit does not import, and what to export instead."""
+    x = helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "seq"])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "seq", 8])
+    ms = "com.microsoft"
+    nodes = [helper.make_node("SimplifiedLayerNormalization", ["input_ids"], ["n"], name="/model/layers.0/norm"),
+             helper.make_node("MatMulNBits", ["n"], ["qkv"], name="/model/layers.0/attn/qkv/MatMulNBits", domain=ms),
+             helper.make_node("RotaryEmbedding", ["qkv"], ["r"], name="/model/layers.0/attn/rotary", domain=ms),
+             helper.make_node("GroupQueryAttention", ["r"], ["a"], name="/model/layers.0/attn/GQA", domain=ms),
+             helper.make_node("MatMulNBits", ["a"], ["o"], name="/model/layers.0/attn/o/MatMulNBits", domain=ms),
+             helper.make_node("SkipSimplifiedLayerNormalization", ["o", "n"], ["logits"], name="/model/layers.1/norm",
+                              domain=ms)]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y]),
+                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(ms, 1)])
+    path = tmp_path / "genai-style.onnx"
+    onnx.save(model, str(path))
+    with pytest.raises(LowbitError) as error:
+        lowbit_compile(str(path), recipe="fp32", target="host", output=tmp_path / "art", progress=False)
+    message = str(error.value)
+    assert "6 node(s)" in message
+    for line in ("SimplifiedLayerNormalization at node /model/layers.0/norm (domain ai.onnx)",
+                 "MatMulNBits at node /model/layers.0/attn/qkv/MatMulNBits and 1 more (domain com.microsoft)",
+                 "RotaryEmbedding at node /model/layers.0/attn/rotary (domain com.microsoft)",
+                 "GroupQueryAttention at node /model/layers.0/attn/GQA (domain com.microsoft)",
+                 "SkipSimplifiedLayerNormalization at node /model/layers.1/norm (domain com.microsoft)"):
+        assert line in message
+    assert message.count("MatMulNBits at node") == 1
+    assert ("SimplifiedLayerNormalization, MatMulNBits, RotaryEmbedding, GroupQueryAttention, "
+            "SkipSimplifiedLayerNormalization are ONNX Runtime contrib ops") in message
+    assert "lowbit does not import" in message and "torch.onnx.export(..., dynamo=True)" in message
+
+
 def test_export_config_gives_eos_and_a_missing_tokenizer_is_said(onnx_path, tmp_path):
     import json
     import shutil

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import tvm
 from tvm import relax, tirx
-from tvm.relax.frontend.onnx.onnx_frontend import ONNXGraphImporter
+from tvm.relax.frontend.onnx.onnx_frontend import ONNXGraphImporter, get_constant
 
 from lowbit.codegen.errors import LowbitError
 from lowbit.passes.model_ir import KVLayout, ModelIR, kv_names, make_entry_module, rename_params, sync_params
@@ -106,25 +106,36 @@ def _opset(model) -> int:
 
 
 class _Importer(ONNXGraphImporter):
-    """TVM's ONNX importer with the converters for two ops LLM exports use corrected.
+    """TVM's ONNX importer with the converters for ops LLM exports use corrected.
 
     * ``Range(past, past + seq)`` (positions computed from ``Shape`` ops): TVM gives the result a
       fresh length variable, so the rotary tables no longer match ``seq`` and later ``Shape`` ops
-      fail; ``arange(past, past + seq)`` has length ``seq``, which Relax proves.
+      fail; ``arange(past, past + seq)`` has length ``seq``, which Relax proves. Its bounds and step
+      may be initializers (torch.onnx's dynamo exporter).
     * ``ConstantOfShape`` of a constant empty shape (a scalar, as mask code exports): TVM tries to
       broadcast the one-element ``value`` to rank 0 and fails.
+    * ``Reshape`` of a symbolic size (``past + seq``, which TVM keeps as an integer expression) to
+      one element, as the dynamo exporter builds the mask's shape: TVM's converter takes only tensors.
+    * Calls a converter hands on untyped (``Unsqueeze``) are typed before the next one reads them
+      (``Expand`` reads its input's shape).
     """
 
     def _convert_operator(self, op_name, inputs, attrs, opset):
-        fixed = _FIXED_CONVERTERS[op_name](inputs, attrs) if op_name in _FIXED_CONVERTERS else None
+        # Some converters (Unsqueeze) hand on calls whose type is not inferred yet; Expand reads it.
+        for index, value in enumerate(inputs):  # in place: ``inputs`` answers None past its end
+            if isinstance(value, relax.Call):
+                inputs[index] = self.bb.normalize(value)
+        fixed = None
+        if op_name in _FIXED_CONVERTERS:
+            fixed = _FIXED_CONVERTERS[op_name](inputs, attrs, [self._nodes, self._params])
         if fixed is None:
             return super()._convert_operator(op_name, inputs, attrs, opset)
-        return self.bb.normalize(fixed)
+        return fixed if tvm.ir.is_prim_expr(fixed) else self.bb.normalize(fixed)
 
 
-def _symbolic_range(inputs, attrs):
+def _symbolic_range(inputs, attrs, params):
     """``arange`` for a ``Range`` over symbolic integers with a constant step, else ``None``."""
-    bounds = [_int_scalar(x) for x in inputs]
+    bounds = [_int_scalar(get_constant(x, params)) for x in inputs]  # constants may be initializers
     if any(b is None for b in bounds) or not isinstance(bounds[2], int) or bounds[2] == 0:
         return None
     if not any(tvm.ir.is_prim_expr(b) for b in bounds[:2]):
@@ -132,7 +143,7 @@ def _symbolic_range(inputs, attrs):
     return relax.op.arange(*bounds, dtype="int64")
 
 
-def _constant_of_shape(inputs, attrs):
+def _constant_of_shape(inputs, attrs, params):
     """The constant tensor for a ``ConstantOfShape`` whose shape is a constant, else ``None``."""
     if not isinstance(inputs[0], tvm.ir.GenericConst):
         return None
@@ -143,7 +154,23 @@ def _constant_of_shape(inputs, attrs):
     return relax.const(np.full(shape, value.reshape(()), value.dtype))
 
 
-_FIXED_CONVERTERS = {"Range": _symbolic_range, "ConstantOfShape": _constant_of_shape}
+def _reshape_symbolic_scalar(inputs, attrs, params):
+    """``Reshape`` of a symbolic integer (a size computed from ``Shape`` ops, which TVM keeps as a
+    ``PrimExpr``) to one element, as torch.onnx's dynamo exporter writes ``[past + seq]`` for the
+    mask's shape: the integer itself (rank 0) or a one-element shape (rank 1); else ``None``."""
+    if not tvm.ir.is_prim_expr(inputs[0]):
+        return None
+    new_shape = get_constant(inputs[1], params)  # the shape is an initializer
+    if not isinstance(new_shape, tvm.ir.GenericConst):
+        return None
+    shape = [int(d) for d in new_shape.value.numpy().reshape(-1)]
+    if len(shape) > 1 or any(d not in (1, -1) for d in shape):
+        return None
+    return relax.ShapeExpr([inputs[0]]) if shape else inputs[0]
+
+
+_FIXED_CONVERTERS = {"Range": _symbolic_range, "ConstantOfShape": _constant_of_shape,
+                     "Reshape": _reshape_symbolic_scalar}
 
 
 def _int_scalar(value):

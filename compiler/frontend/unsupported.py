@@ -28,17 +28,39 @@ def check_exported_ops(program, extra_converters=()) -> None:
                   "cache type) so it exports to supported aten ops")
 
 
+# ONNX Runtime's contrib ops that LLM exports use (ONNX Runtime GenAI's model builder, ORT's fusions):
+# domain com.microsoft, except SimplifiedLayerNormalization, which ONNX Runtime registers in the
+# default domain.
+ORT_CONTRIB_OPS = ("GroupQueryAttention", "MatMulNBits", "RotaryEmbedding", "SkipSimplifiedLayerNormalization",
+                   "SimplifiedLayerNormalization", "MultiHeadAttention", "PackedMultiHeadAttention",
+                   "SparseAttention", "GatherBlockQuantized", "QMoE", "MoE", "FusedMatMul", "QuickGelu")
+
+
 def check_onnx_ops(graph, path) -> None:
-    """Raise naming each ONNX node whose op type TVM's ``from_onnx`` has no converter for."""
+    """Raise naming each ONNX op type TVM's ``from_onnx`` has no converter for: its domain, its
+    first node and how many nodes use it; ONNX Runtime contrib ops are said to be that, with what
+    to export instead."""
     from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
 
     supported = set(_get_convert_map()) | {"If", "Constant"}
-    missing = [
-        f"{node.op_type} at node {node.name or f'#{index}'} (domain {node.domain or 'ai.onnx'})"
-        for index, node in enumerate(graph.node)
-        if node.op_type not in supported or node.domain not in _KNOWN_DOMAINS
-    ]
-    _raise_if_any(missing, f"ONNX file {path}", "the export (opset, fused contrib ops) to standard ONNX ops")
+    nodes: dict[tuple[str, str], list[str]] = {}
+    for index, node in enumerate(graph.node):
+        if node.op_type not in supported or node.domain not in _KNOWN_DOMAINS:
+            nodes.setdefault((node.op_type, node.domain or "ai.onnx"), []).append(node.name or f"#{index}")
+    if not nodes:
+        return
+    missing = [f"{op} at node {names[0]}{f' and {len(names) - 1} more' if len(names) > 1 else ''} (domain {domain})"
+               for (op, domain), names in nodes.items()]
+    contrib = [op for op, domain in nodes if domain == "com.microsoft" or op in ORT_CONTRIB_OPS]
+    advice = "the export (opset, fused contrib ops) to standard ONNX ops"
+    if contrib:
+        kind = "is an ONNX Runtime contrib op" if len(contrib) == 1 else "are ONNX Runtime contrib ops"
+        advice = (f"the export: {', '.join(contrib)} {kind} "
+                  "(the fused format ONNX Runtime GenAI models ship in), which lowbit does not import. Export the "
+                  "model with standard ONNX ops instead (torch.onnx.export(..., dynamo=True) of the Hugging Face "
+                  "model, or optimum's exporter without ONNX Runtime fusions), or compile the Hugging Face folder "
+                  "itself")
+    _raise_if_any(missing, f"ONNX file {path}", advice, sum(len(names) for names in nodes.values()))
 
 
 def _source_line(node) -> str:
@@ -47,12 +69,14 @@ def _source_line(node) -> str:
     return frames[-1] if frames else "no source location recorded"
 
 
-def _raise_if_any(missing: list[str], where: str, advice: str) -> None:
+def _raise_if_any(missing: list[str], where: str, advice: str, count: int | None = None) -> None:
+    """``missing``: one line per problem; ``count``: the nodes they cover (default one per line)."""
     if not missing:
         return
+    count = len(missing) if count is None else count
     listed = "\n  ".join(missing[:_MAX_LISTED])
     more = f"\n  ... and {len(missing) - _MAX_LISTED} more" if len(missing) > _MAX_LISTED else ""
     raise LowbitError(
-        f"{where} has {len(missing)} node(s) with operators lowbit cannot import:\n  {listed}{more}\n"
+        f"{where} has {count} node(s) with operators lowbit cannot import:\n  {listed}{more}\n"
         f"Change {advice}."
     )
