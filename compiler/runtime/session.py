@@ -95,6 +95,7 @@ class Session:
             except Exception as exc:  # tokenizers raises its own exception type for any bad file
                 raise LowbitError(f"{where}: tokenizer.json cannot be read ({exc}); recompile the artifact") \
                     from None
+        self._cache, self.capacity = [], 0  # allocated by the first call (see _reserve)
         self.reset()
 
     def _check_signature(self) -> None:
@@ -122,8 +123,6 @@ class Session:
     # -- cache -------------------------------------------------------------------------------
     def reset(self) -> None:
         """Forget the conversation (the cache's memory is kept for the next one)."""
-        if not hasattr(self, "_cache"):
-            self._cache, self.capacity = [], 0
         self.position = 0
 
     def _reserve(self, tokens: int) -> None:
