@@ -1,20 +1,34 @@
 """Kernels of the in-place KV cache: the cache write and decode's attention over the cache.
 
-The cache of one layer's keys (or values) is one ``[1, kv_heads, capacity, head_dim]`` tensor the
-runtime allocates once; ``capacity`` is symbolic, so one kernel serves any allocation.
+The cache of one layer's keys (or values) is a few tensors the runtime allocates once, each with a
+``capacity`` axis of positions (symbolic, so one kernel serves any allocation):
 
-* :func:`kv_append_kernel` writes ``new[1, kv_heads, seq, head_dim]`` at positions
-  ``[past, past + seq)`` of the cache, in place (``call_tir_inplace`` on the cache).
+* float: ``[1, kv_heads, capacity, head_dim]``;
+* int8 (``kv8``): codes ``int8[1, kv_heads, capacity, head_dim]`` and one ``float32`` scale per
+  position and head ``[1, kv_heads, capacity]``, symmetric: ``x = code * scale``, ``scale =
+  max|x| / 127`` over the head's channels.
+
+Kernels:
+
+* :func:`kv_append_kernel` / :func:`kv8_append_kernel` write ``new[1, kv_heads, seq, head_dim]`` at
+  positions ``[past, past + seq)``, in place (``call_tir_inplace`` on the cache's tensors), the
+  int8 one quantizing as it writes;
+* :func:`kv8_dequantize_kernel` reads positions ``[0, length)`` back as floats (for the attention of
+  a prompt, which is a GEMM-shaped product over the whole prefix);
 * :func:`decode_attention_kernel` is one query token's attention over positions ``[0, length)`` of
-  the key and value caches, read in place (no concatenated or broadcast copy): query head ``h``
-  reads KV head ``h // (q_heads // kv_heads)`` (grouped-query attention), scores are
-  ``q . k * scale (+ bias)``, softmax as ``exp(x - max) / sum`` with TVM's ``fast_exp`` (relative
-  error below 1e-6 on the softmax's range, measured against numpy in the kernel tests).
+  the key and value caches, read in place through a :class:`CacheReader` (int8 codes are widened
+  in registers, their scale applied once per position): query head ``h`` reads KV head
+  ``h // (q_heads // kv_heads)`` (grouped-query attention), scores are ``q . k * scale (+ bias)``,
+  softmax as ``exp(x - max) / sum`` with TVM's ``fast_exp`` (relative error below 1e-6 on the
+  softmax's range, measured against numpy in the kernel tests).
 
-Both carry ``lowbit.kernel`` so that a target's rules (:mod:`lowbit.targets.simd`) schedule them.
+All carry ``lowbit.kernel`` so that a target's rules (:mod:`lowbit.targets.simd`) schedule them.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from typing import Callable
 
 from tvm import te, tirx, topi
 from tvm.script import tirx as T
@@ -22,7 +36,32 @@ from tvm.script import tirx as T
 from .kernels import KERNEL_ATTR
 
 APPEND_TAG = "kv_append"
+DEQUANTIZE_TAG = "kv_dequantize"
 DECODE_ATTENTION_TAG = "decode_attention"
+INT8_LEVELS = 127
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheReader:
+    """How an attention kernel reads one cache: its tensors (in argument order), the element at
+    ``(kv_head, position, channel)`` without its per-position factor, and that factor (or ``None``)."""
+
+    tensors: tuple
+    element: Callable
+    factor: Callable | None = None
+
+
+def float_cache(kv_heads: int, head_dim: int, name: str, dtype: str = "float32") -> CacheReader:
+    cache = te.placeholder((1, kv_heads, tirx.Var("capacity", "int64"), head_dim), dtype, name)
+    return CacheReader((cache,), lambda h, j, d: cache[0, h, j, d])
+
+
+def int8_cache(kv_heads: int, head_dim: int, name: str, dtype: str = "float32") -> CacheReader:
+    capacity = tirx.Var("capacity", "int64")
+    codes = te.placeholder((1, kv_heads, capacity, head_dim), "int8", name)
+    scales = te.placeholder((1, kv_heads, capacity), "float32", f"{name}_scale")
+    return CacheReader((codes, scales), lambda h, j, d: codes[0, h, j, d].astype(dtype),
+                       lambda h, j: scales[0, h, j].astype(dtype))
 
 
 def kv_append_kernel(kv_heads: int, head_dim: int, dtype: str = "float32") -> tirx.PrimFunc:
@@ -42,29 +81,72 @@ def kv_append_kernel(kv_heads: int, head_dim: int, dtype: str = "float32") -> ti
     return append.with_attr(KERNEL_ATTR, APPEND_TAG)
 
 
-def decode_attention_kernel(q_heads: int, kv_heads: int, head_dim: int, scale: float, bias_heads: int | None,
-                            dtype: str = "float32") -> tirx.PrimFunc:
-    """Attention of one query token; arguments ``(q, k_cache, v_cache[, bias], length, out)``.
+def kv8_append_kernel(kv_heads: int, head_dim: int, dtype: str = "float32") -> tirx.PrimFunc:
+    """``new`` quantized into positions ``[past, past + seq)``; arguments ``(codes, scales, new, past)``,
+    in place on ``codes`` and ``scales``. ``scale = max_d |new| / 127``, ``code = round(new * (127 /
+    max))`` (half to even; 0 for an all-zero row)."""
 
-    ``q[1, q_heads, 1, head_dim]``; caches ``[1, kv_heads, capacity, head_dim]``, positions
-    ``[0, length)`` read; ``bias[1, bias_heads, 1, length]`` (``bias_heads`` 1 or ``q_heads``, or
-    no bias when ``None``) added to the scaled scores; ``out[1, q_heads, 1, head_dim]``.
-    Requires ``q_heads`` a multiple of ``kv_heads`` and ``length <= capacity``.
+    def inverse(peak):
+        return T.if_then_else(peak > T.float32(0), T.float32(INT8_LEVELS) / peak, T.float32(0))
+
+    @T.prim_func(private=True, s_tir=True)
+    def append(var_codes: T.handle, var_scales: T.handle, var_new: T.handle, past: T.int64):
+        capacity = T.int64()
+        seq = T.int64()
+        codes = T.match_buffer(var_codes, (1, kv_heads, capacity, head_dim), "int8")
+        scales = T.match_buffer(var_scales, (1, kv_heads, capacity), "float32")
+        new = T.match_buffer(var_new, (1, kv_heads, seq, head_dim), dtype)
+        peak = T.sblock_alloc_buffer((kv_heads, seq), "float32")
+        for h, i, d in T.grid(kv_heads, seq, head_dim):
+            with T.sblock("peak"):
+                vh, vi, vd = T.axis.remap("SSR", [h, i, d])
+                with T.init():
+                    peak[vh, vi] = T.float32(0)
+                peak[vh, vi] = T.max(peak[vh, vi], T.fabs(T.Cast("float32", new[0, vh, vi, vd])))
+        for h, i in T.grid(kv_heads, seq):
+            with T.sblock("scale"):
+                vh, vi = T.axis.remap("SS", [h, i])
+                scales[0, vh, past + vi] = peak[vh, vi] / T.float32(INT8_LEVELS)
+        for h, i, d in T.grid(kv_heads, seq, head_dim):
+            with T.sblock("quantize"):
+                vh, vi, vd = T.axis.remap("SSS", [h, i, d])
+                codes[0, vh, past + vi, vd] = T.Cast("int8", T.nearbyint(
+                    T.Cast("float32", new[0, vh, vi, vd]) * inverse(peak[vh, vi])))
+
+    return append.with_attr(KERNEL_ATTR, APPEND_TAG)
+
+
+def kv8_dequantize_kernel(kv_heads: int, head_dim: int, dtype: str = "float32") -> tirx.PrimFunc:
+    """Positions ``[0, length)`` of an int8 cache as floats; arguments ``(codes, scales, length, out)``."""
+    reader = int8_cache(kv_heads, head_dim, "codes", dtype)
+    length = tirx.Var("length", "int64")
+    out = te.compute((1, kv_heads, length, head_dim),
+                     lambda _b, h, j, d: reader.element(h, j, d) * reader.factor(h, j), "dequantize")
+    return te.create_prim_func([*reader.tensors, length, out]).with_attr(KERNEL_ATTR, DEQUANTIZE_TAG)
+
+
+def decode_attention_kernel(q_heads: int, kv_heads: int, head_dim: int, scale: float, bias_heads: int | None,
+                            keys: CacheReader, values: CacheReader, dtype: str = "float32") -> tirx.PrimFunc:
+    """Attention of one query token; arguments ``(q, *keys.tensors, *values.tensors[, bias], length, out)``.
+
+    ``q[1, q_heads, 1, head_dim]``; the caches' positions ``[0, length)`` are read;
+    ``bias[1, bias_heads, 1, length]`` (``bias_heads`` 1 or ``q_heads``, or no bias when ``None``)
+    added to the scaled scores; ``out[1, q_heads, 1, head_dim]``. Requires ``q_heads`` a multiple of
+    ``kv_heads`` and ``length`` at most the caches' capacity.
     """
     group = q_heads // kv_heads
-    capacity = tirx.Var("capacity", "int64")
     length = tirx.Var("length", "int64")
     q = te.placeholder((1, q_heads, 1, head_dim), dtype, "q")
-    keys = te.placeholder((1, kv_heads, capacity, head_dim), dtype, "k_cache")
-    values = te.placeholder((1, kv_heads, capacity, head_dim), dtype, "v_cache")
     bias = None if bias_heads is None else te.placeholder((1, bias_heads, 1, length), dtype, "bias")
 
     d = te.reduce_axis((0, head_dim), "d")
-    dots = te.compute((q_heads, length), lambda h, j: te.sum(q[0, h, 0, d] * keys[0, h // group, j, d], axis=d),
-                      "dots")
+    dots = te.compute((q_heads, length),
+                      lambda h, j: te.sum(q[0, h, 0, d] * keys.element(h // group, j, d), axis=d), "dots")
 
     def logit(h, j):
         scaled = dots[h, j] * tirx.const(scale, dtype)
+        if keys.factor is not None:
+            scaled = scaled * keys.factor(h // group, j)
         if bias is None:
             return scaled
         return scaled + bias[0, h if bias_heads > 1 else 0, 0, j]
@@ -76,10 +158,13 @@ def decode_attention_kernel(q_heads: int, kv_heads: int, head_dim: int, scale: f
     weights = topi.fast_exp(shifted)  # a polynomial LLVM vectorizes (libm's expf is a call per score)
     j = te.reduce_axis((0, length), "j")
     total = te.compute((q_heads,), lambda h: te.sum(weights[h, j], axis=j), "total")
+    if values.factor is not None:  # the values' per-position scale folded into the weights once
+        weights = te.compute((q_heads, length), lambda h, i: weights[h, i] * values.factor(h // group, i),
+                             "weights_scaled")
     j = te.reduce_axis((0, length), "j")
     mixed = te.compute((q_heads, head_dim),
-                       lambda h, e: te.sum(weights[h, j] * values[0, h // group, j, e], axis=j), "mixed")
+                       lambda h, e: te.sum(weights[h, j] * values.element(h // group, j, e), axis=j), "mixed")
     out = te.compute((1, q_heads, 1, head_dim), lambda _b, h, _s, e: mixed[h, e] / total[h], "out")
-    inputs = [q, keys, values] + ([] if bias is None else [bias])
+    inputs = [q, *keys.tensors, *values.tensors] + ([] if bias is None else [bias])
     func = te.create_prim_func([*inputs, length, out])
     return func.with_attr(KERNEL_ATTR, DECODE_ATTENTION_TAG)

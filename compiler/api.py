@@ -29,6 +29,7 @@ from .sources.models import DEFAULT_MODEL
 from .sources.texts import DEFAULT_CALIB_TEXT, DEFAULT_EVAL_TEXT, read_text
 
 MAX_CONTEXT_LIMIT = 1 << 20  # tokens; beyond it every cache and position table is absurd
+KV_EVAL_CHUNK = 64  # tokens per call when a quantized KV cache is evaluated
 _PATH = (str, os.PathLike)
 
 
@@ -156,33 +157,42 @@ def explain(recipe: str = DEFAULT_RECIPE) -> list[dict]:
     return [step.describe() for step in build_steps(get_recipe(str(recipe)))]
 
 
-def load(path: str | Path, trusted_keys=None) -> Session:
+def load(path: str | Path, trusted_keys=None, context: int | None = None) -> Session:
     """Verify and load an artifact directory; returns a :class:`Session`.
 
     ``trusted_keys``: ed25519 public keys (PEM files or raw bytes); when given, the artifact must be
-    signed by one of them (``lowbit sign``) or nothing of it is loaded.
+    signed by one of them (``lowbit sign``) or nothing of it is loaded. ``context``: allocate the
+    KV cache once for that many tokens (default: grown as the conversation needs).
     """
     _require("path", path, _PATH, "an artifact folder path")
     if trusted_keys is not None:
         _require("trusted_keys", trusted_keys, (list, tuple), "a list of public keys")
-    return Session(path, trusted_keys)
+    if context is not None:
+        _require_count("context", context, 1, MAX_CONTEXT_LIMIT)
+    return Session(path, trusted_keys, context)
 
 
 def evaluate(model: str, recipe: str | None = None, target: str = "host", text: str = DEFAULT_EVAL_TEXT,
              tokens: int = 4096, window: int = 512, reference: str | None = None, progress: bool | None = None,
              calib: str = DEFAULT_CALIB_TEXT, calib_samples: int = 64, calib_seq_len: int = 512,
-             trusted_keys=None) -> dict:
+             trusted_keys=None, chunk: int | None = None) -> dict:
     """Perplexity of an artifact directory, or of a model under ``recipe`` built in memory.
 
     A model evaluated under a quantized recipe is compared with its own fp32 build on the same
     windows (``kl_vs_float``, ``top1_agreement``); an artifact is compared with ``reference`` (an
     fp32 artifact directory or a model) when given. See :mod:`lowbit.compiler.runtime.evaluation`.
+    ``chunk``: tokens fed per call within a window; by default ``KV_EVAL_CHUNK`` when the model's KV
+    cache is quantized (every later token attends through the quantized cache), else the whole
+    window. A model under a ``+kv`` recipe is also scored with the same recipe on a float cache
+    (``kv_perplexity_gap``), on the same protocol.
     """
     from .runtime.evaluation import evaluate_session, windows
 
     _require("text", text, _PATH, "a bundled text name or a text file path")
     _require_count("tokens", tokens, 2)
     _require_count("window", window, 1)
+    if chunk is not None:
+        _require_count("chunk", chunk, 1)
     text_content = read_text(str(text))  # a bad text fails before any model work
     if _is_artifact(model):
         if recipe is not None:
@@ -190,6 +200,7 @@ def evaluate(model: str, recipe: str | None = None, target: str = "host", text: 
         session = load(model, trusted_keys)
         recipe_name = session.manifest["recipe"]["name"]
         reference_session = None if reference is None else _reference_session(reference, target)
+        cache_baseline = None
     else:
         plan = _plan(model, recipe or "fp32", target, None, calib, calib_samples, calib_seq_len)
         stages = Stages(4 + (plan.calibration is not None), progress)
@@ -202,16 +213,28 @@ def evaluate(model: str, recipe: str | None = None, target: str = "host", text: 
         reference_session = None
         if reference is not None:
             reference_session = _reference_session(reference, target)
-        elif built.recipe.weights is not None:
+        elif built.recipe.weights is not None or built.recipe.kv is not None:
             reference_session = prepared.build(get_recipe("fp32"), plan.chip).session()
+        cache_baseline = None
+        if built.recipe.kv is not None:
+            float_cache = dataclasses.replace(built.recipe, kv=None, name=f"{built.recipe.name} on a float cache")
+            cache_baseline = prepared.build(float_cache, plan.chip).session()
     ids = session.encode(text_content)[: tokens + 1]
     if len(ids) - 1 < tokens:
         warnings.warn(LowbitWarning(f"text {text} has only {len(ids)} tokens: scoring {max(len(ids) - 1, 0)} of the "
                                     f"{tokens} asked for; the perplexity of a short text is a rough figure"))
     window = min(window, session.max_context - 1)
-    with bar(len(windows(ids, window)), "evaluating", progress) as evaluated:
-        result = evaluate_session(session, ids, window, reference_session, evaluated)
-    return dict(result.as_dict(), recipe=recipe_name, text=str(text), requested_tokens=tokens)
+    kv = session.kv_report(window)
+    if chunk is None and kv["kv_scheme"] != "float32":
+        chunk = KV_EVAL_CHUNK
+    with bar(len(windows(ids, window)) * (1 + (cache_baseline is not None)), "evaluating", progress) as evaluated:
+        result = evaluate_session(session, ids, window, reference_session, evaluated, chunk)
+        out = dict(result.as_dict(), recipe=recipe_name, text=str(text), requested_tokens=tokens, **kv)
+        if cache_baseline is not None:
+            baseline = evaluate_session(cache_baseline, ids, window, None, evaluated, chunk).perplexity
+            out |= {"kv_baseline_perplexity": round(baseline, 4),
+                    "kv_perplexity_gap": round(result.perplexity / baseline - 1, 4)}
+    return out
 
 
 def _is_artifact(path) -> bool:

@@ -94,6 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     prompt.add_argument("--prompt-ids", type=_token_ids, help="the prompt as token ids, e.g. 1,2,3 (for an "
                         "artifact without a tokenizer)")
     r.add_argument("--max-new-tokens", type=_whole(1), default=32)
+    _context_argument(r)
     r.add_argument("--temperature", type=_number(0.0, 100.0), default=0.0, help="0 is greedy")
     r.add_argument("--top-p", type=_number(0.0, 1.0, low_open=True), default=1.0)
     r.add_argument("--seed", type=_whole(0, 2**63 - 1))
@@ -106,6 +107,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--new-tokens", type=_whole(1), default=128, help="decode steps per repeat (default 128)")
     b.add_argument("--repeats", type=_whole(1, 1000), default=5, help="measured repeats (default 5)")
     b.add_argument("--warmup", type=_whole(0, 100), default=1, help="uncounted repeats first (default 1)")
+    _context_argument(b)
     _trust_arguments(b)
     b.add_argument("--json", action="store_true")
 
@@ -118,6 +120,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--tokens", type=_whole(2), default=4096, help="evaluation tokens")
     e.add_argument("--window", type=_whole(1), default=512, help="tokens per non-overlapping window")
     e.add_argument("--reference", help="float reference for an artifact: fp32 artifact directory or model")
+    e.add_argument("--chunk", type=_whole(1), help="feed each window in chunks of this many tokens, so that later "
+                   "tokens attend through the KV cache as stored (default: 64 when the model's KV cache is quantized, "
+                   "else the whole window); the reference and a +kv recipe's float-cache baseline run the same "
+                   "protocol")
     _calibration_arguments(e)
     _trust_arguments(e)
     e.add_argument("--json", action="store_true")
@@ -132,6 +138,8 @@ def _parser() -> argparse.ArgumentParser:
 
     i = command("inspect", "print an artifact's verified manifest (loads no code)")
     i.add_argument("artifact")
+    i.add_argument("--context", type=_whole(1, MAX_CONTEXT_LIMIT), help="tokens at which the KV cache's bytes per "
+                   "token are stated (fixed-size buffers amortized; default: the model's context)")
     i.add_argument("--json", action="store_true")
 
     s = command("sign", "sign an artifact's manifest with an ed25519 key")
@@ -146,6 +154,11 @@ def _parser() -> argparse.ArgumentParser:
     t = command("targets", "list the registered targets")
     t.add_argument("--json", action="store_true")
     return parser
+
+
+def _context_argument(parser) -> None:
+    parser.add_argument("--max-context", type=_whole(1), help="allocate the KV cache once for this many tokens "
+                        "(its size is printed; default: grown as the conversation needs, up to the model's context)")
 
 
 def _calibration_arguments(parser, samples: int = 64) -> None:
@@ -192,19 +205,21 @@ def _prompt(args):
 def _run(args) -> dict:
     from .api import load
 
-    session = load(args.artifact, _trusted_keys(args))
+    session = load(args.artifact, _trusted_keys(args), args.max_context)
     gen = session.generate(_prompt(args), args.max_new_tokens, args.temperature, args.top_p, args.seed)
     return {"text": gen.text, "token_ids": gen.token_ids, "prompt_tokens": gen.prompt_tokens,
             "new_tokens": gen.new_tokens, "prefill_tokens_per_s": round(gen.prefill_tokens_per_s, 2),
-            "decode_tokens_per_s": round(gen.decode_tokens_per_s, 2)}
+            "decode_tokens_per_s": round(gen.decode_tokens_per_s, 2),
+            **session.kv_report(args.max_context or gen.prompt_tokens + gen.new_tokens),
+            "kv_cache_bytes": session.cache_bytes}
 
 
 def _bench(args) -> dict:
     from .api import load
     from .runtime.benchmark import benchmark
 
-    runs = [dict(benchmark(load(path, _trusted_keys(args)), args.prompt_tokens, args.new_tokens, args.repeats,
-                           args.warmup), artifact=path) for path in args.artifact]
+    runs = [dict(benchmark(load(path, _trusted_keys(args), args.max_context), args.prompt_tokens, args.new_tokens,
+                           args.repeats, args.warmup), artifact=path) for path in args.artifact]
     return runs[0] if len(runs) == 1 else {"runs": runs}
 
 
@@ -213,7 +228,7 @@ def _eval(args) -> dict:
 
     return evaluate(args.model, args.recipe, args.target, args.text, args.tokens, args.window, args.reference,
                     calib=args.calib, calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
-                    trusted_keys=_trusted_keys(args))
+                    trusted_keys=_trusted_keys(args), chunk=args.chunk)
 
 
 def _analyze(args) -> dict:
@@ -227,7 +242,11 @@ def _inspect(args) -> dict:
     from .runtime.artifact import read_manifest
     from .runtime.signing import signatures
 
-    return dict(read_manifest(args.artifact), signatures=signatures(args.artifact))
+    from lowbit.passes.schemes.kv import kv_report
+
+    manifest = read_manifest(args.artifact)
+    return dict(manifest, signatures=signatures(args.artifact),
+                **kv_report(manifest["kv_cache"], args.context or manifest["max_context"]))
 
 
 def _sign(args) -> dict:
@@ -265,7 +284,8 @@ def _print_human(command: str, result, args) -> None:
         else:
             print(result["text"] or " ".join(map(str, result["token_ids"])))
         print(f"[{result['prompt_tokens']} prompt tokens at {result['prefill_tokens_per_s']} tok/s, "
-              f"{result['new_tokens']} new at {result['decode_tokens_per_s']} tok/s]", file=sys.stderr)
+              f"{result['new_tokens']} new at {result['decode_tokens_per_s']} tok/s; {_kv_line(result)}, "
+              f"{result['kv_cache_bytes'] / 1e6:.1f} MB allocated]", file=sys.stderr)
     elif command == "bench":
         runs = result.get("runs", [result])
         first = runs[0]
@@ -278,8 +298,12 @@ def _print_human(command: str, result, args) -> None:
             cells = [f"{r['median']:.1f} ({r['min']:.0f}-{r['max']:.0f})" for r in rates]
             print(f"  {run['artifact']:<{width}} {run['recipe']:<24} {cells[0]:>22} {cells[1]:>22}")
     elif command == "eval":
+        chunks = f" fed in chunks of {result['chunk']}" if result["chunk"] else ""
         print(f"perplexity {result['perplexity']:.3f} over {result['tokens']} tokens of {result['text']} "
-              f"(windows of {result['window']}, recipe {result['recipe']})")
+              f"(windows of {result['window']}{chunks}, recipe {result['recipe']}; {_kv_line(result)})")
+        if "kv_perplexity_gap" in result:
+            print(f"vs the same recipe on a float KV cache: perplexity {result['kv_baseline_perplexity']:.3f} "
+                  f"({100 * result['kv_perplexity_gap']:+.2f} %)")
         if "kl_vs_float" in result:
             print(f"vs float: perplexity {result['float_perplexity']:.3f} ({100 * result['perplexity_gap']:+.1f} %), "
                   f"mean KL {result['kl_vs_float']:.5f} nats, top-1 agreement {100 * result['top1_agreement']:.2f} %")
@@ -309,7 +333,11 @@ def _print_manifest(m: dict) -> None:
     print(f"model    {m['model']['name']} ({m['model']['kind']})")
     print(f"recipe   {m['recipe']['name']}")
     print(f"target   {m['target']['name']}: {m['target'].get('description', '')}")
-    print(f"context  {m['max_context']} tokens, KV cache {m['kv_cache']}")
+    kv = m["kv_cache"]
+    print(f"context  {m['max_context']} tokens")
+    print(f"kv cache {kv['num_layers']} layers x {kv['num_kv_heads']} heads x {kv['head_dim']}, {_kv_line(m)}; decode "
+          f"attention fused in {kv['attention_fused']} of {kv['attention_layers']} layers")
+    print("         per layer: " + ", ".join(f"{b['name']} {b['dtype']}{b['shape']}" for b in kv["buffers"]))
     print(f"weights  {m['weight_bytes'] / 1e6:.1f} MB")
     formats: dict[str, int] = {}
     for fmt in m["layers"].values():
@@ -319,6 +347,12 @@ def _print_manifest(m: dict) -> None:
         print(f"file     {name:<24} {entry['bytes']:>12} bytes  sha256 {entry['sha256'][:16]}")
     for signature in m["signatures"]:
         print(f"signed   by key {signature['key']} ({'valid' if signature['valid'] else 'INVALID'})")
+
+
+def _kv_line(result: dict) -> str:
+    ratio = result["kv_bytes_per_token"] / result["kv_fp32_bytes_per_token"]
+    return (f"KV cache {result['kv_scheme']} {result['kv_bytes_per_token']:.0f} bytes/token at "
+            f"{result['kv_context']} tokens ({ratio:.3f} x fp32)")
 
 
 def _interrupt(signum, _frame):

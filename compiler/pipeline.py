@@ -15,7 +15,8 @@ each present only when the recipe asks for it:
    the float weight its codes stand for.
 4. :class:`QuantizeLinears`: every linear becomes its scheme's kernel call.
 5. :class:`CacheInPlace` (every recipe): the KV cache becomes a preallocated one written in place,
-   decode's attention one kernel over it (:mod:`lowbit.passes.kv_cache`).
+   stored as the recipe's KV scheme says (float, ``+kv8``, ``+kv4``), decode's attention one kernel
+   over it (:mod:`lowbit.passes.kv_cache`).
 6. :class:`Finalize`: dead code elimination and parameter sync (every entry function takes exactly
    the live weights).
 
@@ -36,7 +37,7 @@ from lowbit.passes.linear_match import LinearUse, find_linears
 from lowbit.passes.model_ir import ENTRY_FUNCTIONS, ModelIR, sync_params
 from lowbit.passes.quantize_linears import PackedLinear, QuantizeLinears, pack_linear
 from lowbit.passes.recipe import Recipe
-from lowbit.passes.schemes import linear_scheme
+from lowbit.passes.schemes import kv_scheme, linear_scheme
 from lowbit.passes.sensitivity import rank_layers
 from lowbit.passes.smoothquant import apply_smoothquant
 
@@ -201,12 +202,14 @@ class QuantizeLinearLayers(Step):
 
 class CacheInPlace(Step):
     requires = "entry functions with the imported concat-and-return KV cache"
-    guarantees = ("entry functions take past_length and preallocated caches written in place; decode's attention, "
-                  "where recognized in the dataflow graph, one kernel reading the caches in place")
+    guarantees = ("entry functions take past_length and preallocated caches (quantized by the recipe's +kv scheme) "
+                  "written in place; decode's attention, where recognized in the dataflow graph, one kernel reading "
+                  "the caches in place as stored")
 
     def run(self, state, context):
-        ir, summary = cache_in_place(state.ir)
-        return dataclasses.replace(state, ir=ir, cache=summary)
+        scheme = kv_scheme(context.recipe.kv, state.ir.kv)
+        ir, summary = cache_in_place(state.ir, scheme)
+        return dataclasses.replace(state, ir=ir, cache=summary | scheme.describe())
 
 
 class Finalize(Step):
@@ -260,8 +263,10 @@ def run_pipeline(ir: ModelIR, recipe: Recipe, chip, calibration: Calibration | N
 
 
 def check_layer_patterns(recipe: Recipe, ir: ModelIR) -> dict[str, LinearUse]:
-    """Raise if a recipe's ``ignore`` / ``keep`` pattern matches no linear layer of ``ir`` or
-    ``keep=autoN`` asks for more layers than there are; returns the linear layers."""
+    """Raise if a recipe's ``ignore`` / ``keep`` pattern matches no linear layer of ``ir``,
+    ``keep=autoN`` asks for more layers than there are or its KV scheme does not fit the model's
+    cache; returns the linear layers."""
+    kv_scheme(recipe.kv, ir.kv)  # a kv4 group that does not fit the model fails here, before calibration
     linears = find_linears(ir.mod["prefill"])
     if recipe.keep.auto > len(linears):
         raise LowbitError(f"recipe {recipe.name}: keep=auto{recipe.keep.auto} asks for more layers than the "

@@ -22,7 +22,10 @@ Options follow a colon, separated by ``;``: ``ignore=PATTERN[,PATTERN]`` keeps m
 keeps the named layers, or the ``N`` most sensitive ones by calibration, in int8; ``alpha=0.5`` or
 ``alpha=auto`` sets SmoothQuant's migration strength; ``damp=0.01`` GPTQ's dampening; ``stages=N``
 GPTQ's sequential stages (each one more calibration pass).
-A ``+kv8`` / ``+kv4`` suffix (KV-cache quantization) is reserved and refused until it is implemented.
+A ``+kv8`` / ``+kv4`` suffix quantizes the KV cache (any recipe, ``fp32`` included): ``kv8`` int8 with
+one fp32 scale per token and head; ``kv4`` KIVI-style int4 (keys per channel over ``group`` tokens,
+values per token over ``group`` channels, the last ``residual`` tokens in float), tuned by the
+options ``group=64`` and ``residual=32``.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import tomllib
 from pathlib import Path
 
 from lowbit.codegen.errors import LowbitError
-from lowbit.passes.recipe import ActQuant, Keep, Recipe, Smoothing, WeightQuant
+from lowbit.passes.recipe import ActQuant, Keep, KVQuant, Recipe, Smoothing, WeightQuant
 
 _WEIGHT_ONLY = re.compile(
     r"^w(?P<bits>\d+)a(?P<abits>16|8)-(?P<method>awq-gptq|[a-z]+)(?:-g(?P<group>\d+))?(?P<asym>-asym)?"
@@ -74,9 +77,11 @@ def _parse_name(name: str) -> Recipe:
 EXAMPLE_RECIPES = ("fp32", "w8a16-rtn", "w4a16-rtn", "w4a16-rtn-g32", "w4a16-rtn-g64", "w4a16-rtn-g128",
                    "w4a16-rtn-g128-asym", "w4a16-gptq-g128", "w4a16-gptq-g128-noact", "w3a16-gptq-g128",
                    "w4a16-awq-g128", "w4a16-awq-gptq-g128", "w4a8-rtn-g32", "w4a8-rtn-g128", "w4a8-awq-g128",
-                   "w4a8-gptq-g128", "w8a8-naive", "w8a8-smoothquant", "w8a8-smoothquant-static")
+                   "w4a8-gptq-g128", "w8a8-naive", "w8a8-smoothquant", "w8a8-smoothquant-static",
+                   "w4a16-rtn-g128+kv8", "w4a16-awq-g128+kv4")
 DEFAULT_RECIPE = "w4a16-rtn-g128"
-_OPTIONS = "ignore=PATTERN[,PATTERN], keep=PATTERN[,PATTERN]|autoN, alpha=0.5|auto, damp=0.01, stages=2"
+_OPTIONS = ("ignore=PATTERN[,PATTERN], keep=PATTERN[,PATTERN]|autoN, alpha=0.5|auto, damp=0.01, stages=2, "
+            "group=64 and residual=32 (kv4)")
 
 
 def get_recipe(spec: str) -> Recipe:
@@ -94,9 +99,12 @@ def _resolve(spec: str, bases: tuple[Path, ...]) -> Recipe:
     name, *compose = base.split("+")
     recipe = _parse_name(name)
     for part in compose:
-        if re.fullmatch(r"kv\d+", part):
-            raise LowbitError(f"recipe {spec!r}: KV-cache quantization ({part}) is not available yet; drop +{part}")
-        raise LowbitError(f"recipe {spec!r}: unknown component +{part}; no recipe component composes yet")
+        if part not in ("kv8", "kv4"):
+            raise LowbitError(f"recipe {spec!r}: unknown component +{part}; the components are +kv8 and +kv4 "
+                              "(KV-cache quantization)")
+        if recipe.kv is not None:
+            raise LowbitError(f"recipe {spec!r}: more than one KV-cache component; keep one of +kv8, +kv4")
+        recipe = dataclasses.replace(recipe, kv=KVQuant(bits=int(part[2:])))
     for option in filter(None, options.split(";")):
         recipe = _apply_option(recipe, spec, option)
     return dataclasses.replace(recipe, name=spec)
@@ -135,6 +143,12 @@ def _apply_option(recipe: Recipe, spec: str, option: str) -> Recipe:
         if not value.isdigit():
             raise LowbitError(f"recipe {spec!r}: stages={value!r} is not a whole number")
         return dataclasses.replace(recipe, weights=dataclasses.replace(recipe.weights, stages=int(value)))
+    if key in ("group", "residual"):
+        if recipe.kv is None or recipe.kv.bits != 4:
+            raise LowbitError(f"recipe {spec!r}: {key}= tunes the int4 KV cache; add +kv4")
+        if not value.isdigit():
+            raise LowbitError(f"recipe {spec!r}: {key}={value!r} is not a whole number")
+        return dataclasses.replace(recipe, kv=dataclasses.replace(recipe.kv, **{key: int(value)}))
     raise LowbitError(f"recipe {spec!r}: unknown option {option!r}; supported: {_OPTIONS}")
 
 
@@ -147,7 +161,7 @@ def _number(spec: str, key: str, value: str) -> float:
 
 def _from_toml(path: Path, bases: tuple[Path, ...] = ()) -> Recipe:
     """``name``, optional ``base`` (a recipe name or another .toml file), ``[weights]``,
-    ``[activations]``, ``[smoothing]``, ``ignore = [...]`` and ``keep = [...]`` or ``keep_auto = N``."""
+    ``[activations]``, ``[smoothing]``, ``[kv]``, ``ignore = [...]`` and ``keep = [...]`` or ``keep_auto = N``."""
     if not path.is_file():
         raise LowbitError(f"recipe file {path} does not exist")
     if path.resolve() in bases:
@@ -157,7 +171,7 @@ def _from_toml(path: Path, bases: tuple[Path, ...] = ()) -> Recipe:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as exc:
         raise LowbitError(f"recipe file {path}: not valid TOML ({exc})") from None
-    known = {"name", "base", "weights", "activations", "smoothing", "ignore", "keep", "keep_auto"}
+    known = {"name", "base", "weights", "activations", "smoothing", "kv", "ignore", "keep", "keep_auto"}
     if set(data) - known:
         raise LowbitError(f"recipe file {path}: unknown field(s) {sorted(set(data) - known)}; use {sorted(known)}")
     for field in ("name", "base"):
@@ -167,7 +181,7 @@ def _from_toml(path: Path, bases: tuple[Path, ...] = ()) -> Recipe:
     if base is not None and base.endswith(".toml"):  # a base file is found next to the file naming it
         base = str(path.parent / base)
     recipe = _resolve(base, (*bases, path.resolve())) if base is not None else Recipe(name="fp32")
-    tables = {"weights": WeightQuant, "activations": ActQuant, "smoothing": Smoothing}
+    tables = {"weights": WeightQuant, "activations": ActQuant, "smoothing": Smoothing, "kv": KVQuant}
     for field, cls in tables.items():
         if field in data:
             table = data[field]

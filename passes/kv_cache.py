@@ -6,12 +6,15 @@ length), then the weights; each past tensor read only by one ``concat`` with the
 along the sequence axis, whose result the function returns (``present``) and attention reads.
 That is the form both frontends import (torch.export and ONNX decoders); nothing is matched by name.
 
-Guarantees entry functions that take ``input_ids, past_length: Shape([past]), cache.{i}.key/value``
-(``[1, kv_heads, capacity, head_dim]``, one symbolic ``capacity >= past + seq`` for every cache),
-then the same weights, and return ``(logits, cache...)``:
+Guarantees entry functions that take ``input_ids, past_length: Shape([past])``, then every layer's
+key and value cache as the :class:`~lowbit.passes.schemes.kv.KVScheme` stores it (``cache.{i}.key``
+and ``cache.{i}.value``, each followed by the scheme's other tensors such as ``cache.{i}.key.scale``;
+one symbolic ``capacity >= past + seq`` for every cache), then the same weights, and return
+``(logits, cache tensors...)``:
 
-* the new keys and values are written at positions ``[past, past + seq)`` of their cache in place
-  (:func:`~lowbit.codegen.attention.kv_append_kernel`); no step concatenates or allocates a cache;
+* the new keys and values are written (quantized, if the scheme does) at positions
+  ``[past, past + seq)`` of their cache in place by the scheme's append kernel; no step
+  concatenates or allocates a cache;
 * an attention of one query token over a concatenation (decode) is recognized from the dataflow
   graph: ``softmax(matmul(q, K') * scale + bias)`` then ``matmul(., V')``, where ``K'`` and ``V'``
   are the cached keys and values through layout ops only (expand/broadcast/reshape/permute, i.e.
@@ -31,13 +34,14 @@ import tvm
 
 from tvm import relax, tirx
 
-from lowbit.codegen.attention import decode_attention_kernel, kv_append_kernel
 from lowbit.codegen.errors import LowbitError
 
-from .model_ir import ENTRY_FUNCTIONS, ModelIR, kv_names
+from .model_ir import ENTRY_FUNCTIONS, ModelIR
+from .schemes.kv import CAPACITY, ROLES, KVScheme
 
-CACHE_LAYOUT = ("[1, num_kv_heads, capacity, head_dim] per layer, keys then values; positions [0, past_length) "
-                "hold the conversation, an entry function writes its tokens' keys and values at past_length in place")
+CACHE_LAYOUT = ("per layer, the key cache's tensors then the value cache's (kv_cache.buffers, 'capacity' positions); "
+                "positions [0, past_length) hold the conversation, an entry function writes its tokens' keys and "
+                "values at past_length in place")
 CACHE_PREFIX = "cache"
 PAST_LENGTH = "past_length"
 _LAYOUT_OPS = ("relax.expand_dims", "relax.broadcast_to", "relax.reshape", "relax.permute_dims", "relax.repeat")
@@ -56,23 +60,27 @@ class _Attention:
     chain: frozenset  # bindings the kernel replaces (dead once it runs)
 
 
-def cache_in_place(ir: ModelIR) -> tuple[ModelIR, dict]:
-    """``ir`` with its entry functions rewritten as the module docstring says, and a summary
-    ``{"attention_fused": layers whose decode attention is one kernel, "attention_layers": layers}``."""
+def cache_names(scheme: KVScheme, num_layers: int) -> list[str]:
+    """The cache tensors' parameter names, in the order entry functions take them."""
+    return [f"{CACHE_PREFIX}.{i}.{role}{buffer.suffix}"
+            for i in range(num_layers) for role in ROLES for buffer in scheme.buffers(role)]
+
+
+def cache_in_place(ir: ModelIR, scheme: KVScheme) -> tuple[ModelIR, dict]:
+    """``ir`` with its entry functions rewritten as the module docstring says for ``scheme``, and a
+    summary ``{"attention_fused": layers whose decode attention is one kernel, "attention_layers":
+    layers}``."""
     mod = ir.mod
     summary = {}
     for name in ENTRY_FUNCTIONS:
-        mod, summary[name] = _rewrite(mod, name, ir)
-    layers = ir.kv.num_layers
-    new_ir = dataclasses.replace(
-        ir, mod=mod,
-        input_names=["input_ids", PAST_LENGTH] + kv_names(CACHE_PREFIX, layers),
-        output_names=["logits"] + kv_names(CACHE_PREFIX, layers),
-    )
-    return new_ir, {"attention_fused": summary["decode"], "attention_layers": layers}
+        mod, summary[name] = _rewrite(mod, name, ir, scheme)
+    names = cache_names(scheme, ir.kv.num_layers)
+    new_ir = dataclasses.replace(ir, mod=mod, input_names=["input_ids", PAST_LENGTH] + names,
+                                 output_names=["logits"] + names)
+    return new_ir, {"attention_fused": summary["decode"], "attention_layers": ir.kv.num_layers}
 
 
-def _rewrite(mod: tvm.IRModule, name: str, ir: ModelIR) -> tuple[tvm.IRModule, int]:
+def _rewrite(mod: tvm.IRModule, name: str, ir: ModelIR, scheme: KVScheme) -> tuple[tvm.IRModule, int]:
     """``mod`` with entry function ``name`` rewritten (its kernels added), and its fused attentions' count."""
     func = mod[name]
     num_input = int(func.attrs["num_input"])
@@ -93,15 +101,16 @@ def _rewrite(mod: tvm.IRModule, name: str, ir: ModelIR) -> tuple[tvm.IRModule, i
             if found is not None:
                 attentions[found.output] = found
 
-    capacity = tirx.Var("capacity", "int64")
-    dtype = ir.kv.dtype
-    cache_type = relax.TensorType([1, ir.kv.num_kv_heads, capacity, ir.kv.head_dim], dtype)
-    caches = [relax.Var(n, cache_type) for n in kv_names(CACHE_PREFIX, ir.kv.num_layers)]
-    length_param = relax.Var(PAST_LENGTH, relax.ShapeType([past_length]))
-    rewriter = _CacheRewriter(mod, concats, attentions, caches, past_length, cache_type, uses, ir.kv)
+    capacity = tirx.Var(CAPACITY, "int64")
+    names = iter(cache_names(scheme, ir.kv.num_layers))
+    caches = [[relax.Var(next(names), relax.TensorType(buffer.shape(capacity), buffer.dtype))
+               for buffer in scheme.buffers(ROLES[index % 2])] for index in range(len(pasts))]
+    params = [func.params[0], relax.Var(PAST_LENGTH, relax.ShapeType([past_length])),
+              *(var for cache in caches for var in cache)]
+    rewriter = _CacheRewriter(mod, concats, attentions, caches, past_length, uses, ir.kv, scheme)
     body = rewriter.visit_expr(func.body)
-    params = [func.params[0], length_param, *caches, *func.params[num_input:]]
-    new = relax.Function(params, body, None, func.is_pure, func.attrs).with_attr("num_input", 2 + len(caches))
+    new = relax.Function(params + list(func.params[num_input:]), body, None, func.is_pure, func.attrs).with_attr(
+        "num_input", len(params))
     mod = rewriter.builder_.get()
     mod[name] = relax.analysis.remove_all_unused(new)
     return mod, len(attentions)
@@ -294,22 +303,22 @@ def _bias_fits(bias, query, scores) -> bool:
 class _CacheRewriter(relax.PyExprMutator):
     """Emits the cache writes, the fused attentions and the prefix copies (see the module docstring)."""
 
-    def __init__(self, mod, concats, attentions, caches, past_length, cache_type, uses, kv):
+    def __init__(self, mod, concats, attentions, caches, past_length, uses, kv, scheme):
         super().__init__(mod)
         self.concats, self.attentions, self.caches = concats, attentions, caches
-        self.past_length, self.cache_type, self.kv = past_length, cache_type, kv
+        self.past_length, self.kv, self.scheme = past_length, kv, scheme
         self.fused_chain = set().union(*(a.chain for a in attentions.values())) if attentions else set()
         fused_sources = {a.key for a in attentions.values()} | {a.value for a in attentions.values()}
-        # a concatenation needs its prefix copied when something besides fused attentions reads it
+        # a concatenation needs its prefix read back when something besides fused attentions reads it
         self.copied = {var for var in concats
                        if var not in fused_sources
                        or any(r is not None and r not in self.fused_chain for r in uses.get(var, []))}
-        self.written = {}  # concatenation var -> the cache after the write
+        self.written = {}  # concatenation var -> the cache's tensors after the write
         self.kernels = {}
 
     def _kernel(self, key, make):
         if key not in self.kernels:
-            symbol = f"lowbit_{key}"
+            symbol = f"lowbit_{key}_{self.scheme.kernel_suffix()}"
             func = make().with_attrs({"op_pattern": 8, "global_symbol": symbol})  # opaque: fusion leaves it whole
             self.kernels[key] = self.builder_.add_func(func, symbol)
         return self.kernels[key]
@@ -323,7 +332,7 @@ class _CacheRewriter(relax.PyExprMutator):
         elif var in self.fused_chain:
             return  # replaced by the fused attention
         elif isinstance(value, relax.Tuple) and any(f in self.concats for f in value.fields):
-            fields = [self.written[f] if f in self.concats else self.visit_expr(f) for f in value.fields]
+            fields = [g for f in value.fields for g in (self.written[f] if f in self.concats else [self.visit_expr(f)])]
             self._bind(var, relax.Tuple(fields))
         else:
             super().visit_var_binding_(binding)
@@ -334,16 +343,27 @@ class _CacheRewriter(relax.PyExprMutator):
 
     def _write(self, var):
         index, new = self.concats[var]
-        kv = self.kv
-        append = self._kernel(f"kv_append_h{kv.num_kv_heads}_d{kv.head_dim}",
-                              lambda: kv_append_kernel(kv.num_kv_heads, kv.head_dim, kv.dtype))
-        written = self.builder_.emit(relax.call_tir_inplace(
-            append, [self.caches[index], self.visit_expr(new), relax.prim_value(self.past_length)], [0],
-            self.cache_type), f"{var.name}_cache")
+        role, kv = ROLES[index % 2], self.kv
+        buffers = self.caches[index]
+        part = f"{role}_" if self.scheme.roles_differ else ""
+        append = self._kernel(f"kv_append_{part}h{kv.num_kv_heads}_d{kv.head_dim}",
+                              lambda: self.scheme.append_kernel(role))
+        types = [buffer.ty for buffer in buffers]
+        call = self.builder_.emit(relax.call_tir_inplace(
+            append, [*buffers, self.visit_expr(new), relax.prim_value(self.past_length)], list(range(len(buffers))),
+            types if len(types) > 1 else types[0]), f"{var.name}_cache")
+        written = [call] if len(buffers) == 1 else [
+            self.builder_.emit(relax.TupleGetItem(call, i), f"{var.name}_cache{i}") for i in range(len(buffers))]
         self.written[var] = written
         if var in self.copied:
             end = var.ty.shape[2]
-            self._bind(var, relax.op.strided_slice(written, [2], [0], [end], assume_inbound=True))
+            read_back = self.scheme.prefix_kernel(role)
+            if read_back is None:
+                self._bind(var, relax.op.strided_slice(written[0], [2], [0], [end], assume_inbound=True))
+            else:
+                kernel = self._kernel(f"kv_read_{part}h{kv.num_kv_heads}_d{kv.head_dim}", lambda: read_back)
+                self._bind(var, relax.call_tir(kernel, [*written, relax.prim_value(end)],
+                                               relax.TensorType([1, kv.num_kv_heads, end, kv.head_dim], kv.dtype)))
 
     def _attend(self, attention):
         kv = self.kv
@@ -351,10 +371,9 @@ class _CacheRewriter(relax.PyExprMutator):
         bias_heads = None if attention.bias is None else int(attention.bias.ty.shape[1])
         key = (f"decode_attention_q{q_heads}_kv{kv.num_kv_heads}_d{kv.head_dim}"
                f"_s{attention.scale:.6g}".replace(".", "p").replace("-", "m") + f"_b{bias_heads or 0}")
-        kernel = self._kernel(key, lambda: decode_attention_kernel(
-            q_heads, kv.num_kv_heads, kv.head_dim, attention.scale, bias_heads, kv.dtype))
+        kernel = self._kernel(key, lambda: self.scheme.attention_kernel(q_heads, attention.scale, bias_heads))
         length = attention.key.ty.shape[2]
-        args = [self.visit_expr(attention.query), self.written[attention.key], self.written[attention.value]]
+        args = [self.visit_expr(attention.query), *self.written[attention.key], *self.written[attention.value]]
         if attention.bias is not None:
             args.append(self.visit_expr(attention.bias))
         out_ty = relax.TensorType([1, q_heads, 1, kv.head_dim], kv.dtype)

@@ -159,6 +159,41 @@ class Keep:
             _check_field("keep", "pattern", pattern, (str,), "a glob pattern")
 
 
+KV_BITS = (8, 4)
+
+
+@dataclasses.dataclass(frozen=True)
+class KVQuant:
+    """How the KV cache is stored (``+kv8`` / ``+kv4`` in a recipe name).
+
+    Attributes:
+        bits: 8 (int8, symmetric, one fp32 scale per token and head) or 4 (KIVI-style int4,
+            asymmetric: keys per channel over groups of ``group`` tokens, values per token over
+            groups of ``group`` channels, fp16 scales and minimums).
+        group: int4 only: tokens per key group and channels per value group.
+        residual: int4 only: the most recent tokens always kept in float (fp16); older ones are
+            quantized as their key group fills.
+    """
+
+    bits: int
+    group: int = 64
+    residual: int = 32
+
+    def __post_init__(self):
+        for field in ("bits", "group", "residual"):
+            _check_field("kv", field, getattr(self, field), (int,), "a whole number")
+        if self.bits not in KV_BITS:
+            raise LowbitError(f"recipe: KV-cache bits {self.bits} not supported; use +kv8 or +kv4")
+        if self.group < 2 or self.group % 2:
+            raise LowbitError(f"recipe: kv4 group={self.group} must be an even number of at least 2 (e.g. 64)")
+        if self.residual < 0:
+            raise LowbitError(f"recipe: kv4 residual={self.residual} must be a whole number >= 0 (e.g. 32)")
+
+    @property
+    def name(self) -> str:
+        return "kv8" if self.bits == 8 else f"kv4:group={self.group};residual={self.residual}"
+
+
 @dataclasses.dataclass(frozen=True)
 class Recipe:
     """A named quantization scheme.
@@ -170,6 +205,7 @@ class Recipe:
         smoothing: SmoothQuant smoothing before quantization, or ``None``.
         ignore: glob patterns over weight names whose layers stay in float.
         keep: layers kept in int8.
+        kv: how the KV cache is stored, or ``None`` for float.
     """
 
     name: str
@@ -178,6 +214,7 @@ class Recipe:
     smoothing: Smoothing | None = None
     ignore: tuple[str, ...] = ()
     keep: Keep = Keep()
+    kv: KVQuant | None = None
 
     def __post_init__(self):
         if self.activations is None:

@@ -20,7 +20,8 @@ from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
 from tvm.target.codegen import llvm_get_vector_width
 
-from lowbit.codegen.attention import APPEND_TAG, DECODE_ATTENTION_TAG
+from lowbit.codegen.attention import APPEND_TAG, DECODE_ATTENTION_TAG, DEQUANTIZE_TAG
+from lowbit.codegen.kivi import KIVI_ATTENTION_TAG
 from lowbit.codegen.formats import W8A8_KINDS
 from lowbit.codegen.kernels import GEMV_ATTR, KERNEL_ATTR, TILE_ATTR
 
@@ -160,12 +161,14 @@ class SingleRowReduction(CPUScheduleRule):
 class CacheKernels(ScheduleRule):
     """The in-place KV cache's kernels (:mod:`lowbit.codegen.attention`).
 
-    ``kv_append`` (a few hundred elements per token) stays a plain loop nest. ``decode_attention``
-    runs on one thread, stage after stage over all heads, so that its score buffers are allocated
-    once per call (measured: per-head buffers under a parallel head loop doubled its time, and their
-    allocations were 5 % of a decode step): the score dot products as vector-width partial sums
-    (``rfactor``), the exponentials vectorized, the value accumulation vectorized over the head
-    dimension.
+    ``kv_append`` (a few hundred elements per token) stays a plain loop nest; ``kv_dequantize``
+    (a prompt's prefix read back as floats) is vectorized over the head dimension.
+    ``decode_attention`` runs on one thread, stage after stage over all heads, so that its score
+    buffers are allocated once per call (measured: per-head buffers under a parallel head loop
+    doubled its time, and their allocations were 5 % of a decode step): the score dot products as
+    vector-width partial sums (``rfactor``), the exponentials vectorized, the value accumulation
+    vectorized over the head dimension (a quantized cache's per-position value scale folded into
+    the weights inline).
     """
 
     def apply(self, func, target: Target, _tunable: bool) -> s_tir.Schedule | None:
@@ -174,31 +177,96 @@ class CacheKernels(ScheduleRule):
         tag = str(func.attrs[KERNEL_ATTR])
         if tag == APPEND_TAG:
             return s_tir.Schedule(func)
-        if tag != DECODE_ATTENTION_TAG:
-            return None
-        sch = s_tir.Schedule(func)
-        lanes = max(llvm_get_vector_width(target) // 32, 4)
-        dots = sch.get_sblock("dots")
-        _, _, channels = sch.get_loops(dots)
-        width = int(sch.get(channels).extent)
-        if width % lanes == 0 and width >= 2 * lanes:  # lanes partial sums per score, then their sum
-            _, lane = sch.split(channels, [None, lanes])
-            partial = sch.rfactor(lane, 2)
-            sch.vectorize(sch.get_loops(partial)[-1])
-            sch.decompose_reduction(partial, sch.get_loops(partial)[-2])
-        sch.compute_inline(sch.get_sblock("logits"))
-        sch.compute_inline(sch.get_sblock("shifted"))
-        exp_block = sch.get_sblock("T_fast_exp")
-        outer, inner = sch.split(sch.get_loops(exp_block)[-1], [None, lanes])
-        sch.vectorize(inner)
-        sch.annotate(outer, "pragma_loop_partition_hint", 1)  # a predicate-free main loop and one tail
-        mixed = sch.get_sblock("mixed")
-        channel, position = sch.get_loops(mixed)[-2:]
-        sch.reorder(position, channel)
-        sch.vectorize(channel)
-        sch.decompose_reduction(mixed, position)
-        sch.vectorize(sch.get_loops(sch.get_sblock("out"))[-1])
-        return sch
+        if tag == DEQUANTIZE_TAG:
+            sch = s_tir.Schedule(func)
+            sch.vectorize(sch.get_loops(sch.get_sblock("dequantize"))[-1])
+            return sch
+        if tag == DECODE_ATTENTION_TAG:
+            return _schedule_attention(s_tir.Schedule(func), _lanes(target))
+        if tag == KIVI_ATTENTION_TAG:
+            return _schedule_kivi_attention(s_tir.Schedule(func), _lanes(target))
+        return None
+
+
+def _has_block(sch: s_tir.Schedule, name: str) -> bool:
+    try:
+        sch.get_sblock(name)
+    except s_tir.schedule.ScheduleError:
+        return False
+    return True
+
+
+def _lanes(target: Target) -> int:
+    return max(llvm_get_vector_width(target) // 32, 4)
+
+
+def _schedule_attention(sch: s_tir.Schedule, lanes: int) -> s_tir.Schedule:
+    _vector_dot(sch, "dots", lanes)
+    sch.compute_inline(sch.get_sblock("logits"))
+    _vector_exp(sch, lanes)
+    if _has_block(sch, "weights_scaled"):
+        sch.compute_inline(sch.get_sblock("weights_scaled"))
+    _accumulate_by_position(sch, "mixed")
+    sch.vectorize(sch.get_loops(sch.get_sblock("out"))[-1])
+    return sch
+
+
+def _schedule_kivi_attention(sch: s_tir.Schedule, lanes: int) -> s_tir.Schedule:
+    """:meth:`lowbit.codegen.kivi.Kivi.attention_kernel`: the same stages, with the quantized and the
+    window positions as separate dot products and accumulations."""
+    sch.vectorize(sch.get_loops(sch.get_sblock("scaled_q"))[-1])
+    for block in ("dots", "recent_dots"):
+        _vector_dot(sch, block, lanes)
+    for shifted, exp in (("shifted", "T_fast_exp"), ("recent_shifted", "T_fast_exp_1")):
+        _vector_exp(sch, lanes, shifted, exp)
+    for block in ("mixed", "recent_mixed"):
+        _accumulate_by_position(sch, block)
+    sch.vectorize(sch.get_loops(sch.get_sblock("out"))[-1])
+    _hoist_inits(sch)
+    return sch
+
+
+def _hoist_inits(sch: s_tir.Schedule) -> None:
+    """Every reduction's initialization as its own loop nest before the reduction loops.
+
+    TIR lowers a reduction's ``init`` into its first iteration, so a reduction over an empty range
+    (kv4's quantized part before the first group fills) would leave its output unwritten."""
+    for block in sch.get_child_blocks(sch.get_sblock("root")):
+        if sch.get(block).init is not None:
+            outputs = len(sch.get(block).writes[0].region)
+            sch.decompose_reduction(block, sch.get_loops(block)[outputs])
+
+
+def _vector_dot(sch: s_tir.Schedule, name: str, lanes: int) -> None:
+    """Block ``name``'s innermost reduction as ``lanes`` partial sums (``rfactor``), then their sum."""
+    block = sch.get_sblock(name)
+    channels = sch.get_loops(block)[-1]
+    width = int(sch.get(channels).extent)
+    if width % lanes == 0 and width >= 2 * lanes:
+        _, lane = sch.split(channels, [None, lanes])
+        outputs = len(sch.get(block).writes[0].region)  # spatial loops come first, then the reductions
+        partial = sch.rfactor(lane, outputs)  # the lanes: the partial sums' last axis
+        sch.vectorize(sch.get_loops(partial)[-1])
+        sch.decompose_reduction(partial, sch.get_loops(partial)[outputs])
+
+
+def _vector_exp(sch: s_tir.Schedule, lanes: int, shifted: str = "shifted", exp: str = "T_fast_exp") -> None:
+    """The softmax's shift inlined into its exponentials, vectorized with one tail loop."""
+    sch.compute_inline(sch.get_sblock(shifted))
+    exp_block = sch.get_sblock(exp)
+    outer, inner = sch.split(sch.get_loops(exp_block)[-1], [None, lanes])
+    sch.vectorize(inner)
+    sch.annotate(outer, "pragma_loop_partition_hint", 1)  # a predicate-free main loop and one tail
+
+
+def _accumulate_by_position(sch: s_tir.Schedule, name: str) -> None:
+    """Block ``name`` (spatial loops, then one reduction over positions) with the positions outside,
+    the innermost spatial loop (channels) vectorized."""
+    block = sch.get_sblock(name)
+    *spatial, position = sch.get_loops(block)
+    sch.reorder(position, *spatial[1:])
+    sch.vectorize(spatial[-1])
+    sch.decompose_reduction(block, position)
 
 
 def _is_one(extent) -> bool:

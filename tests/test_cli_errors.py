@@ -85,6 +85,34 @@ def test_prompt_longer_than_context(tiny_artifact):
         session.generate("word " * 300, max_new_tokens=4)
 
 
+def test_quantized_kv_cache_on_the_command_line(tmp_path, tiny_model_dir):
+    """+kv4 compiles and runs with a cache allocated once (--max-context), and inspect, run and eval
+    report its bytes per token (tiny Llama: 2 layers, 2 KV heads, head_dim 16); a group that does not
+    divide head_dim and a conversation past the cache are refused naming both numbers."""
+    out = tmp_path / "kv4"
+    done = lowbit("compile", tiny_model_dir, "-r", "fp32+kv4:group=8;residual=4", "-o", out, "--json")
+    assert done.returncode == 0, done.stderr
+    done = lowbit("run", out, "--prompt-ids", "1,2,3", "--max-new-tokens", "20", "--max-context", "32", "--json")
+    assert done.returncode == 0, done.stderr
+    run = json.loads(done.stdout)
+    # per layer and role: codes 2x32x8 B, scales and minimums 2 x 128 fp16, window 2x12x16 fp16
+    assert run["kv_cache_bytes"] == 2 * 2 * (512 + 2 * 256 + 768) and run["kv_context"] == 32
+    assert run["kv_bytes_per_token"] == run["kv_cache_bytes"] / 32 and run["kv_fp32_bytes_per_token"] == 512
+    inspected = json.loads(lowbit("inspect", out, "--context", "32", "--json").stdout)
+    assert inspected["kv_bytes_per_token"] == run["kv_bytes_per_token"]
+    assert inspected["kv_cache"]["scheme"] == "kv4:group=8;residual=4"
+    text = tmp_path / "text.txt"
+    text.write_text("It was the best of times, it was the worst of times. " * 20, encoding="utf-8")
+    done = lowbit("eval", out, "--text", text, "--tokens", "64", "--window", "32", "--chunk", "8", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["chunk"] == 8
+    done = lowbit("run", out, "--prompt-ids", "1,2,3", "--max-new-tokens", "40", "--max-context", "32")
+    assert done.returncode == 2 and "prompt of 3 tokens plus 40 new tokens exceeds the KV cache of 32" in done.stderr
+    done = lowbit("compile", tiny_model_dir, "-r", "fp32+kv4:group=48", "-o", tmp_path / "bad")
+    assert done.returncode == 2 and "group=48 does not divide the model's head_dim 16" in done.stderr
+    assert not (tmp_path / "bad").exists()
+
+
 def test_failed_compile_leaves_nothing(tmp_path, tiny_model_dir, monkeypatch):
     import lowbit.compiler.building as building
     from lowbit.compiler import compile as lowbit_compile

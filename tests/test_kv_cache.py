@@ -8,9 +8,13 @@ import pytest
 import tvm
 from tvm import relax, tirx
 
-from lowbit.codegen.attention import decode_attention_kernel, kv_append_kernel
+from lowbit.codegen.attention import (decode_attention_kernel, float_cache, int8_cache, kv8_append_kernel,
+                                     kv8_dequantize_kernel, kv_append_kernel)
+from lowbit.codegen.kivi import Kivi
 from lowbit.passes.kv_cache import cache_in_place
 from lowbit.passes.model_ir import KVLayout, ModelIR, kv_names, make_entry_module
+from lowbit.passes.recipe import KVQuant
+from lowbit.passes.schemes.kv import CacheBuffer, kv_scheme
 from lowbit.targets import build, get_target
 from lowbit.targets.pipeline import schedule
 
@@ -33,6 +37,106 @@ def test_append_writes_the_new_positions_in_place():
     np.testing.assert_array_equal(device.numpy(), want)
 
 
+# -- numpy references of the quantized caches ---------------------------------------------------
+def _int8_reference(x: np.ndarray):
+    """kv8's codes and scales of ``x[1, heads, positions, dim]`` (float32 arithmetic as the kernel's)."""
+    peak = np.abs(x).max(-1)
+    inverse = np.where(peak > 0, np.float32(127) / np.where(peak > 0, peak, 1), 0).astype(np.float32)
+    return np.round(x * inverse[..., None]).astype(np.int8), (peak / np.float32(127)).astype(np.float32)
+
+
+def _int4_reference(x: np.ndarray, role: str, group: int):
+    """kv4's per-element levels, scales and minimums of ``x`` (all positions quantized)."""
+    stored = x.astype(np.float16).astype(np.float32)
+    heads, length, dim = x.shape[1:]
+    if role == "key":  # per channel over groups of positions
+        grouped = stored.reshape(1, heads, length // group, group, dim)
+        low, high = grouped.min(3), grouped.max(3)
+        expand = lambda stat: np.repeat(stat, group, axis=2)  # noqa: E731
+    else:  # per position over groups of channels
+        grouped = stored.reshape(1, heads, length, dim // group, group)
+        low, high = grouped.min(4), grouped.max(4)
+        expand = lambda stat: np.repeat(stat, group, axis=3)  # noqa: E731
+    low = low.astype(np.float16)
+    scale = ((high.astype(np.float16).astype(np.float32) - low.astype(np.float32)) / np.float32(15)).astype(np.float16)
+    step, minimum = expand(scale.astype(np.float32)), expand(low.astype(np.float32))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        levels = np.where(step > 0, np.round((stored - minimum) / step), 0)
+    levels = np.clip(levels, 0, 15).astype(np.uint8)
+    return levels, scale, low, levels * step + minimum
+
+
+def _pack(levels: np.ndarray) -> np.ndarray:
+    half = levels.shape[-1] // 2
+    return levels[..., :half] | (levels[..., half:] << 4)
+
+
+def _allocate(buffers, capacity: int):
+    return [tvm.runtime.tensor(np.zeros(CacheBuffer("", dims, dtype).shape(capacity), dtype))
+            for _suffix, dims, dtype in buffers]
+
+
+def _appended(kivi: Kivi, role: str, x: np.ndarray, chunks, capacity: int):
+    """``x`` appended chunk by chunk into a fresh kv4 cache; its tensors."""
+    buffers = _allocate(kivi.buffers(role), capacity)
+    position = 0
+    for count in chunks:
+        _run_kernel(kivi.append_kernel(role), *buffers, tvm.runtime.tensor(x[:, :, position:position + count]),
+                    position)
+        position += count
+    return buffers
+
+
+def test_int8_append_and_read_back_are_exact():
+    rng = np.random.default_rng(3)
+    new = rng.standard_normal((1, 2, 4, 16)).astype(np.float32)
+    new[0, 1, 2] = 0.0  # an all-zero row: scale 0, codes 0
+    codes, scales = (tvm.runtime.tensor(np.zeros(shape, dtype)) for shape, dtype in
+                     (((1, 2, 12, 16), np.int8), ((1, 2, 12), np.float32)))
+    _run_kernel(kv8_append_kernel(2, 16), codes, scales, tvm.runtime.tensor(new), 5)
+    want_codes, want_scales = _int8_reference(new)
+    np.testing.assert_array_equal(codes.numpy()[:, :, 5:9], want_codes)
+    np.testing.assert_array_equal(scales.numpy()[:, :, 5:9], want_scales)
+    assert not codes.numpy()[:, :, 9:].any()
+    out = tvm.runtime.tensor(np.zeros((1, 2, 9, 16), np.float32))
+    _run_kernel(kv8_dequantize_kernel(2, 16), codes, scales, 9, out)
+    np.testing.assert_array_equal(out.numpy()[:, :, 5:], want_codes * want_scales[..., None])
+    assert np.abs(out.numpy()[:, :, 5:] - new).max() <= np.abs(new).max() / 127 / 2 * 1.0001
+
+
+@pytest.mark.parametrize("role", ["key", "value"])
+def test_int4_append_quantizes_whole_groups_and_keeps_the_rest_in_the_window(role):
+    """Appended in uneven chunks (prefill, decode steps, a chunk spanning groups), every position
+    before ``quantized_end`` holds numpy's codes, scales and minimums bit for bit, and every later one
+    its fp16 value in the window; the read-back kernel returns both."""
+    kivi = Kivi(kv_heads=2, head_dim=16, group=4, residual=3)
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal((1, 2, 23, 16)) * np.linspace(0.5, 4, 16)).astype(np.float32)
+    x[0, 0, 8:12, :] = 1.5  # a constant key group / constant value rows: scale 0
+    codes, scale, low, window = _appended(kivi, role, x, (5, 1, 1, 7, 1, 6, 2), capacity=24)
+    end = 20  # max(23 - 3, 0) // 4 * 4
+    levels, want_scale, want_low, dequantized = _int4_reference(x[:, :, :end], role, kivi.group)
+    np.testing.assert_array_equal(codes.numpy()[:, :, :end], _pack(levels))
+    rows = end // kivi.group if role == "key" else end
+    np.testing.assert_array_equal(scale.numpy()[:, :, :rows], want_scale)
+    np.testing.assert_array_equal(low.numpy()[:, :, :rows], want_low)
+    recent = np.arange(end, 23)
+    np.testing.assert_array_equal(window.numpy()[:, :, recent % kivi.window], x[:, :, end:].astype(np.float16))
+    out = tvm.runtime.tensor(np.zeros((1, 2, 23, 16), np.float32))
+    _run_kernel(kivi.dequantize_kernel(role), codes, scale, low, window, 23, out)
+    np.testing.assert_allclose(out.numpy()[:, :, :end], dequantized, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(out.numpy()[:, :, end:], x[:, :, end:].astype(np.float16).astype(np.float32))
+
+
+def _attention_reference(q, keys, values, scale, bias=None):
+    group = q.shape[1] // keys.shape[1]
+    scores = q @ np.repeat(keys, group, axis=1).transpose(0, 1, 3, 2) * scale
+    if bias is not None:
+        scores = scores + bias
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    return (probs / probs.sum(-1, keepdims=True)) @ np.repeat(values, group, axis=1)
+
+
 @pytest.mark.parametrize("bias_heads", [None, 1, 6])
 def test_decode_attention_matches_numpy_and_reads_only_the_prefix(bias_heads):
     """Grouped-query attention (6 query heads on 2 KV heads) over 11 of 32 positions; the unused
@@ -43,18 +147,59 @@ def test_decode_attention_matches_numpy_and_reads_only_the_prefix(bias_heads):
     keys, values = (np.full((1, 2, 32, 16), np.nan, np.float32) for _ in range(2))
     keys[:, :, :length] = rng.standard_normal((1, 2, length, 16))
     values[:, :, :length] = rng.standard_normal((1, 2, length, 16))
-    scores = q @ np.repeat(keys[:, :, :length], 3, axis=1).transpose(0, 1, 3, 2) * scale
-    args = [q, keys, values]
+    args, bias = [q, keys, values], None
     if bias_heads is not None:
         bias = np.where(rng.random((1, bias_heads, 1, length)) < 0.3, -3.0e38, 0.0).astype(np.float32)
         bias[..., 0] = 0.0  # every row keeps a position
-        scores = scores + bias
         args.append(bias)
-    probs = np.exp(scores - scores.max(-1, keepdims=True))
-    want = (probs / probs.sum(-1, keepdims=True)) @ np.repeat(values[:, :, :length], 3, axis=1)
+    want = _attention_reference(q, keys[:, :, :length], values[:, :, :length], scale, bias)
     out = tvm.runtime.tensor(np.zeros((1, 6, 1, 16), np.float32))
-    _run_kernel(decode_attention_kernel(6, 2, 16, scale, bias_heads), *map(tvm.runtime.tensor, args), length, out)
+    kernel = decode_attention_kernel(6, 2, 16, scale, bias_heads, float_cache(2, 16, "k"), float_cache(2, 16, "v"))
+    _run_kernel(kernel, *map(tvm.runtime.tensor, args), length, out)
     np.testing.assert_allclose(out.numpy(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_int8_decode_attention_reads_codes_in_place():
+    """kv8 attention (head_dim 64: the vectorized dot products) equals numpy's attention over the
+    dequantized cache; positions past the length hold NaN scales."""
+    rng = np.random.default_rng(5)
+    length, scale, dim = 37, 0.125, 64
+    q = rng.standard_normal((1, 6, 1, dim)).astype(np.float32)
+    bias = np.zeros((1, 1, 1, length), np.float32)
+    bias[..., 3] = -3.0e38
+    caches, dequantized = [], []
+    for _ in ("key", "value"):
+        codes, scales = _int8_reference(rng.standard_normal((1, 2, length, dim)).astype(np.float32))
+        dequantized.append(codes * scales[..., None])
+        padded_codes = np.zeros((1, 2, 48, dim), np.int8)
+        padded_scales = np.full((1, 2, 48), np.nan, np.float32)
+        padded_codes[:, :, :length], padded_scales[:, :, :length] = codes, scales
+        caches += [padded_codes, padded_scales]
+    out = tvm.runtime.tensor(np.zeros((1, 6, 1, dim), np.float32))
+    kernel = decode_attention_kernel(6, 2, dim, scale, 1, int8_cache(2, dim, "k"), int8_cache(2, dim, "v"))
+    _run_kernel(kernel, *map(tvm.runtime.tensor, [q, *caches, bias]), length, out)
+    np.testing.assert_allclose(out.numpy(), _attention_reference(q, *dequantized, scale, bias), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("length", [4, 37, 43])
+def test_int4_decode_attention_matches_numpy_over_the_dequantized_cache(length):
+    """kv4 attention over the quantized part and the window (lengths with nothing quantized yet, and
+    with a part of a group past the residual still in float) equals numpy's attention over the cache
+    as the read-back kernel returns it."""
+    kivi = Kivi(kv_heads=2, head_dim=64, group=8, residual=5)
+    rng = np.random.default_rng(6)
+    q = rng.standard_normal((1, 6, 1, 64)).astype(np.float32)
+    caches, dequantized = [], []
+    for role in ("key", "value"):
+        x = rng.standard_normal((1, 2, length, 64)).astype(np.float32)
+        buffers = _appended(kivi, role, x, (length - 2, 1, 1), capacity=48)
+        out = tvm.runtime.tensor(np.zeros((1, 2, length, 64), np.float32))
+        _run_kernel(kivi.dequantize_kernel(role), *buffers, length, out)
+        caches += buffers
+        dequantized.append(out.numpy())
+    out = tvm.runtime.tensor(np.zeros((1, 6, 1, 64), np.float32))
+    _run_kernel(kivi.attention_kernel(6, 0.125, None), tvm.runtime.tensor(q), *caches, length, out)
+    np.testing.assert_allclose(out.numpy(), _attention_reference(q, *dequantized, 0.125), rtol=1e-5, atol=1e-6)
 
 
 # -- the rewrite on a hand-built one-layer attention --------------------------------------------
@@ -108,10 +253,15 @@ def _model(softcap: bool) -> ModelIR:
                    KVLayout(1, KV_HEADS, DIM), VOCAB, 64)
 
 
+def _caches(scheme, capacity: int) -> list:
+    return [tvm.runtime.tensor(np.zeros(buffer.shape(capacity), buffer.dtype))
+            for role in ("key", "value") for buffer in scheme.buffers(role)]
+
+
 @pytest.mark.parametrize("softcap", [False, True], ids=["fused", "copied"])
 def test_cache_in_place_computes_what_the_imported_graph_computes(softcap):
     ir = _model(softcap)
-    rewritten, summary = cache_in_place(ir)
+    rewritten, summary = cache_in_place(ir, kv_scheme(None, ir.kv))
     assert summary["attention_fused"] == (0 if softcap else 1)
     assert rewritten.input_names[:2] == ["input_ids", "past_length"]
     before = relax.VirtualMachine(build(ir.mod, HOST), tvm.cpu())
@@ -130,6 +280,39 @@ def test_cache_in_place_computes_what_the_imported_graph_computes(softcap):
         np.testing.assert_array_equal(caches[0].numpy()[:, :, :position], past[0].numpy())
 
 
+@pytest.mark.parametrize("quant, bound", [(KVQuant(8), 0.015), (KVQuant(4, group=4, residual=3), 0.12)],
+                         ids=["kv8", "kv4"])
+def test_quantized_cache_decodes_as_its_read_back_path_does(quant, bound):
+    """From the same cache state, decode (the fused kernel reading codes in place) and a one-token
+    prefill (the read-back kernel, then the imported attention) give the same output to float
+    rounding, step after step across quantized groups; both stay within ``bound`` (relative, max)
+    of the float graph."""
+    ir = _model(softcap=False)
+    scheme = kv_scheme(quant, ir.kv)
+    rewritten, summary = cache_in_place(ir, scheme)
+    assert summary["attention_fused"] == 1
+    assert len(rewritten.input_names) == 2 + 2 * len(scheme.buffers("key"))
+    imported = relax.VirtualMachine(build(ir.mod, HOST), tvm.cpu())
+    vm = relax.VirtualMachine(build(rewritten.mod, HOST), tvm.cpu())
+    weights = [tvm.runtime.tensor(a) for a in ir.params.values()]
+    fused, read_back = _caches(scheme, 24), _caches(scheme, 24)
+    ids = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2]
+    first = tvm.runtime.tensor(np.array([ids[:5]], np.int64))
+    vm["prefill"](first, tvm.runtime.ShapeTuple([0]), *fused, *weights)
+    vm["prefill"](first, tvm.runtime.ShapeTuple([0]), *read_back, *weights)
+    past = [tvm.runtime.tensor(np.zeros((1, KV_HEADS, 0, DIM), np.float32)) for _ in range(2)]
+    _, *past = imported["prefill"](first, *past, *weights)
+    worst = 0.0
+    for position, token in enumerate(ids[5:], start=5):
+        tokens, length = tvm.runtime.tensor(np.array([[token]], np.int64)), tvm.runtime.ShapeTuple([position])
+        got = vm["decode"](tokens, length, *fused, *weights)[0].numpy()
+        again = vm["prefill"](tokens, length, *read_back, *weights)[0].numpy()
+        np.testing.assert_allclose(got, again, rtol=1e-5, atol=1e-5)
+        want, *past = imported["decode"](tokens, *past, *weights)
+        worst = max(worst, float(np.abs(got - want.numpy()).max() / np.abs(want.numpy()).max()))
+    assert worst < bound, f"{scheme.name}: {worst:.3g} from the float cache"
+
+
 def test_an_unexpected_cache_reader_is_named():
     from lowbit.codegen.errors import LowbitError
 
@@ -145,7 +328,7 @@ def test_an_unexpected_cache_reader_is_named():
     broken = ModelIR(tvm.IRModule({"prefill": func, "decode": func}), {}, ["input_ids"] + kv_names("past_key_values", 1),
                      ["logits"], KVLayout(1, KV_HEADS, DIM), VOCAB, 64)
     with pytest.raises(LowbitError, match=r"KV-cache input past_key_values\.0\.key is read by relax\.sum"):
-        cache_in_place(broken)
+        cache_in_place(broken, kv_scheme(None, broken.kv))
 
 
 # -- SmolLM2 ------------------------------------------------------------------------------------
@@ -162,3 +345,39 @@ def test_smollm2_decode_attends_in_place_through_a_growing_cache(smol, smol_sour
     assert session.capacity >= 262
     rel = np.abs(steps - full[250:]).max() / np.abs(full[250:]).max()
     assert rel < 1e-4, f"decode through the cache differs from prefill by {rel:.2e} (relative)"
+
+
+KV_RECIPES = {"kv8": "w4a16-rtn-g128+kv8", "kv4": "w4a16-rtn-g128+kv4"}
+
+
+@pytest.fixture(scope="module")
+def kv_scores(smol):
+    """The cheap setting of the KV-cache bars: 1024 tokens of Alice in windows of 256 fed in chunks of
+    64 (every token after a window's first chunk attends through the cache as stored), each +kv
+    recipe against the same weights on a float cache under the same protocol."""
+    from lowbit.compiler.runtime.evaluation import evaluate_session
+    from lowbit.compiler.sources.texts import read_text
+
+    ids = smol.prepared.tokenize(read_text("alice29"))[:1025]
+    baseline = evaluate_session(smol.built("w4a16-rtn-g128").session(), ids, 256, chunk=64).perplexity
+    sessions = {name: smol.built(recipe).session() for name, recipe in KV_RECIPES.items()}
+    gaps = {name: evaluate_session(s, ids, 256, chunk=64).perplexity / baseline - 1 for name, s in sessions.items()}
+    return gaps, sessions
+
+
+@pytest.mark.parametrize("name, gap_bar, bytes_bar, context", [("kv8", 0.005, 0.27, 8192), ("kv4", 0.05, 0.17, 2048)])
+def test_smollm2_quantized_cache_meets_its_bars(kv_scores, name, gap_bar, bytes_bar, context):
+    gaps, sessions = kv_scores
+    assert gaps[name] <= gap_bar, f"{name}: perplexity gap {gaps[name]:.4f} over the float cache"
+    report = sessions[name].kv_report(context)
+    ratio = report["kv_bytes_per_token"] / report["kv_fp32_bytes_per_token"]
+    assert ratio <= bytes_bar, f"{name}: {ratio:.3f} x the fp32 cache's bytes per token at {context}"
+
+
+def test_smollm2_int8_cache_generates_what_the_float_cache_does(smol):
+    """Greedy, 64 tokens of the README's prompt: the same tokens on the int8 cache and the float one."""
+    from .conftest import PROMPT
+
+    float_cache = smol.built("w4a16-rtn-g128").session().generate(PROMPT, 64)
+    int8_cache = smol.built(KV_RECIPES["kv8"]).session().generate(PROMPT, 64)
+    assert int8_cache.token_ids == float_cache.token_ids, (float_cache.text, int8_cache.text)

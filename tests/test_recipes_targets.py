@@ -45,7 +45,11 @@ def test_accuracy_recipes_parse():
     ("w8a8-smoothquant:alpha=1.5", "alpha 1.5 out of range"),
     ("w8a8-smoothquant:alpha=high", "alpha='high' is not a number"),
     ("w4a16-rtn-g128:alpha=0.5", "smoothquant recipes only"),
-    ("w4a16-awq-g128+kv8", "KV-cache quantization"),
+    ("w4a16-awq-g128+kv3", "components are \\+kv8 and \\+kv4"),
+    ("w4a16-rtn-g128+kv8+kv4", "more than one KV-cache component"),
+    ("w4a16-rtn-g128+kv8:group=64", "add \\+kv4"),
+    ("w4a16-rtn-g128+kv4:group=7", "group=7 must be an even number"),
+    ("w4a16-rtn-g128+kv4:residual=x", "residual='x' is not a whole number"),
     ("w4a16-rtn-g128+fast", "unknown component"),
     ("w4a16-rtn-g128-noact", "gptq only"),
     ("w4a16-awq-g128:stages=2", "gptq recipes only"),
@@ -55,6 +59,15 @@ def test_accuracy_recipes_parse():
 def test_bad_recipes_name_the_problem(name, needle):
     with pytest.raises(LowbitError, match=needle):
         get_recipe(name)
+
+
+def test_kv_cache_components_parse():
+    assert get_recipe("w4a16-rtn-g128").kv is None
+    kv8 = get_recipe("w4a16-rtn-g128+kv8")
+    assert kv8.kv.bits == 8 and kv8.weights.group_size == 128 and kv8.kv.name == "kv8"
+    kv4 = get_recipe("w4a16-awq-g128+kv4:group=32;residual=16")
+    assert (kv4.kv.bits, kv4.kv.group, kv4.kv.residual, kv4.weights.method) == (4, 32, 16, "awq")
+    assert get_recipe("fp32+kv4").kv.name == "kv4:group=64;residual=32"
 
 
 def test_recipe_toml(tmp_path):

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 
 from lowbit.codegen.errors import LowbitError
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 
 _Count = Annotated[int, Field(ge=1)]
 _Size = Annotated[int, Field(ge=0)]
@@ -34,12 +34,21 @@ class Named(_Record):
     name: _Name
 
 
+class CacheBufferInfo(_Record):
+    name: _Name  # after cache.{layer}.
+    shape: list[Annotated[int, Field(ge=1)] | Annotated[str, StringConstraints(pattern=r"^capacity(/[1-9][0-9]*)?$")]]
+    dtype: _Name
+
+
 class KVCacheInfo(_Record):
     num_layers: _Count
     num_kv_heads: _Count
     head_dim: _Count
     dtype: _Name
     layout: str
+    scheme: _Name  # float32, kv8, kv4:group=G;residual=R
+    capacity_multiple: _Count  # every allocated capacity is a multiple of it
+    buffers: list[CacheBufferInfo]  # one layer's cache tensors, in the order entry functions take them
     attention_fused: _Size  # layers whose decode attention is one kernel over the cache
     attention_layers: _Count
 

@@ -13,8 +13,9 @@ import numpy as np
 from .artifact import LIBRARY, WEIGHTS, read_manifest
 from .threads import use_available_cores
 from lowbit.codegen.errors import LowbitError
+from lowbit.passes.schemes.kv import CacheBuffer, kv_report
 
-INITIAL_CAPACITY = 256  # cache positions allocated for a new session
+INITIAL_CAPACITY = 256  # cache positions allocated for a new session that fixes no capacity
 
 @dataclasses.dataclass
 class Generation:
@@ -42,31 +43,36 @@ class Session:
     The cache holds one conversation: :meth:`prefill` starts a new one, :meth:`extend` and
     :meth:`decode` continue it, :meth:`generate` starts a new one; :attr:`position` is its length.
     Token ids are checked against the vocabulary the artifact records before they reach a kernel.
+
+    ``context``: the cache is allocated once, for that many positions (at most the model's
+    context), and a conversation longer than it is refused; by default it is allocated for
+    ``INITIAL_CAPACITY`` positions and grows by doubling, up to the model's context.
     """
 
-    def __init__(self, artifact_dir: str | Path, trusted_keys=None):
+    def __init__(self, artifact_dir: str | Path, trusted_keys=None, context: int | None = None):
         path = Path(artifact_dir)
         # verifies the signature (if asked) and every checksum before anything loads
         manifest = read_manifest(path, trusted_keys)
         arrays = _load_weights(path, manifest)
         tokenizer = path / "tokenizer.json"
         self._setup(_load_library(path), arrays, manifest, tokenizer if tokenizer.is_file() else None,
-                    f"artifact {path}", verify=True)
+                    f"artifact {path}", verify=True, context=context)
 
     @classmethod
     def in_memory(cls, executable, params: dict[str, np.ndarray], manifest: dict,
-                  tokenizer_file: Path | None) -> "Session":
+                  tokenizer_file: Path | None, context: int | None = None) -> "Session":
         """A session on a freshly built module, without writing an artifact (``lowbit eval MODEL``).
 
         ``manifest`` needs ``model``, ``kv_cache``, ``max_context`` and ``vocab_size``; the weights
         are ``params``, in the order the module's functions take them."""
         weights = [{"name": n, "shape": list(a.shape), "dtype": str(a.dtype)} for n, a in params.items()]
         session = cls.__new__(cls)
-        session._setup(executable, params, dict(manifest, weights=weights), tokenizer_file, manifest["model"]["name"])
+        session._setup(executable, params, dict(manifest, weights=weights), tokenizer_file, manifest["model"]["name"],
+                       context=context)
         return session
 
     def _setup(self, library, arrays: dict, manifest: dict, tokenizer_file: Path | None, where: str,
-               verify: bool = False) -> None:
+               verify: bool = False, context: int | None = None) -> None:
         """``verify``: check that the library's entry functions take what the manifest lists."""
         import tvm
         from tvm import relax
@@ -82,8 +88,14 @@ class Session:
             self._check_signature()
         self._weights = [tvm.runtime.tensor(arrays[name], self.device) for name in self._weight_names]
         kv = manifest["kv_cache"]
-        self.num_layers, self.kv_heads, self.head_dim = kv["num_layers"], kv["num_kv_heads"], kv["head_dim"]
+        self.num_layers = kv["num_layers"]
+        self._buffers = [CacheBuffer("", tuple(b["shape"]), b["dtype"]) for b in kv["buffers"]] * self.num_layers
+        self._capacity_multiple = int(kv["capacity_multiple"])
         self.max_context = int(manifest["max_context"])
+        if context is not None and not (_is_whole(context) and 1 <= context <= self.max_context):
+            raise LowbitError(f"a KV cache for {context!r} tokens: use a whole number from 1 to the "
+                              f"{self.max_context}-token context of {where}")
+        self.fixed_context = context
         self.vocab_size = int(manifest["vocab_size"])
         self.eos_token_ids = set(manifest.get("eos_token_ids", []))
         self.tokenizer = None
@@ -97,6 +109,8 @@ class Session:
                     from None
         self._cache, self.capacity = [], 0  # allocated by the first call (see _reserve)
         self.reset()
+        if context is not None:
+            self._reserve(context)
 
     def _check_signature(self) -> None:
         """The entry functions take as many inputs as the manifest lists, then exactly its weights, in
@@ -104,9 +118,9 @@ class Session:
         if self.manifest["entry_functions"] != ["prefill", "decode"]:
             raise LowbitError(f"{self.where}: entry_functions must be prefill and decode; recompile the artifact")
         kv = self.manifest["kv_cache"]
-        if len(self.manifest["inputs"]) != 2 + 2 * kv["num_layers"]:
+        if len(self.manifest["inputs"]) != 2 + len(kv["buffers"]) * kv["num_layers"]:
             raise LowbitError(f"{self.where}: manifest.json lists {len(self.manifest['inputs'])} inputs for "
-                              f"{kv['num_layers']} layers; recompile the artifact")
+                              f"{kv['num_layers']} layers of {len(kv['buffers'])} cache tensors; recompile it")
         for entry in self.manifest["entry_functions"]:
             try:
                 arity = self._vm._get_function_arity(entry)
@@ -125,18 +139,35 @@ class Session:
         """Forget the conversation (the cache's memory is kept for the next one)."""
         self.position = 0
 
+    def kv_report(self, context: int | None = None) -> dict:
+        """The cache's scheme and bytes per token at ``context`` positions (default: this session's
+        fixed capacity, or the model's context; see :func:`~lowbit.passes.schemes.kv.kv_report`)."""
+        return kv_report(self.manifest["kv_cache"], context or self.fixed_context or self.max_context)
+
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes the cache holds now."""
+        return sum(buffer.bytes_at(self.capacity) for buffer in self._buffers) if self.capacity else 0
+
     def _reserve(self, tokens: int) -> None:
-        """Caches that hold ``tokens`` positions: allocated once, grown by doubling (up to the
-        model's context) with the conversation so far copied over, so growth costs O(1) per token."""
+        """Caches that hold ``tokens`` positions: allocated once (for ``context`` positions when the
+        session fixes it), else grown by doubling (up to the model's context) with the conversation so
+        far copied over, so growth costs O(1) per token. Capacities are multiples of the KV scheme's
+        ``capacity_multiple``."""
         if tokens <= self.capacity:
             return
-        capacity = min(max(tokens, 2 * self.capacity, INITIAL_CAPACITY), self.max_context)
-        shape = (1, self.kv_heads, capacity, self.head_dim)
+        if self.fixed_context is not None and self.capacity:
+            raise LowbitError(f"{tokens} tokens exceed the KV cache of {self.fixed_context} tokens this session "
+                              f"allocated (--max-context); start it with a larger one, up to {self.max_context}")
+        wanted = tokens if self.fixed_context is not None else max(tokens, 2 * self.capacity, INITIAL_CAPACITY)
+        multiple = self._capacity_multiple
+        capacity = -(-min(wanted, self.max_context) // multiple) * multiple
         grown = []
-        for old in self._cache or [None] * (2 * self.num_layers):
-            array = np.zeros(shape, np.float32)
-            if old is not None and self.position:
-                array[:, :, :self.position] = old.numpy()[:, :, :self.position]
+        for index, buffer in enumerate(self._buffers):
+            array = np.zeros(buffer.shape(capacity), buffer.dtype)
+            if self._cache and self.position:
+                old = self._cache[index].numpy()
+                array[tuple(slice(0, n) for n in old.shape)] = old  # capacity axes grow; fixed ones match
             grown.append(self._tvm.runtime.tensor(array, self.device))
         self._cache, self.capacity = grown, capacity
 
@@ -237,11 +268,12 @@ class Session:
         if seed is not None and not (_is_whole(seed) and seed >= 0):
             raise LowbitError(f"seed must be a whole number >= 0, got {seed!r}")
         ids = self.encode(prompt) if isinstance(prompt, str) else self._checked_ids(prompt)[0].tolist()
-        if len(ids) + max_new_tokens > self.max_context:
-            raise LowbitError(
-                f"prompt of {len(ids)} tokens plus {max_new_tokens} new tokens exceeds the context "
-                f"of {self.max_context} tokens of {self.where}; shorten the prompt or lower --max-new-tokens"
-            )
+        limit = self.fixed_context or self.max_context
+        if len(ids) + max_new_tokens > limit:
+            held = (f"the KV cache of {limit} tokens this session allocated (--max-context; the model's context is "
+                    f"{self.max_context})" if self.fixed_context else f"the context of {limit} tokens of {self.where}")
+            raise LowbitError(f"prompt of {len(ids)} tokens plus {max_new_tokens} new tokens exceeds {held}; "
+                              "shorten the prompt or lower --max-new-tokens")
         rng = np.random.default_rng(seed)
         start = time.perf_counter()
         logits = self.prefill(ids)[-1]

@@ -5,13 +5,15 @@ one numpy source of truth that RTN, GPTQ, AWQ, SmoothQuant's search, the sensiti
 the tests all call), the weight format it asks the chip target to lay out, and the kernel call
 the rewrite inserts (:class:`~lowbit.passes.quantize_linears.QuantizeLinears`). Recipes select a
 scheme from their weight and activation settings; adding a scheme is one class registered here
-plus its kernels in ``lowbit.codegen``.
+plus its kernels in ``lowbit.codegen``. KV-cache schemes (:mod:`.kv`) do the same for how each
+layer's keys and values are stored, written and read.
 """
 
 from __future__ import annotations
 
 from ..recipe import ActQuant, WeightQuant
 from .grids import ActivationGrid, QuantizedWeight, WeightGrid
+from .kv import KVScheme, kv_bytes_per_token, kv_scheme
 from .linear import FloatLinear, Int4Linear, Int8Linear, LinearScheme, W4A8Linear, W8A8Linear
 
 LINEAR_SCHEMES: dict[str, type[LinearScheme]] = {}
@@ -36,5 +38,5 @@ def linear_scheme(weights: WeightQuant | None, activations: ActQuant | None = No
     return matching[0](weights, activations)
 
 
-__all__ = ["ActivationGrid", "LINEAR_SCHEMES", "LinearScheme", "QuantizedWeight", "WeightGrid", "linear_scheme",
-           "register_linear_scheme"]
+__all__ = ["ActivationGrid", "KVScheme", "LINEAR_SCHEMES", "LinearScheme", "QuantizedWeight", "WeightGrid",
+           "kv_bytes_per_token", "kv_scheme", "linear_scheme", "register_linear_scheme"]

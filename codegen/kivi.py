@@ -1,0 +1,256 @@
+"""The int4 KV cache of ``+kv4``, KIVI-style (Liu et al., 2024): layout, append, read-back, decode attention.
+
+Positions ``[0, q)`` are quantized and ``[q, length)`` are kept in an fp16 window, where
+``q = max(length - residual, 0) // group * group``: the most recent ``residual`` tokens are always
+in float, and tokens join the quantized cache a whole key group at a time. Quantization is
+asymmetric to 16 levels, ``x = code * scale + minimum``, ``scale = (max - min) / 15`` (fp16
+``scale`` and ``minimum``; a constant group has scale 0 and codes 0):
+
+* keys per channel: one scale and minimum per ``group`` consecutive positions and channel
+  (``[1, kv_heads, capacity / group, head_dim]``), as keys' outlier channels need;
+* values per token: one per position and ``group`` consecutive channels
+  (``[1, kv_heads, capacity, head_dim / group]``).
+
+Codes are packed two per byte, channel ``d`` in the low nibble and channel ``d + head_dim / 2`` in
+the high one (``uint8[1, kv_heads, capacity, head_dim / 2]``), so a vector of consecutive bytes
+unpacks with one shift for a whole half of the head. The window ``fp16[1, kv_heads, residual +
+group, head_dim]`` holds position ``p`` at ``p % (residual + group)``.
+
+Codes round ``(x - minimum) / scale`` half to even in float32, with ``x``, ``minimum`` and
+``scale`` as stored (fp16 widened), so numpy reproduces them bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from tvm import te, tirx, topi
+from tvm.script import tirx as T
+
+from .attention import APPEND_TAG, DEQUANTIZE_TAG
+from .kernels import KERNEL_ATTR
+
+KIVI_ATTENTION_TAG = "decode_attention_kivi"
+LEVELS = 15
+SCALE_DTYPE = "float16"
+
+
+@dataclasses.dataclass(frozen=True)
+class Kivi:
+    """The int4 cache of ``kv_heads`` heads of ``head_dim`` channels (see the module docstring)."""
+
+    kv_heads: int
+    head_dim: int
+    group: int
+    residual: int
+
+    @property
+    def window(self) -> int:
+        return self.residual + self.group
+
+    def buffers(self, role: str) -> tuple:
+        """``(suffix, dims, dtype)`` of each tensor of a ``key`` or ``value`` cache, in argument order."""
+        h, d, g = self.kv_heads, self.head_dim, self.group
+        stats = (1, h, f"capacity/{g}", d) if role == "key" else (1, h, "capacity", d // g)
+        return (("", (1, h, "capacity", d // 2), "uint8"), (".scale", stats, SCALE_DTYPE),
+                (".min", stats, SCALE_DTYPE), (".window", (1, h, self.window, d), SCALE_DTYPE))
+
+    def quantized_end(self, length):
+        """Positions ``[0, quantized_end)`` of a conversation of ``length`` are quantized."""
+        return tirx.max(length - self.residual, 0) // self.group * self.group
+
+    # -- append ------------------------------------------------------------------------------------
+    def append_kernel(self, role: str, dtype: str = "float32") -> tirx.PrimFunc:
+        """Arguments ``(codes, scale, min, window, new, past)``, in place on the first four: the
+        positions that join the quantized cache are quantized (read from the window or from
+        ``new``), then ``new``'s positions still in float are written into the window."""
+        heads, dim, group, residual, window = self.kv_heads, self.head_dim, self.group, self.residual, self.window
+        half = dim // 2
+        keys = role == "key"
+        # a statistics row covers ``group`` positions of one channel (keys) or ``group`` channels of
+        # one position (values): position = start + row * row_step + t, channel = column * column_step + t'
+        row_positions, column_channels = (group, 1) if keys else (1, group)
+        columns = dim // column_channels
+
+        def stored(win, new, h, position, channel, past):
+            """The conversation's ``position`` as the cache keeps it (fp16), from the window or ``new``."""
+            return T.Cast(SCALE_DTYPE, T.if_then_else(
+                position < past, T.Cast("float32", win[0, h, position % window, channel]),
+                T.Cast("float32", new[0, h, position - past, channel])))
+
+        def member(start, r, c, t):
+            """``(position, channel)`` of element ``t`` of statistics row ``r``, column ``c``."""
+            return (start + r * row_positions + t * (row_positions // group),
+                    c * column_channels + t * (column_channels // group))
+
+        def quantized(win, new, scale, low, h, position, channel, past):
+            step = T.Cast("float32", scale[0, h, position // row_positions, channel // column_channels])
+            minimum = T.Cast("float32", low[0, h, position // row_positions, channel // column_channels])
+            x = T.Cast("float32", stored(win, new, h, position, channel, past))
+            return T.Cast("uint8", T.max(T.min(T.if_then_else(
+                step > T.float32(0), T.nearbyint((x - minimum) / step), T.float32(0)), T.float32(LEVELS)),
+                T.float32(0)))
+
+        @T.prim_func(private=True, s_tir=True)
+        def append(var_codes: T.handle, var_scale: T.handle, var_min: T.handle, var_window: T.handle,
+                   var_new: T.handle, past: T.int64):
+            capacity = T.int64()
+            seq = T.int64()
+            rows = T.int64()
+            codes = T.match_buffer(var_codes, (1, heads, capacity, half), "uint8")
+            scale = T.match_buffer(var_scale, (1, heads, rows, columns), SCALE_DTYPE)
+            low = T.match_buffer(var_min, (1, heads, rows, columns), SCALE_DTYPE)
+            win = T.match_buffer(var_window, (1, heads, window, dim), SCALE_DTYPE)
+            new = T.match_buffer(var_new, (1, heads, seq, dim), dtype)
+            start = T.max(past - residual, T.int64(0)) // group * group
+            end = T.max(past + seq - residual, T.int64(0)) // group * group
+            # each statistics row's range (its max kept in ``scale`` until the next block)
+            for h, r, c, t in T.grid(heads, (end - start) // row_positions, columns, group):
+                with T.sblock("range"):
+                    vh, vr, vc, vt = T.axis.remap("SSSR", [h, r, c, t])
+                    with T.init():
+                        low[0, vh, start // row_positions + vr, vc] = T.max_value(SCALE_DTYPE)
+                        scale[0, vh, start // row_positions + vr, vc] = T.min_value(SCALE_DTYPE)
+                    low[0, vh, start // row_positions + vr, vc] = T.min(
+                        low[0, vh, start // row_positions + vr, vc],
+                        stored(win, new, vh, *member(start, vr, vc, vt), past))
+                    scale[0, vh, start // row_positions + vr, vc] = T.max(
+                        scale[0, vh, start // row_positions + vr, vc],
+                        stored(win, new, vh, *member(start, vr, vc, vt), past))
+            for h, r, c in T.grid(heads, (end - start) // row_positions, columns):
+                with T.sblock("scale"):
+                    vh, vr, vc = T.axis.remap("SSS", [h, r, c])
+                    scale[0, vh, start // row_positions + vr, vc] = T.Cast(SCALE_DTYPE, (
+                        T.Cast("float32", scale[0, vh, start // row_positions + vr, vc])
+                        - T.Cast("float32", low[0, vh, start // row_positions + vr, vc])) / T.float32(LEVELS))
+            for h, p, c in T.grid(heads, end - start, half):
+                with T.sblock("quantize"):
+                    vh, vp, vc = T.axis.remap("SSS", [h, p, c])
+                    codes[0, vh, start + vp, vc] = (
+                        quantized(win, new, scale, low, vh, start + vp, vc, past)
+                        | (quantized(win, new, scale, low, vh, start + vp, vc + half, past) << T.uint8(4)))
+            for h, i, c in T.grid(heads, seq, dim):
+                with T.sblock("window"):
+                    vh, vi, vc = T.axis.remap("SSS", [h, i, c])
+                    T.where(past + i >= end)
+                    win[0, vh, (past + vi) % window, vc] = T.Cast(SCALE_DTYPE, new[0, vh, vi, vc])
+
+        return append.with_attr(KERNEL_ATTR, APPEND_TAG)
+
+    # -- read back ---------------------------------------------------------------------------------
+    def _reader(self, role: str, dtype: str):
+        """Placeholders of a cache and ``element(h, j, c)``: position ``j < quantized_end`` dequantized."""
+        capacity = tirx.Var("capacity", "int64")
+        (_, code_dims, _), (_, stat_dims, _), _, (_, win_dims, _) = self.buffers(role)
+        stat_shape = [capacity // self.group if d == f"capacity/{self.group}" else capacity if d == "capacity" else d
+                      for d in stat_dims]
+        codes = te.placeholder((1, self.kv_heads, capacity, self.head_dim // 2), "uint8", f"{role}_codes")
+        scale = te.placeholder(stat_shape, SCALE_DTYPE, f"{role}_scale")
+        low = te.placeholder(stat_shape, SCALE_DTYPE, f"{role}_min")
+        win = te.placeholder(win_dims, SCALE_DTYPE, f"{role}_window")
+        return (codes, scale, low, win)
+
+    def _code(self, codes, h, j, channel, dtype):
+        half = self.head_dim // 2
+        byte = codes[0, h, j, channel % half]
+        return ((byte >> (channel // half * 4).astype("uint8")) & tirx.const(LEVELS, "uint8")).astype(dtype)
+
+    def _stat_index(self, role, j, channel):
+        return (j // self.group, channel) if role == "key" else (j, channel // self.group)
+
+    def dequantize_kernel(self, role: str, dtype: str = "float32") -> tirx.PrimFunc:
+        """Positions ``[0, length)`` as floats; arguments ``(codes, scale, min, window, length, out)``."""
+        codes, scale, low, win = self._reader(role, dtype)
+        length = tirx.Var("length", "int64")
+        end = self.quantized_end(length)
+
+        def element(_b, h, j, c):
+            row, column = self._stat_index(role, j, c)
+            quantized = (self._code(codes, h, j, c, dtype) * scale[0, h, row, column].astype(dtype)
+                         + low[0, h, row, column].astype(dtype))
+            return tirx.if_then_else(j < end, quantized, win[0, h, j % self.window, c].astype(dtype))
+
+        out = te.compute((1, self.kv_heads, length, self.head_dim), element, "dequantize")
+        return te.create_prim_func([codes, scale, low, win, length, out]).with_attr(KERNEL_ATTR, DEQUANTIZE_TAG)
+
+    # -- decode attention ----------------------------------------------------------------------------
+    def attention_kernel(self, q_heads: int, scale: float, bias_heads: int | None,
+                         dtype: str = "float32") -> tirx.PrimFunc:
+        """One query token's attention over the cache as stored; arguments ``(q, *key buffers,
+        *value buffers[, bias], length, out)`` as :func:`~lowbit.codegen.attention.decode_attention_kernel`.
+
+        Quantized keys: ``q . k = sum_c (q_c scale_c) code_c + sum_c q_c min_c`` with both per-group
+        terms computed once per key group; quantized values: the softmax weight times the value's
+        scale once per position and channel group, the minimums' share once per head. Positions in
+        the window are read in fp16 and widened. Before the first group is quantized some reductions
+        are empty: a schedule must give every reduction its initialization outside its loop
+        (:mod:`lowbit.targets.simd` does), as TIR otherwise initializes in the first iteration.
+        """
+        heads, dim, group, window = self.kv_heads, self.head_dim, self.group, self.window
+        half, per = dim // 2, q_heads // heads
+        length = tirx.Var("length", "int64")
+        end = self.quantized_end(length)
+        recent = length - end
+        q = te.placeholder((1, q_heads, 1, dim), dtype, "q")
+        key_codes, key_scale, key_min, key_win = self._reader("key", dtype)
+        value_codes, value_scale, value_min, value_win = self._reader("value", dtype)
+        bias = None if bias_heads is None else te.placeholder((1, bias_heads, 1, length), dtype, "bias")
+
+        def f32(x):
+            return x.astype(dtype)
+
+        scaled_q = te.compute((q_heads, end // group, dim),
+                              lambda h, g, c: q[0, h, 0, c] * f32(key_scale[0, h // per, g, c]), "scaled_q")
+        c = te.reduce_axis((0, dim), "c")
+        offset = te.compute((q_heads, end // group),
+                            lambda h, g: te.sum(q[0, h, 0, c] * f32(key_min[0, h // per, g, c]), axis=c), "offset")
+        nibble, c = te.reduce_axis((0, 2), "nibble"), te.reduce_axis((0, half), "c")
+        dots = te.compute((q_heads, end), lambda h, j: te.sum(
+            scaled_q[h, j // group, nibble * half + c] * self._code(key_codes, h // per, j, nibble * half + c, dtype),
+            axis=[nibble, c]), "dots")
+        c = te.reduce_axis((0, dim), "c")
+        recent_dots = te.compute((q_heads, recent), lambda h, i: te.sum(
+            q[0, h, 0, c] * f32(key_win[0, h // per, (end + i) % window, c]), axis=c), "recent_dots")
+
+        def biased(score, h, j):
+            score = score * tirx.const(scale, dtype)
+            return score if bias is None else score + bias[0, h if bias_heads > 1 else 0, 0, j]
+
+        # the softmax over both parts: one peak and one total, each part's exponentials apart
+        logits = te.compute((q_heads, end), lambda h, j: biased(dots[h, j] + offset[h, j // group], h, j), "logits")
+        recent_logits = te.compute((q_heads, recent), lambda h, i: biased(recent_dots[h, i], h, end + i),
+                                   "recent_logits")
+        peak = _combined(te.max, tirx.max, logits, recent_logits, "peak")
+        weights = topi.fast_exp(te.compute((q_heads, end), lambda h, j: logits[h, j] - peak[h], "shifted"))
+        recent_weights = topi.fast_exp(te.compute((q_heads, recent), lambda h, i: recent_logits[h, i] - peak[h],
+                                                  "recent_shifted"))
+        total = _combined(te.sum, lambda a, b: a + b, weights, recent_weights, "total")
+
+        groups = dim // group
+        weighted_scale = te.compute((q_heads, end, groups), lambda h, j, g: weights[h, j] * f32(
+            value_scale[0, h // per, j, g]), "weighted_scale")
+        j = te.reduce_axis((0, end), "j")
+        weighted_min = te.compute((q_heads, groups), lambda h, g: te.sum(
+            weights[h, j] * f32(value_min[0, h // per, j, g]), axis=j), "weighted_min")
+        j = te.reduce_axis((0, end), "j")
+        mixed = te.compute((q_heads, 2, half), lambda h, n, e: te.sum(
+            weighted_scale[h, j, (n * half + e) // group] * self._code(value_codes, h // per, j, n * half + e, dtype),
+            axis=j), "mixed")
+        i = te.reduce_axis((0, recent), "i")
+        recent_mixed = te.compute((q_heads, dim), lambda h, e: te.sum(
+            recent_weights[h, i] * f32(value_win[0, h // per, (end + i) % window, e]), axis=i), "recent_mixed")
+        out = te.compute((1, q_heads, 1, dim), lambda _b, h, _s, e: (
+            mixed[h, e // half, e % half] + weighted_min[h, e // group] + recent_mixed[h, e]) / total[h], "out")
+        inputs = [q, key_codes, key_scale, key_min, key_win, value_codes, value_scale, value_min, value_win]
+        func = te.create_prim_func([*inputs, *([] if bias is None else [bias]), length, out])
+        return func.with_attr(KERNEL_ATTR, KIVI_ATTENTION_TAG)
+
+
+def _combined(reduce, combine, first: te.Tensor, second: te.Tensor, name: str) -> te.Tensor:
+    """``combine`` of ``reduce`` over the last axis of two ``[heads, n]`` tensors, per head."""
+    def part(index: int, tensor: te.Tensor) -> te.Tensor:
+        axis = te.reduce_axis((0, tensor.shape[1]), "j")
+        return te.compute(tensor.shape[:1], lambda h: reduce(tensor[h, axis], axis=axis), f"{name}_{index}")
+
+    parts = [part(0, first), part(1, second)]
+    return te.compute(first.shape[:1], lambda h: combine(parts[0][h], parts[1][h]), name)

@@ -1,0 +1,191 @@
+"""KV-cache schemes: how one layer's keys and values are stored, written and read.
+
+A scheme says which tensors one cache (a layer's keys, or its values) is made of
+(:class:`CacheBuffer`: a name suffix, a shape with a ``capacity`` axis of positions, a dtype) and
+which kernels the in-place cache rewrite (:mod:`lowbit.passes.kv_cache`) calls on them: the
+append that writes (and quantizes) new positions, the read of a prefix back as floats (for a
+prompt's attention and any reader that is not decode's fused attention), and decode's attention
+over the cache as stored. Recipes select a scheme with ``+kv8`` / ``+kv4``; adding one is a class
+here plus its kernels in :mod:`lowbit.codegen`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from lowbit.codegen import attention, kivi
+from lowbit.codegen.errors import LowbitError
+
+from ..model_ir import KVLayout
+from ..recipe import KVQuant
+
+CAPACITY = "capacity"
+ROLES = ("key", "value")
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheBuffer:
+    """One tensor of a cache: ``suffix`` after ``cache.{layer}.{role}``, ``dims`` of ints and
+    ``"capacity"`` (one entry per position) or ``"capacity/N"`` (one per ``N`` positions), ``dtype``."""
+
+    suffix: str
+    dims: tuple
+    dtype: str
+
+    def shape(self, capacity) -> list:
+        """The shape for ``capacity`` positions (an int, or a symbolic TIR variable)."""
+        return [_capacity_dim(dim, capacity) if isinstance(dim, str) else dim for dim in self.dims]
+
+    def bytes_at(self, capacity: int) -> int:
+        return math.prod(self.shape(capacity)) * np.dtype(self.dtype).itemsize
+
+    def as_dict(self, role: str) -> dict:
+        return {"name": role + self.suffix, "shape": list(self.dims), "dtype": self.dtype}
+
+
+def _capacity_dim(dim: str, capacity):
+    if dim == CAPACITY:
+        return capacity
+    return capacity // int(dim.split("/")[1])
+
+
+class KVScheme:
+    """A KV-cache scheme (see the module docstring); ``capacity_multiple`` is what every allocated
+    capacity must be a multiple of; ``roles_differ``: keys and values are stored differently."""
+
+    name: str
+    capacity_multiple: int = 1
+    roles_differ: bool = False
+
+    def __init__(self, kv: KVLayout):
+        self.kv = kv
+
+    def buffers(self, role: str) -> tuple[CacheBuffer, ...]:
+        raise NotImplementedError
+
+    def append_kernel(self, role: str):
+        """Arguments ``(*buffers, new[1, kv_heads, seq, head_dim], past)``, in place on the buffers."""
+        raise NotImplementedError
+
+    def prefix_kernel(self, role: str):
+        """Arguments ``(*buffers, length, out[1, kv_heads, length, head_dim])``; ``None`` when the
+        cache is one float tensor whose prefix is a slice."""
+        raise NotImplementedError
+
+    def attention_kernel(self, q_heads: int, scale: float, bias_heads: int | None):
+        """Decode's attention (see :func:`lowbit.codegen.attention.decode_attention_kernel`) with
+        arguments ``(q, *key buffers, *value buffers[, bias], length, out)``."""
+        raise NotImplementedError
+
+    def kernel_suffix(self) -> str:
+        """What tells this scheme's kernels apart from another's in a symbol name."""
+        return self.name.replace(":", "_").replace(";", "_").replace("=", "")
+
+    def describe(self) -> dict:
+        """The manifest's record: scheme name, capacity multiple and every buffer of a layer."""
+        return {"scheme": self.name, "capacity_multiple": self.capacity_multiple,
+                "buffers": [b.as_dict(role) for role in ROLES for b in self.buffers(role)]}
+
+
+class FloatCache(KVScheme):
+    name = "float32"
+
+    def buffers(self, role):
+        kv = self.kv
+        return (CacheBuffer("", (1, kv.num_kv_heads, CAPACITY, kv.head_dim), kv.dtype),)
+
+    def append_kernel(self, role):
+        return attention.kv_append_kernel(self.kv.num_kv_heads, self.kv.head_dim, self.kv.dtype)
+
+    def prefix_kernel(self, role):
+        return None
+
+    def attention_kernel(self, q_heads, scale, bias_heads):
+        kv = self.kv
+        readers = (attention.float_cache(kv.num_kv_heads, kv.head_dim, f"{r}_cache", kv.dtype) for r in ROLES)
+        return attention.decode_attention_kernel(q_heads, kv.num_kv_heads, kv.head_dim, scale, bias_heads,
+                                                 *readers, kv.dtype)
+
+
+class Int8Cache(KVScheme):
+    """``kv8``: int8 codes, symmetric, one fp32 scale per position and KV head."""
+
+    name = "kv8"
+
+    def buffers(self, role):
+        kv = self.kv
+        return (CacheBuffer("", (1, kv.num_kv_heads, CAPACITY, kv.head_dim), "int8"),
+                CacheBuffer(".scale", (1, kv.num_kv_heads, CAPACITY), "float32"))
+
+    def append_kernel(self, role):
+        return attention.kv8_append_kernel(self.kv.num_kv_heads, self.kv.head_dim, self.kv.dtype)
+
+    def prefix_kernel(self, role):
+        return attention.kv8_dequantize_kernel(self.kv.num_kv_heads, self.kv.head_dim, self.kv.dtype)
+
+    def attention_kernel(self, q_heads, scale, bias_heads):
+        kv = self.kv
+        readers = (attention.int8_cache(kv.num_kv_heads, kv.head_dim, f"{r}_cache", kv.dtype) for r in ROLES)
+        return attention.decode_attention_kernel(q_heads, kv.num_kv_heads, kv.head_dim, scale, bias_heads,
+                                                 *readers, kv.dtype)
+
+
+class Int4Cache(KVScheme):
+    """``kv4``: KIVI-style int4 (see :mod:`lowbit.codegen.kivi` for the layout and rounding)."""
+
+    roles_differ = True
+
+    def __init__(self, kv: KVLayout, quant: KVQuant):
+        super().__init__(kv)
+        if kv.head_dim % quant.group:
+            raise LowbitError(f"kv4 group={quant.group} does not divide the model's head_dim {kv.head_dim} (values "
+                              f"are quantized in groups of {quant.group} channels); use a divisor of {kv.head_dim}")
+        if kv.head_dim % 2:
+            raise LowbitError(f"kv4 packs two channels per byte, and head_dim {kv.head_dim} is odd; use +kv8")
+        self.layout = kivi.Kivi(kv.num_kv_heads, kv.head_dim, quant.group, quant.residual)
+        self.name = quant.name
+        self.capacity_multiple = quant.group
+
+    def buffers(self, role):
+        return tuple(CacheBuffer(*entry) for entry in self.layout.buffers(role))
+
+    def append_kernel(self, role):
+        return self.layout.append_kernel(role, self.kv.dtype)
+
+    def prefix_kernel(self, role):
+        return self.layout.dequantize_kernel(role, self.kv.dtype)
+
+    def attention_kernel(self, q_heads, scale, bias_heads):
+        return self.layout.attention_kernel(q_heads, scale, bias_heads, self.kv.dtype)
+
+
+def kv_scheme(quant: KVQuant | None, kv: KVLayout) -> KVScheme:
+    """The scheme a recipe's ``kv`` setting selects for a model's KV layout."""
+    if quant is None:
+        return FloatCache(kv)
+    if kv.dtype != "float32":
+        raise LowbitError(f"+kv{quant.bits} quantizes a float32 cache; this model's cache is {kv.dtype}")
+    return Int8Cache(kv) if quant.bits == 8 else Int4Cache(kv, quant)
+
+
+def kv_report(kv_cache: dict, context: int) -> dict:
+    """What ``inspect``, ``eval`` and ``run`` report of a manifest's ``kv_cache`` at ``context`` positions:
+    the scheme, the bytes per token, and those of a float32 cache of the same model."""
+    float_bytes = kv_cache["num_layers"] * len(ROLES) * kv_cache["num_kv_heads"] * kv_cache["head_dim"] * 4
+    return {"kv_scheme": kv_cache["scheme"], "kv_context": context,
+            "kv_bytes_per_token": round(kv_bytes_per_token(kv_cache, kv_cache["num_layers"], context), 1),
+            "kv_fp32_bytes_per_token": float_bytes}
+
+
+def kv_bytes_per_token(description: dict, num_layers: int, context: int) -> float:
+    """Bytes of cache per token of a model with ``num_layers`` layers whose layer cache
+    ``description`` (:meth:`KVScheme.describe`) states, at a capacity of ``context`` positions: all
+    layers, keys and values, scales and zero points included, fixed-size buffers (kv4's float
+    window) amortized over ``context``."""
+    multiple = description["capacity_multiple"]
+    capacity = -(-context // multiple) * multiple
+    total = sum(CacheBuffer("", tuple(b["shape"]), b["dtype"]).bytes_at(capacity) for b in description["buffers"])
+    return num_layers * total / context
