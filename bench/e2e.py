@@ -43,10 +43,13 @@ PROMPT_TOKENS, NEW_TOKENS, EVAL_TOKENS, WINDOW = 64, 128, 4096, 512
 class Worker:
     """A runner process (:mod:`e2e_runner`)."""
 
-    def __init__(self, name: str, kind: str, path: Path, env: dict | None = None, weights: Path | None = None):
+    def __init__(self, name: str, kind: str, path: Path, env: dict | None = None, weights: Path | None = None,
+                 options: dict | None = None):
         self.name, self.path = name, path
         self.weights_mb = _size(weights or path) / 1e6
-        self.process = subprocess.Popen([sys.executable, str(BENCH / "e2e_runner.py"), kind, str(path)],
+        command = [sys.executable, str(BENCH / "e2e_runner.py"), kind, str(path)] + (
+            [json.dumps(options)] if options else [])
+        self.process = subprocess.Popen(command,
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self._read()
 
@@ -107,8 +110,10 @@ def eval_ids() -> list[int]:
     return tokenizer.encode(read_text("alice29")).ids
 
 
-def measure_speed(runners: list[Worker], prompt: list[int], rounds: int, quiet_cores: float, max_wait: float):
-    """Interleaved rounds; returns per runner the kept (prefill tok/s, decode tok/s) and a load note."""
+def measure_speed(runners: list[Worker], prompt: list[int], rounds: int, quiet_cores: float, max_wait: float,
+                  new: int = NEW_TOKENS):
+    """Interleaved rounds of a prefill of ``prompt`` then ``new`` decode steps; returns per runner the
+    kept (load, prefill tok/s, decode tok/s) and a load note."""
     records = {w.name: [] for w in runners}
     started = time.monotonic()
     for w in runners:  # warm-up
@@ -118,10 +123,10 @@ def measure_speed(runners: list[Worker], prompt: list[int], rounds: int, quiet_c
             time.sleep(0.2)  # let the previous runner's threads go idle
             w.ask(cmd="speed", prompt=prompt[:8], new=4)  # untimed: its weights back in cache, its threads awake
             probe, before = CpuLoad(), w.cpu_seconds()
-            reply = w.ask(cmd="speed", prompt=prompt, new=NEW_TOKENS)
+            reply = w.ask(cmd="speed", prompt=prompt, new=new)
             wall = reply["prefill_s"] + reply["decode_s"]
             others = max((probe.others_cores() or 0.0) - (w.cpu_seconds() - before) / max(wall, 1e-9), 0.0)
-            records[w.name].append((others, PROMPT_TOKENS / reply["prefill_s"], NEW_TOKENS / reply["decode_s"]))
+            records[w.name].append((others, len(prompt) / reply["prefill_s"], new / reply["decode_s"]))
         done = len(records[runners[0].name])
         quiet = min(sum(r[0] < quiet_cores for r in recs) for recs in records.values())
         if done >= rounds and (quiet >= rounds or time.monotonic() - started > max_wait):

@@ -1,14 +1,19 @@
 """One runner of bench/e2e.py, in its own process: loads one model, then answers commands on stdin.
 
-    python bench/e2e_runner.py KIND MODEL_PATH
+    python bench/e2e_runner.py KIND MODEL_PATH [OPTIONS_JSON]
 
 KIND is ``lowbit`` (an artifact folder), ``llama.cpp`` (a GGUF file), ``ort-genai`` (an ONNX
-Runtime GenAI model folder) or ``torch`` (a Hugging Face folder). Commands, one JSON object per line
-in and out: ``{"cmd": "speed", "prompt": [ids], "new": N}`` -> ``{"prefill_s", "decode_s", "tokens"}``
-(one prefill of the prompt from an empty cache, then N decode steps, each fed the argmax of the
-previous logits, end-of-sequence ignored); ``{"cmd": "nll", "window": [ids]}`` -> ``{"nll", "count"}``
-(the summed negative log-likelihood of tokens 1.. of the window given the ones before it, from an
-empty cache); ``{"cmd": "quit"}``. Every runner uses ``THREADS`` threads.
+Runtime GenAI model folder) or ``torch`` (a Hugging Face folder). OPTIONS_JSON (llama.cpp only):
+``n_ctx`` (default 1024), ``type_k`` / ``type_v`` (cache types such as ``q8_0``, ``q4_0``; default
+f16), ``flash_attn`` (default false; llama.cpp needs it for a quantized value cache) and
+``score_batch`` (tokens per evaluation call of the scoring instance, default 512). Commands, one
+JSON object per line in and out: ``{"cmd": "speed", "prompt": [ids], "new": N}`` -> ``{"prefill_s",
+"decode_s", "tokens"}`` (one prefill of the prompt from an empty cache, in chunks of at most 512
+tokens, then N decode steps, each fed the argmax of the previous logits, end-of-sequence ignored);
+``{"cmd": "nll", "window": [ids], "chunk": C}`` -> ``{"nll", "count"}`` (the summed negative
+log-likelihood of tokens 1.. of the window given the ones before it, from an empty cache; with
+``chunk`` (lowbit) the window is fed ``C`` tokens per call, so later tokens attend through the KV
+cache as stored); ``{"cmd": "quit"}``. Every runner uses ``THREADS`` threads.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import sys
 import time
 
 THREADS = int(os.environ.get("E2E_THREADS", "2"))
+PREFILL_CHUNK = 512
 os.environ["TVM_NUM_THREADS"] = str(THREADS)
 os.environ["OMP_NUM_THREADS"] = str(THREADS)
 
@@ -38,29 +44,37 @@ def window_nll(logits: np.ndarray, window: list[int]) -> float:
 
 
 class Lowbit:
-    def __init__(self, path):
+    def __init__(self, path, _options):
         from lowbit.compiler import load
 
         self.session = load(path)
 
     def prefill(self, ids):
-        return self.session.prefill(ids)[-1]
+        logits = self.session.prefill(ids[:PREFILL_CHUNK])
+        for start in range(PREFILL_CHUNK, len(ids), PREFILL_CHUNK):
+            logits = self.session.extend(ids[start:start + PREFILL_CHUNK])
+        return logits[-1]
 
     def step(self, token):
         return self.session.decode(token)
 
-    def logits(self, window):
-        return self.session.prefill(window)
+    def logits(self, window, chunk=None):
+        from lowbit.compiler.runtime.evaluation import chunked_logits
+
+        return chunked_logits(self.session, window, chunk)
 
 
 class LlamaCpp:
-    def __init__(self, path):
-        from llama_cpp import Llama
+    def __init__(self, path, options):
+        import llama_cpp
 
-        common = dict(model_path=path, n_ctx=1024, n_batch=512, n_ubatch=512, n_threads=THREADS,
-                      n_threads_batch=THREADS, verbose=False)
-        self.llm = Llama(**common)
-        self.scoring = Llama(**common, logits_all=True)
+        cache = {f"type_{part}": getattr(llama_cpp, f"GGML_TYPE_{options[f'type_{part}'].upper()}")
+                 for part in ("k", "v") if f"type_{part}" in options}
+        common = dict(model_path=path, n_ctx=options.get("n_ctx", 1024), n_threads=THREADS, n_threads_batch=THREADS,
+                      flash_attn=options.get("flash_attn", False), verbose=False, **cache)
+        self.llm = llama_cpp.Llama(**common, n_batch=512, n_ubatch=512)
+        batch = options.get("score_batch", 512)  # llama.cpp feeds an evaluation this many tokens per call
+        self.scoring = llama_cpp.Llama(**common, n_batch=batch, n_ubatch=batch, logits_all=True)
 
     def prefill(self, ids):
         self.llm.reset()
@@ -71,14 +85,14 @@ class LlamaCpp:
         self.llm.eval([token])
         return self.llm.scores[self.llm.n_tokens - 1]
 
-    def logits(self, window):
+    def logits(self, window, _chunk=None):
         self.scoring.reset()
         self.scoring.eval(window)
         return np.asarray(self.scoring.scores[: len(window)])
 
 
 class OrtGenAI:
-    def __init__(self, path):
+    def __init__(self, path, _options):
         import onnxruntime_genai as og
 
         self.og = og
@@ -103,7 +117,7 @@ class OrtGenAI:
         self.generator.generate_next_token()
         return None
 
-    def logits(self, window):
+    def logits(self, window, _chunk=None):
         generator = self._generator(len(window) + 1)
         generator.append_tokens(window)
         logits = np.asarray(generator.get_output("logits"))
@@ -113,7 +127,7 @@ class OrtGenAI:
 
 
 class Torch:
-    def __init__(self, path):
+    def __init__(self, path, _options):
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -133,7 +147,7 @@ class Torch:
         self.past = out.past_key_values
         return out.logits[0, -1].numpy()
 
-    def logits(self, window):
+    def logits(self, window, _chunk=None):
         with self.torch.no_grad():
             return self.model(self.torch.tensor([window])).logits[0].numpy()
 
@@ -143,7 +157,7 @@ RUNNERS = {"lowbit": Lowbit, "llama.cpp": LlamaCpp, "ort-genai": OrtGenAI, "torc
 
 def main() -> None:
     kind, path = sys.argv[1], sys.argv[2]
-    runner = RUNNERS[kind](path)
+    runner = RUNNERS[kind](path, json.loads(sys.argv[3]) if len(sys.argv) > 3 else {})
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         command = json.loads(line)
@@ -162,7 +176,7 @@ def main() -> None:
             reply = {"prefill_s": prefill_s, "decode_s": time.perf_counter() - start, "tokens": new}
         else:
             window = command["window"]
-            reply = {"nll": window_nll(runner.logits(window), window), "count": len(window) - 1}
+            reply = {"nll": window_nll(runner.logits(window, command.get("chunk")), window), "count": len(window) - 1}
         print(json.dumps(reply), flush=True)
 
 

@@ -1,22 +1,27 @@
 """Kernels of the in-place KV cache: the cache write and decode's attention over the cache.
 
 The cache of one layer's keys (or values) is a few tensors the runtime allocates once, each with a
-``capacity`` axis of positions (symbolic, so one kernel serves any allocation):
+``capacity`` axis of positions (symbolic, so one kernel serves any allocation; a multiple of
+``TILE``):
 
-* float: ``[1, kv_heads, capacity, head_dim]``;
-* int8 (``kv8``): codes ``int8[1, kv_heads, capacity, head_dim]`` and one ``float32`` scale per
-  position and head ``[1, kv_heads, capacity]``, symmetric: ``x = code * scale``, ``scale =
-  max|x| / 127`` over the head's channels.
+* values, float: ``[1, kv_heads, capacity, head_dim]``;
+* keys, float: in tiles of ``TILE`` positions with the position innermost,
+  ``[1, kv_heads, capacity / TILE, head_dim, TILE]``, so that decode's scores for a tile of
+  positions are one vector accumulated over the channels (no horizontal sums);
+* int8 (``kv8``): codes in the same layouts (``int8``) and one ``float32`` scale per position and
+  head ``[1, kv_heads, capacity]``, symmetric: ``x = code * scale``, ``scale = max|x| / 127`` over
+  the head's channels.
 
 Kernels:
 
 * :func:`kv_append_kernel` / :func:`kv8_append_kernel` write ``new[1, kv_heads, seq, head_dim]`` at
   positions ``[past, past + seq)``, in place (``call_tir_inplace`` on the cache's tensors), the
   int8 one quantizing as it writes;
-* :func:`kv8_dequantize_kernel` reads positions ``[0, length)`` back as floats (for the attention of
-  a prompt, which is a GEMM-shaped product over the whole prefix);
+* :func:`kv_read_kernel` / :func:`kv8_dequantize_kernel` read positions ``[0, length)`` back as
+  ``[1, kv_heads, length, head_dim]`` floats (for the attention of a prompt, a GEMM-shaped product
+  over the whole prefix);
 * :func:`decode_attention_kernel` is one query token's attention over positions ``[0, length)`` of
-  the key and value caches, read in place through a :class:`CacheReader` (int8 codes are widened
+  the key and value caches, read in place through :class:`CacheReader` s (int8 codes are widened
   in registers, their scale applied once per position): query head ``h`` reads KV head
   ``h // (q_heads // kv_heads)`` (grouped-query attention), scores are ``q . k * scale (+ bias)``,
   softmax as ``exp(x - max) / sum`` with TVM's ``fast_exp`` (relative error below 1e-6 on the
@@ -39,49 +44,60 @@ APPEND_TAG = "kv_append"
 DEQUANTIZE_TAG = "kv_dequantize"
 DECODE_ATTENTION_TAG = "decode_attention"
 INT8_LEVELS = 127
+TILE = 16  # key positions per tile: one 512-bit vector of float scores
+
+
+def cache_shape(kv_heads: int, head_dim: int, extent, tiled: bool) -> tuple:
+    """A cache's shape whose capacity axis has ``extent`` entries: tiles (keys, ``tiled``) or
+    positions (values)."""
+    return (1, kv_heads, extent, head_dim, TILE) if tiled else (1, kv_heads, extent, head_dim)
+
+
+def cache_index(tiled: bool, h, position, channel) -> tuple:
+    return (0, h, position // TILE, channel, position % TILE) if tiled else (0, h, position, channel)
 
 
 @dataclasses.dataclass(frozen=True)
 class CacheReader:
-    """How an attention kernel reads one cache: its tensors (in argument order), the element at
-    ``(kv_head, position, channel)`` without its per-position factor, and that factor (or ``None``)."""
+    """How an attention kernel reads one cache: its tensors (in argument order), the element without
+    its per-position factor (keys: ``(kv_head, tile, channel, position in tile)``; values:
+    ``(kv_head, position, channel)``) and that factor ``(kv_head, position)``, or ``None``."""
 
     tensors: tuple
     element: Callable
     factor: Callable | None = None
 
 
-def float_cache(kv_heads: int, head_dim: int, name: str, dtype: str = "float32") -> CacheReader:
-    cache = te.placeholder((1, kv_heads, tirx.Var("capacity", "int64"), head_dim), dtype, name)
-    return CacheReader((cache,), lambda h, j, d: cache[0, h, j, d])
+def float_cache(kv_heads: int, head_dim: int, name: str, tiled: bool, dtype: str = "float32") -> CacheReader:
+    cache = te.placeholder(cache_shape(kv_heads, head_dim, tirx.Var("capacity", "int64"), tiled), dtype, name)
+    return CacheReader((cache,), lambda *index: cache[(0, *index)])
 
 
-def int8_cache(kv_heads: int, head_dim: int, name: str, dtype: str = "float32") -> CacheReader:
-    capacity = tirx.Var("capacity", "int64")
-    codes = te.placeholder((1, kv_heads, capacity, head_dim), "int8", name)
-    scales = te.placeholder((1, kv_heads, capacity), "float32", f"{name}_scale")
-    return CacheReader((codes, scales), lambda h, j, d: codes[0, h, j, d].astype(dtype),
+def int8_cache(kv_heads: int, head_dim: int, name: str, tiled: bool, dtype: str = "float32") -> CacheReader:
+    codes = te.placeholder(cache_shape(kv_heads, head_dim, tirx.Var("capacity", "int64"), tiled), "int8", name)
+    scales = te.placeholder((1, kv_heads, tirx.Var("positions", "int64")), "float32", f"{name}_scale")
+    return CacheReader((codes, scales), lambda *index: codes[(0, *index)].astype(dtype),
                        lambda h, j: scales[0, h, j].astype(dtype))
 
 
-def kv_append_kernel(kv_heads: int, head_dim: int, dtype: str = "float32") -> tirx.PrimFunc:
-    """``cache[0, h, past + i, d] = new[0, h, i, d]``; arguments ``(cache, new, past)``, in place on ``cache``."""
+def kv_append_kernel(kv_heads: int, head_dim: int, tiled: bool, dtype: str = "float32") -> tirx.PrimFunc:
+    """``cache[position past + i] = new[0, h, i, d]``; arguments ``(cache, new, past)``, in place on ``cache``."""
 
     @T.prim_func(private=True, s_tir=True)
     def append(var_cache: T.handle, var_new: T.handle, past: T.int64):
         capacity = T.int64()
         seq = T.int64()
-        cache = T.match_buffer(var_cache, (1, kv_heads, capacity, head_dim), dtype)
+        cache = T.match_buffer(var_cache, cache_shape(kv_heads, head_dim, capacity, tiled), dtype)
         new = T.match_buffer(var_new, (1, kv_heads, seq, head_dim), dtype)
         for h, i, d in T.grid(kv_heads, seq, head_dim):
             with T.sblock("append"):
                 vh, vi, vd = T.axis.remap("SSS", [h, i, d])
-                cache[0, vh, past + vi, vd] = new[0, vh, vi, vd]
+                cache[cache_index(tiled, vh, past + vi, vd)] = new[0, vh, vi, vd]
 
     return append.with_attr(KERNEL_ATTR, APPEND_TAG)
 
 
-def kv8_append_kernel(kv_heads: int, head_dim: int, dtype: str = "float32") -> tirx.PrimFunc:
+def kv8_append_kernel(kv_heads: int, head_dim: int, tiled: bool, dtype: str = "float32") -> tirx.PrimFunc:
     """``new`` quantized into positions ``[past, past + seq)``; arguments ``(codes, scales, new, past)``,
     in place on ``codes`` and ``scales``. ``scale = max_d |new| / 127``, ``code = round(new * (127 /
     max))`` (half to even; 0 for an all-zero row)."""
@@ -92,9 +108,10 @@ def kv8_append_kernel(kv_heads: int, head_dim: int, dtype: str = "float32") -> t
     @T.prim_func(private=True, s_tir=True)
     def append(var_codes: T.handle, var_scales: T.handle, var_new: T.handle, past: T.int64):
         capacity = T.int64()
+        positions = T.int64()
         seq = T.int64()
-        codes = T.match_buffer(var_codes, (1, kv_heads, capacity, head_dim), "int8")
-        scales = T.match_buffer(var_scales, (1, kv_heads, capacity), "float32")
+        codes = T.match_buffer(var_codes, cache_shape(kv_heads, head_dim, capacity, tiled), "int8")
+        scales = T.match_buffer(var_scales, (1, kv_heads, positions), "float32")
         new = T.match_buffer(var_new, (1, kv_heads, seq, head_dim), dtype)
         peak = T.sblock_alloc_buffer((kv_heads, seq), "float32")
         for h, i, d in T.grid(kv_heads, seq, head_dim):
@@ -110,26 +127,38 @@ def kv8_append_kernel(kv_heads: int, head_dim: int, dtype: str = "float32") -> t
         for h, i, d in T.grid(kv_heads, seq, head_dim):
             with T.sblock("quantize"):
                 vh, vi, vd = T.axis.remap("SSS", [h, i, d])
-                codes[0, vh, past + vi, vd] = T.Cast("int8", T.nearbyint(
+                codes[cache_index(tiled, vh, past + vi, vd)] = T.Cast("int8", T.nearbyint(
                     T.Cast("float32", new[0, vh, vi, vd]) * inverse(peak[vh, vi])))
 
     return append.with_attr(KERNEL_ATTR, APPEND_TAG)
 
 
-def kv8_dequantize_kernel(kv_heads: int, head_dim: int, dtype: str = "float32") -> tirx.PrimFunc:
-    """Positions ``[0, length)`` of an int8 cache as floats; arguments ``(codes, scales, length, out)``."""
-    reader = int8_cache(kv_heads, head_dim, "codes", dtype)
+def _read_back(reader: CacheReader, kv_heads: int, head_dim: int, tiled: bool) -> tirx.PrimFunc:
     length = tirx.Var("length", "int64")
-    out = te.compute((1, kv_heads, length, head_dim),
-                     lambda _b, h, j, d: reader.element(h, j, d) * reader.factor(h, j), "dequantize")
+
+    def element(_b, h, j, d):
+        value = reader.element(h, j // TILE, d, j % TILE) if tiled else reader.element(h, j, d)
+        return value if reader.factor is None else value * reader.factor(h, j)
+
+    out = te.compute((1, kv_heads, length, head_dim), element, "dequantize")
     return te.create_prim_func([*reader.tensors, length, out]).with_attr(KERNEL_ATTR, DEQUANTIZE_TAG)
+
+
+def kv_read_kernel(kv_heads: int, head_dim: int, tiled: bool, dtype: str = "float32") -> tirx.PrimFunc:
+    """Positions ``[0, length)`` of a float cache; arguments ``(cache, length, out)``."""
+    return _read_back(float_cache(kv_heads, head_dim, "cache", tiled, dtype), kv_heads, head_dim, tiled)
+
+
+def kv8_dequantize_kernel(kv_heads: int, head_dim: int, tiled: bool, dtype: str = "float32") -> tirx.PrimFunc:
+    """Positions ``[0, length)`` of an int8 cache as floats; arguments ``(codes, scales, length, out)``."""
+    return _read_back(int8_cache(kv_heads, head_dim, "codes", tiled, dtype), kv_heads, head_dim, tiled)
 
 
 def decode_attention_kernel(q_heads: int, kv_heads: int, head_dim: int, scale: float, bias_heads: int | None,
                             keys: CacheReader, values: CacheReader, dtype: str = "float32") -> tirx.PrimFunc:
     """Attention of one query token; arguments ``(q, *keys.tensors, *values.tensors[, bias], length, out)``.
 
-    ``q[1, q_heads, 1, head_dim]``; the caches' positions ``[0, length)`` are read;
+    ``q[1, q_heads, 1, head_dim]``; the keys (tiled) and values, positions ``[0, length)`` read;
     ``bias[1, bias_heads, 1, length]`` (``bias_heads`` 1 or ``q_heads``, or no bias when ``None``)
     added to the scaled scores; ``out[1, q_heads, 1, head_dim]``. Requires ``q_heads`` a multiple of
     ``kv_heads`` and ``length`` at most the caches' capacity.
@@ -140,8 +169,8 @@ def decode_attention_kernel(q_heads: int, kv_heads: int, head_dim: int, scale: f
     bias = None if bias_heads is None else te.placeholder((1, bias_heads, 1, length), dtype, "bias")
 
     d = te.reduce_axis((0, head_dim), "d")
-    dots = te.compute((q_heads, length),
-                      lambda h, j: te.sum(q[0, h, 0, d] * keys.element(h // group, j, d), axis=d), "dots")
+    dots = te.compute((q_heads, length), lambda h, j: te.sum(
+        q[0, h, 0, d] * keys.element(h // group, j // TILE, d, j % TILE), axis=d), "dots")
 
     def logit(h, j):
         scaled = dots[h, j] * tirx.const(scale, dtype)

@@ -12,8 +12,10 @@ asymmetric to 16 levels, ``x = code * scale + minimum``, ``scale = (max - min) /
   (``[1, kv_heads, capacity, head_dim / group]``).
 
 Codes are packed two per byte, channel ``d`` in the low nibble and channel ``d + head_dim / 2`` in
-the high one (``uint8[1, kv_heads, capacity, head_dim / 2]``), so a vector of consecutive bytes
-unpacks with one shift for a whole half of the head. The window ``fp16[1, kv_heads, residual +
+the high one, so that a vector of bytes unpacks with one shift for a whole half of the head: values
+``uint8[1, kv_heads, capacity, head_dim / 2]``, keys in tiles of ``TILE`` positions, position
+innermost, ``uint8[1, kv_heads, capacity / TILE, head_dim / 2, TILE]`` (as the float keys of
+:mod:`.attention`: decode's scores for a tile are one vector; ``group`` is a multiple of ``TILE``). The window ``fp16[1, kv_heads, residual +
 group, head_dim]`` holds position ``p`` at ``p % (residual + group)``.
 
 Codes round ``(x - minimum) / scale`` half to even in float32, with ``x``, ``minimum`` and
@@ -27,7 +29,7 @@ import dataclasses
 from tvm import te, tirx, topi
 from tvm.script import tirx as T
 
-from .attention import APPEND_TAG, DEQUANTIZE_TAG
+from .attention import APPEND_TAG, DEQUANTIZE_TAG, TILE, cache_index, cache_shape
 from .kernels import KERNEL_ATTR
 
 KIVI_ATTENTION_TAG = "decode_attention_kivi"
@@ -52,7 +54,8 @@ class Kivi:
         """``(suffix, dims, dtype)`` of each tensor of a ``key`` or ``value`` cache, in argument order."""
         h, d, g = self.kv_heads, self.head_dim, self.group
         stats = (1, h, f"capacity/{g}", d) if role == "key" else (1, h, "capacity", d // g)
-        return (("", (1, h, "capacity", d // 2), "uint8"), (".scale", stats, SCALE_DTYPE),
+        codes = (1, h, f"capacity/{TILE}", d // 2, TILE) if role == "key" else (1, h, "capacity", d // 2)
+        return (("", codes, "uint8"), (".scale", stats, SCALE_DTYPE),
                 (".min", stats, SCALE_DTYPE), (".window", (1, h, self.window, d), SCALE_DTYPE))
 
     def quantized_end(self, length):
@@ -97,7 +100,7 @@ class Kivi:
             capacity = T.int64()
             seq = T.int64()
             rows = T.int64()
-            codes = T.match_buffer(var_codes, (1, heads, capacity, half), "uint8")
+            codes = T.match_buffer(var_codes, cache_shape(heads, half, capacity, keys), "uint8")
             scale = T.match_buffer(var_scale, (1, heads, rows, columns), SCALE_DTYPE)
             low = T.match_buffer(var_min, (1, heads, rows, columns), SCALE_DTYPE)
             win = T.match_buffer(var_window, (1, heads, window, dim), SCALE_DTYPE)
@@ -126,7 +129,7 @@ class Kivi:
             for h, p, c in T.grid(heads, end - start, half):
                 with T.sblock("quantize"):
                     vh, vp, vc = T.axis.remap("SSS", [h, p, c])
-                    codes[0, vh, start + vp, vc] = (
+                    codes[cache_index(keys, vh, start + vp, vc)] = (
                         quantized(win, new, scale, low, vh, start + vp, vc, past)
                         | (quantized(win, new, scale, low, vh, start + vp, vc + half, past) << T.uint8(4)))
             for h, i, c in T.grid(heads, seq, dim):
@@ -138,21 +141,21 @@ class Kivi:
         return append.with_attr(KERNEL_ATTR, APPEND_TAG)
 
     # -- read back ---------------------------------------------------------------------------------
-    def _reader(self, role: str, dtype: str):
-        """Placeholders of a cache and ``element(h, j, c)``: position ``j < quantized_end`` dequantized."""
-        capacity = tirx.Var("capacity", "int64")
-        (_, code_dims, _), (_, stat_dims, _), _, (_, win_dims, _) = self.buffers(role)
-        stat_shape = [capacity // self.group if d == f"capacity/{self.group}" else capacity if d == "capacity" else d
-                      for d in stat_dims]
-        codes = te.placeholder((1, self.kv_heads, capacity, self.head_dim // 2), "uint8", f"{role}_codes")
+    def _reader(self, role: str):
+        """Placeholders of a ``key`` or ``value`` cache's tensors, each capacity axis its own variable."""
+        keys, half = role == "key", self.head_dim // 2
+        codes = te.placeholder(cache_shape(self.kv_heads, half, tirx.Var("capacity", "int64"), keys), "uint8",
+                               f"{role}_codes")
+        rows = tirx.Var("rows", "int64")
+        stat_shape = (1, self.kv_heads, rows, self.head_dim if keys else self.head_dim // self.group)
         scale = te.placeholder(stat_shape, SCALE_DTYPE, f"{role}_scale")
         low = te.placeholder(stat_shape, SCALE_DTYPE, f"{role}_min")
-        win = te.placeholder(win_dims, SCALE_DTYPE, f"{role}_window")
+        win = te.placeholder((1, self.kv_heads, self.window, self.head_dim), SCALE_DTYPE, f"{role}_window")
         return (codes, scale, low, win)
 
     def _code(self, codes, h, j, channel, dtype):
         half = self.head_dim // 2
-        byte = codes[0, h, j, channel % half]
+        byte = codes[cache_index(len(codes.shape) == 5, h, j, channel % half)]
         return ((byte >> (channel // half * 4).astype("uint8")) & tirx.const(LEVELS, "uint8")).astype(dtype)
 
     def _stat_index(self, role, j, channel):
@@ -160,7 +163,7 @@ class Kivi:
 
     def dequantize_kernel(self, role: str, dtype: str = "float32") -> tirx.PrimFunc:
         """Positions ``[0, length)`` as floats; arguments ``(codes, scale, min, window, length, out)``."""
-        codes, scale, low, win = self._reader(role, dtype)
+        codes, scale, low, win = self._reader(role)
         length = tirx.Var("length", "int64")
         end = self.quantized_end(length)
 
@@ -192,8 +195,8 @@ class Kivi:
         end = self.quantized_end(length)
         recent = length - end
         q = te.placeholder((1, q_heads, 1, dim), dtype, "q")
-        key_codes, key_scale, key_min, key_win = self._reader("key", dtype)
-        value_codes, value_scale, value_min, value_win = self._reader("value", dtype)
+        key_codes, key_scale, key_min, key_win = self._reader("key")
+        value_codes, value_scale, value_min, value_win = self._reader("value")
         bias = None if bias_heads is None else te.placeholder((1, bias_heads, 1, length), dtype, "bias")
 
         def f32(x):

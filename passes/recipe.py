@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 
+from lowbit.codegen.attention import TILE as KV_TILE
 from lowbit.codegen.errors import LowbitError
 
 SUPPORTED_BITS = (3, 4, 8)
@@ -184,8 +185,9 @@ class KVQuant:
             _check_field("kv", field, getattr(self, field), (int,), "a whole number")
         if self.bits not in KV_BITS:
             raise LowbitError(f"recipe: KV-cache bits {self.bits} not supported; use +kv8 or +kv4")
-        if self.group < 2 or self.group % 2:
-            raise LowbitError(f"recipe: kv4 group={self.group} must be an even number of at least 2 (e.g. 64)")
+        if self.group < KV_TILE or self.group % KV_TILE:
+            raise LowbitError(f"recipe: kv4 group={self.group} must be a multiple of {KV_TILE} (keys are stored in "
+                              f"tiles of {KV_TILE} positions), e.g. 64")
         if self.residual < 0:
             raise LowbitError(f"recipe: kv4 residual={self.residual} must be a whole number >= 0 (e.g. 32)")
 

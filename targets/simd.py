@@ -20,7 +20,7 @@ from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
 from tvm.target.codegen import llvm_get_vector_width
 
-from lowbit.codegen.attention import APPEND_TAG, DECODE_ATTENTION_TAG, DEQUANTIZE_TAG
+from lowbit.codegen.attention import APPEND_TAG, DECODE_ATTENTION_TAG, DEQUANTIZE_TAG, TILE
 from lowbit.codegen.kivi import KIVI_ATTENTION_TAG
 from lowbit.codegen.formats import W8A8_KINDS
 from lowbit.codegen.kernels import GEMV_ATTR, KERNEL_ATTR, TILE_ATTR
@@ -201,11 +201,12 @@ def _lanes(target: Target) -> int:
 
 
 def _schedule_attention(sch: s_tir.Schedule, lanes: int) -> s_tir.Schedule:
-    _vector_dot(sch, "dots", lanes)
+    _tile_dot(sch, "dots")
     sch.compute_inline(sch.get_sblock("logits"))
     _vector_exp(sch, lanes)
     if _has_block(sch, "weights_scaled"):
         sch.compute_inline(sch.get_sblock("weights_scaled"))
+    sch.parallel(sch.get_loops(sch.get_sblock("mixed"))[0])
     _accumulate_by_position(sch, "mixed")
     sch.vectorize(sch.get_loops(sch.get_sblock("out"))[-1])
     return sch
@@ -215,10 +216,11 @@ def _schedule_kivi_attention(sch: s_tir.Schedule, lanes: int) -> s_tir.Schedule:
     """:meth:`lowbit.codegen.kivi.Kivi.attention_kernel`: the same stages, with the quantized and the
     window positions as separate dot products and accumulations."""
     sch.vectorize(sch.get_loops(sch.get_sblock("scaled_q"))[-1])
-    for block in ("dots", "recent_dots"):
-        _vector_dot(sch, block, lanes)
+    _tile_dot(sch, "dots")
+    _vector_dot(sch, "recent_dots", lanes)
     for shifted, exp in (("shifted", "T_fast_exp"), ("recent_shifted", "T_fast_exp_1")):
         _vector_exp(sch, lanes, shifted, exp)
+    sch.parallel(sch.get_loops(sch.get_sblock("mixed"))[0])
     for block in ("mixed", "recent_mixed"):
         _accumulate_by_position(sch, block)
     sch.vectorize(sch.get_loops(sch.get_sblock("out"))[-1])
@@ -235,6 +237,25 @@ def _hoist_inits(sch: s_tir.Schedule) -> None:
         if sch.get(block).init is not None:
             outputs = len(sch.get(block).writes[0].region)
             sch.decompose_reduction(block, sch.get_loops(block)[outputs])
+
+
+def _tile_dot(sch: s_tir.Schedule, name: str) -> None:
+    """Block ``name`` (a score per query head and position, reduced over channels; keys in tiles of
+    ``TILE`` positions) as, per tile: for each channel, every head's partial scores of the tile's
+    positions, one vector each (independent accumulators, no horizontal sums, each key tile read
+    once for the heads that share it); a predicate-free main loop over whole tiles and one tail."""
+    block = sch.get_sblock(name)
+    written = sch.cache_write(block, 0, "local")  # the tile's scores stay in registers
+    head, position, *channels = sch.get_loops(block)
+    tile, lane = sch.split(position, [None, TILE])
+    sch.reorder(tile, *channels, head, lane)
+    sch.unroll(head)
+    sch.vectorize(lane)
+    sch.annotate(tile, "pragma_loop_partition_hint", 1)
+    sch.reverse_compute_at(written, tile)
+    sch.vectorize(sch.get_loops(written)[-1])
+    sch.parallel(tile)
+    sch.decompose_reduction(block, channels[0])
 
 
 def _vector_dot(sch: s_tir.Schedule, name: str, lanes: int) -> None:

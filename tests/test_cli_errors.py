@@ -90,17 +90,17 @@ def test_quantized_kv_cache_on_the_command_line(tmp_path, tiny_model_dir):
     report its bytes per token (tiny Llama: 2 layers, 2 KV heads, head_dim 16); a group that does not
     divide head_dim and a conversation past the cache are refused naming both numbers."""
     out = tmp_path / "kv4"
-    done = lowbit("compile", tiny_model_dir, "-r", "fp32+kv4:group=8;residual=4", "-o", out, "--json")
+    done = lowbit("compile", tiny_model_dir, "-r", "fp32+kv4:group=16;residual=4", "-o", out, "--json")
     assert done.returncode == 0, done.stderr
     done = lowbit("run", out, "--prompt-ids", "1,2,3", "--max-new-tokens", "20", "--max-context", "32", "--json")
     assert done.returncode == 0, done.stderr
     run = json.loads(done.stdout)
-    # per layer and role: codes 2x32x8 B, scales and minimums 2 x 128 fp16, window 2x12x16 fp16
-    assert run["kv_cache_bytes"] == 2 * 2 * (512 + 2 * 256 + 768) and run["kv_context"] == 32
+    # per layer and role: codes 2x32x8 B, scales and minimums 64 fp16 each, window 2x20x16 fp16
+    assert run["kv_cache_bytes"] == 2 * 2 * (512 + 2 * 128 + 1280) and run["kv_context"] == 32
     assert run["kv_bytes_per_token"] == run["kv_cache_bytes"] / 32 and run["kv_fp32_bytes_per_token"] == 512
     inspected = json.loads(lowbit("inspect", out, "--context", "32", "--json").stdout)
     assert inspected["kv_bytes_per_token"] == run["kv_bytes_per_token"]
-    assert inspected["kv_cache"]["scheme"] == "kv4:group=8;residual=4"
+    assert inspected["kv_cache"]["scheme"] == "kv4:group=16;residual=4"
     text = tmp_path / "text.txt"
     text.write_text("It was the best of times, it was the worst of times. " * 20, encoding="utf-8")
     done = lowbit("eval", out, "--text", text, "--tokens", "64", "--window", "32", "--chunk", "8", "--json")

@@ -8,8 +8,8 @@ import pytest
 import tvm
 from tvm import relax, tirx
 
-from lowbit.codegen.attention import (decode_attention_kernel, float_cache, int8_cache, kv8_append_kernel,
-                                     kv8_dequantize_kernel, kv_append_kernel)
+from lowbit.codegen.attention import (TILE, decode_attention_kernel, float_cache, int8_cache, kv8_append_kernel,
+                                     kv8_dequantize_kernel, kv_append_kernel, kv_read_kernel)
 from lowbit.codegen.kivi import Kivi
 from lowbit.passes.kv_cache import cache_in_place
 from lowbit.passes.model_ir import KVLayout, ModelIR, kv_names, make_entry_module
@@ -26,15 +26,30 @@ def _run_kernel(func, *args):
     lib["main"](*args)
 
 
-def test_append_writes_the_new_positions_in_place():
+def _tiles(x: np.ndarray) -> np.ndarray:
+    """``[1, heads, positions, dim]`` in the key layout ``[1, heads, positions / TILE, dim, TILE]``."""
+    return x.reshape(1, x.shape[1], -1, TILE, x.shape[3]).transpose(0, 1, 2, 4, 3).copy()
+
+
+def _untiled(x: np.ndarray) -> np.ndarray:
+    return x.transpose(0, 1, 2, 4, 3).reshape(1, x.shape[1], -1, x.shape[3])
+
+
+@pytest.mark.parametrize("tiled", [True, False], ids=["keys", "values"])
+def test_append_writes_the_new_positions_in_place(tiled):
     rng = np.random.default_rng(0)
-    cache = rng.standard_normal((1, 2, 16, 8)).astype(np.float32)
-    new = rng.standard_normal((1, 2, 3, 8)).astype(np.float32)
-    device = tvm.runtime.tensor(cache)
-    _run_kernel(kv_append_kernel(2, 8), device, tvm.runtime.tensor(new), 5)
+    cache = rng.standard_normal((1, 2, 32, 8)).astype(np.float32)
+    new = rng.standard_normal((1, 2, 14, 8)).astype(np.float32)
+    layout = _tiles if tiled else (lambda x: x)
+    device = tvm.runtime.tensor(layout(cache))
+    _run_kernel(kv_append_kernel(2, 8, tiled), device, tvm.runtime.tensor(new), 5)  # across a tile boundary
     want = cache.copy()
-    want[:, :, 5:8] = new
-    np.testing.assert_array_equal(device.numpy(), want)
+    want[:, :, 5:19] = new
+    np.testing.assert_array_equal(device.numpy(), layout(want))
+    out = tvm.runtime.tensor(np.zeros((1, 2, 19, 8), np.float32))
+    if tiled:  # keys are read back by a kernel, values by a slice
+        _run_kernel(kv_read_kernel(2, 8, True), device, 19, out)
+        np.testing.assert_array_equal(out.numpy(), want[:, :, :19])
 
 
 # -- numpy references of the quantized caches ---------------------------------------------------
@@ -87,19 +102,21 @@ def _appended(kivi: Kivi, role: str, x: np.ndarray, chunks, capacity: int):
     return buffers
 
 
-def test_int8_append_and_read_back_are_exact():
+@pytest.mark.parametrize("tiled", [True, False], ids=["keys", "values"])
+def test_int8_append_and_read_back_are_exact(tiled):
     rng = np.random.default_rng(3)
     new = rng.standard_normal((1, 2, 4, 16)).astype(np.float32)
     new[0, 1, 2] = 0.0  # an all-zero row: scale 0, codes 0
-    codes, scales = (tvm.runtime.tensor(np.zeros(shape, dtype)) for shape, dtype in
-                     (((1, 2, 12, 16), np.int8), ((1, 2, 12), np.float32)))
-    _run_kernel(kv8_append_kernel(2, 16), codes, scales, tvm.runtime.tensor(new), 5)
+    layout, unlayout = (_tiles, _untiled) if tiled else (lambda x: x, lambda x: x)
+    codes = tvm.runtime.tensor(layout(np.zeros((1, 2, 16, 16), np.int8)))
+    scales = tvm.runtime.tensor(np.zeros((1, 2, 16), np.float32))
+    _run_kernel(kv8_append_kernel(2, 16, tiled), codes, scales, tvm.runtime.tensor(new), 5)
     want_codes, want_scales = _int8_reference(new)
-    np.testing.assert_array_equal(codes.numpy()[:, :, 5:9], want_codes)
+    np.testing.assert_array_equal(unlayout(codes.numpy())[:, :, 5:9], want_codes)
     np.testing.assert_array_equal(scales.numpy()[:, :, 5:9], want_scales)
-    assert not codes.numpy()[:, :, 9:].any()
+    assert not unlayout(codes.numpy())[:, :, 9:].any()
     out = tvm.runtime.tensor(np.zeros((1, 2, 9, 16), np.float32))
-    _run_kernel(kv8_dequantize_kernel(2, 16), codes, scales, 9, out)
+    _run_kernel(kv8_dequantize_kernel(2, 16, tiled), codes, scales, 9, out)
     np.testing.assert_array_equal(out.numpy()[:, :, 5:], want_codes * want_scales[..., None])
     assert np.abs(out.numpy()[:, :, 5:] - new).max() <= np.abs(new).max() / 127 / 2 * 1.0001
 
@@ -109,21 +126,22 @@ def test_int4_append_quantizes_whole_groups_and_keeps_the_rest_in_the_window(rol
     """Appended in uneven chunks (prefill, decode steps, a chunk spanning groups), every position
     before ``quantized_end`` holds numpy's codes, scales and minimums bit for bit, and every later one
     its fp16 value in the window; the read-back kernel returns both."""
-    kivi = Kivi(kv_heads=2, head_dim=16, group=4, residual=3)
+    kivi = Kivi(kv_heads=2, head_dim=32, group=16, residual=5)
     rng = np.random.default_rng(4)
-    x = (rng.standard_normal((1, 2, 23, 16)) * np.linspace(0.5, 4, 16)).astype(np.float32)
-    x[0, 0, 8:12, :] = 1.5  # a constant key group / constant value rows: scale 0
-    codes, scale, low, window = _appended(kivi, role, x, (5, 1, 1, 7, 1, 6, 2), capacity=24)
-    end = 20  # max(23 - 3, 0) // 4 * 4
+    x = (rng.standard_normal((1, 2, 43, 32)) * np.linspace(0.5, 4, 32)).astype(np.float32)
+    x[0, 0, 16:32, :] = 1.5  # a constant key group / constant value rows: scale 0
+    codes, scale, low, window = _appended(kivi, role, x, (5, 1, 1, 17, 1, 14, 4), capacity=48)
+    end = 32  # max(43 - 5, 0) // 16 * 16
     levels, want_scale, want_low, dequantized = _int4_reference(x[:, :, :end], role, kivi.group)
-    np.testing.assert_array_equal(codes.numpy()[:, :, :end], _pack(levels))
+    stored = _untiled(codes.numpy()) if role == "key" else codes.numpy()
+    np.testing.assert_array_equal(stored[:, :, :end], _pack(levels))
     rows = end // kivi.group if role == "key" else end
     np.testing.assert_array_equal(scale.numpy()[:, :, :rows], want_scale)
     np.testing.assert_array_equal(low.numpy()[:, :, :rows], want_low)
-    recent = np.arange(end, 23)
+    recent = np.arange(end, 43)
     np.testing.assert_array_equal(window.numpy()[:, :, recent % kivi.window], x[:, :, end:].astype(np.float16))
-    out = tvm.runtime.tensor(np.zeros((1, 2, 23, 16), np.float32))
-    _run_kernel(kivi.dequantize_kernel(role), codes, scale, low, window, 23, out)
+    out = tvm.runtime.tensor(np.zeros((1, 2, 43, 32), np.float32))
+    _run_kernel(kivi.dequantize_kernel(role), codes, scale, low, window, 43, out)
     np.testing.assert_allclose(out.numpy()[:, :, :end], dequantized, rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(out.numpy()[:, :, end:], x[:, :, end:].astype(np.float16).astype(np.float32))
 
@@ -154,7 +172,9 @@ def test_decode_attention_matches_numpy_and_reads_only_the_prefix(bias_heads):
         args.append(bias)
     want = _attention_reference(q, keys[:, :, :length], values[:, :, :length], scale, bias)
     out = tvm.runtime.tensor(np.zeros((1, 6, 1, 16), np.float32))
-    kernel = decode_attention_kernel(6, 2, 16, scale, bias_heads, float_cache(2, 16, "k"), float_cache(2, 16, "v"))
+    kernel = decode_attention_kernel(6, 2, 16, scale, bias_heads, float_cache(2, 16, "k", True),
+                                     float_cache(2, 16, "v", False))
+    args[1] = _tiles(keys)
     _run_kernel(kernel, *map(tvm.runtime.tensor, args), length, out)
     np.testing.assert_allclose(out.numpy(), want, rtol=1e-5, atol=1e-6)
 
@@ -176,7 +196,8 @@ def test_int8_decode_attention_reads_codes_in_place():
         padded_codes[:, :, :length], padded_scales[:, :, :length] = codes, scales
         caches += [padded_codes, padded_scales]
     out = tvm.runtime.tensor(np.zeros((1, 6, 1, dim), np.float32))
-    kernel = decode_attention_kernel(6, 2, dim, scale, 1, int8_cache(2, dim, "k"), int8_cache(2, dim, "v"))
+    kernel = decode_attention_kernel(6, 2, dim, scale, 1, int8_cache(2, dim, "k", True), int8_cache(2, dim, "v", False))
+    caches[0] = _tiles(caches[0])
     _run_kernel(kernel, *map(tvm.runtime.tensor, [q, *caches, bias]), length, out)
     np.testing.assert_allclose(out.numpy(), _attention_reference(q, *dequantized, scale, bias), rtol=1e-5, atol=1e-6)
 
@@ -186,7 +207,7 @@ def test_int4_decode_attention_matches_numpy_over_the_dequantized_cache(length):
     """kv4 attention over the quantized part and the window (lengths with nothing quantized yet, and
     with a part of a group past the residual still in float) equals numpy's attention over the cache
     as the read-back kernel returns it."""
-    kivi = Kivi(kv_heads=2, head_dim=64, group=8, residual=5)
+    kivi = Kivi(kv_heads=2, head_dim=64, group=16, residual=5)
     rng = np.random.default_rng(6)
     q = rng.standard_normal((1, 6, 1, 64)).astype(np.float32)
     caches, dequantized = [], []
@@ -203,7 +224,7 @@ def test_int4_decode_attention_matches_numpy_over_the_dequantized_cache(length):
 
 
 # -- the rewrite on a hand-built one-layer attention --------------------------------------------
-VOCAB, Q_HEADS, KV_HEADS, DIM = 32, 4, 2, 8
+VOCAB, Q_HEADS, KV_HEADS, DIM = 32, 4, 2, 16
 
 
 def _attention_model(softcap: bool) -> relax.Function:
@@ -267,7 +288,7 @@ def test_cache_in_place_computes_what_the_imported_graph_computes(softcap):
     before = relax.VirtualMachine(build(ir.mod, HOST), tvm.cpu())
     after = relax.VirtualMachine(build(rewritten.mod, HOST), tvm.cpu())
     weights = [tvm.runtime.tensor(a) for a in ir.params.values()]
-    caches = [tvm.runtime.tensor(np.zeros((1, KV_HEADS, 16, DIM), np.float32)) for _ in range(2)]
+    caches = _caches(kv_scheme(None, ir.kv), 16)
     past = [tvm.runtime.tensor(np.zeros((1, KV_HEADS, 0, DIM), np.float32)) for _ in range(2)]
     position = 0
     for entry, ids in [("prefill", [3, 1, 4, 1, 5]), ("decode", [9]), ("decode", [2]), ("prefill", [6, 5])]:
@@ -277,10 +298,11 @@ def test_cache_in_place_computes_what_the_imported_graph_computes(softcap):
         np.testing.assert_allclose(got[0].numpy(), want[0].numpy(), rtol=1e-5, atol=1e-6)
         past = [want[1], want[2]]
         position += len(ids)
-        np.testing.assert_array_equal(caches[0].numpy()[:, :, :position], past[0].numpy())
+        np.testing.assert_array_equal(_untiled(caches[0].numpy())[:, :, :position], past[0].numpy())
+        np.testing.assert_array_equal(caches[1].numpy()[:, :, :position], past[1].numpy())
 
 
-@pytest.mark.parametrize("quant, bound", [(KVQuant(8), 0.015), (KVQuant(4, group=4, residual=3), 0.12)],
+@pytest.mark.parametrize("quant, bound", [(KVQuant(8), 0.015), (KVQuant(4, group=16, residual=3), 0.2)],
                          ids=["kv8", "kv4"])
 def test_quantized_cache_decodes_as_its_read_back_path_does(quant, bound):
     """From the same cache state, decode (the fused kernel reading codes in place) and a one-token
@@ -295,8 +317,8 @@ def test_quantized_cache_decodes_as_its_read_back_path_does(quant, bound):
     imported = relax.VirtualMachine(build(ir.mod, HOST), tvm.cpu())
     vm = relax.VirtualMachine(build(rewritten.mod, HOST), tvm.cpu())
     weights = [tvm.runtime.tensor(a) for a in ir.params.values()]
-    fused, read_back = _caches(scheme, 24), _caches(scheme, 24)
-    ids = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2]
+    fused, read_back = _caches(scheme, 48), _caches(scheme, 48)
+    ids = [(7 * i + 3) % VOCAB for i in range(40)]  # kv4: two key groups quantized by the end
     first = tvm.runtime.tensor(np.array([ids[:5]], np.int64))
     vm["prefill"](first, tvm.runtime.ShapeTuple([0]), *fused, *weights)
     vm["prefill"](first, tvm.runtime.ShapeTuple([0]), *read_back, *weights)

@@ -48,7 +48,7 @@ def test_accuracy_recipes_parse():
     ("w4a16-awq-g128+kv3", "components are \\+kv8 and \\+kv4"),
     ("w4a16-rtn-g128+kv8+kv4", "more than one KV-cache component"),
     ("w4a16-rtn-g128+kv8:group=64", "add \\+kv4"),
-    ("w4a16-rtn-g128+kv4:group=7", "group=7 must be an even number"),
+    ("w4a16-rtn-g128+kv4:group=40", "group=40 must be a multiple of 16"),
     ("w4a16-rtn-g128+kv4:residual=x", "residual='x' is not a whole number"),
     ("w4a16-rtn-g128+fast", "unknown component"),
     ("w4a16-rtn-g128-noact", "gptq only"),

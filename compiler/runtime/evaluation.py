@@ -72,12 +72,12 @@ def evaluate_session(session, token_ids, window: int, reference=None, progress=N
     count = 0
     for piece in windows(token_ids, window):
         inputs, targets = piece[:-1], np.asarray(piece[1:])
-        log_p = log_softmax(_logits(session, inputs, chunk))
+        log_p = log_softmax(chunked_logits(session, inputs, chunk))
         if not np.isfinite(log_p).all():
             raise LowbitError("the model produced NaN or Inf logits on the evaluation text")
         nll -= float(log_p[np.arange(len(targets)), targets].sum())
         if reference is not None:
-            log_ref = log_softmax(_logits(reference, inputs, chunk))
+            log_ref = log_softmax(chunked_logits(reference, inputs, chunk))
             nll_ref -= float(log_ref[np.arange(len(targets)), targets].sum())
             kl += float((np.exp(log_ref) * (log_ref - log_p)).sum())
             agree += float((log_ref.argmax(axis=-1) == log_p.argmax(axis=-1)).sum())
@@ -91,7 +91,7 @@ def evaluate_session(session, token_ids, window: int, reference=None, progress=N
     return result
 
 
-def _logits(session, ids: list[int], chunk: int | None) -> np.ndarray:
+def chunked_logits(session, ids: list[int], chunk: int | None) -> np.ndarray:
     """``ids``' logits from an empty cache, fed all at once or ``chunk`` tokens per call."""
     if chunk is None or chunk >= len(ids):
         return session.prefill(ids)

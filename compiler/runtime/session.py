@@ -16,6 +16,7 @@ from lowbit.codegen.errors import LowbitError
 from lowbit.passes.schemes.kv import CacheBuffer, kv_report
 
 INITIAL_CAPACITY = 256  # cache positions allocated for a new session that fixes no capacity
+PREFILL_CHUNK = 512  # prompt tokens per prefill call in generate (its scores and logits scale with it)
 
 @dataclasses.dataclass
 class Generation:
@@ -164,11 +165,14 @@ class Session:
         capacity = -(-min(wanted, self.max_context) // multiple) * multiple
         grown = []
         for index, buffer in enumerate(self._buffers):
-            array = np.zeros(buffer.shape(capacity), buffer.dtype)
+            # kernels read only positions a call wrote, so new memory needs no clearing
+            tensor = self._tvm.runtime.empty(buffer.shape(capacity), buffer.dtype, self.device)
             if self._cache and self.position:
                 old = self._cache[index].numpy()
+                array = np.zeros(buffer.shape(capacity), buffer.dtype)
                 array[tuple(slice(0, n) for n in old.shape)] = old  # capacity axes grow; fixed ones match
-            grown.append(self._tvm.runtime.tensor(array, self.device))
+                tensor.copyfrom(array)
+            grown.append(tensor)
         self._cache, self.capacity = grown, capacity
 
     @contextlib.contextmanager
@@ -276,7 +280,9 @@ class Session:
                               "shorten the prompt or lower --max-new-tokens")
         rng = np.random.default_rng(seed)
         start = time.perf_counter()
-        logits = self.prefill(ids)[-1]
+        self.reset()
+        for first in range(0, len(ids), PREFILL_CHUNK):  # memory bounded by the chunk, not the prompt
+            logits = self._run("prefill", self._checked_ids(ids[first:first + PREFILL_CHUNK]))[-1]
         prefill_seconds = time.perf_counter() - start
         new: list[int] = []
         start = time.perf_counter()

@@ -57,8 +57,8 @@ class KVScheme:
     capacity must be a multiple of; ``roles_differ``: keys and values are stored differently."""
 
     name: str
-    capacity_multiple: int = 1
-    roles_differ: bool = False
+    capacity_multiple: int
+    roles_differ: bool
 
     def __init__(self, kv: KVLayout):
         self.kv = kv
@@ -90,45 +90,61 @@ class KVScheme:
                 "buffers": [b.as_dict(role) for role in ROLES for b in self.buffers(role)]}
 
 
+def _cache_dims(kv: KVLayout, role: str) -> tuple:
+    """Keys in tiles of positions (:data:`lowbit.codegen.attention.TILE`), values by position."""
+    if role == "key":
+        return (1, kv.num_kv_heads, f"{CAPACITY}/{attention.TILE}", kv.head_dim, attention.TILE)
+    return (1, kv.num_kv_heads, CAPACITY, kv.head_dim)
+
+
 class FloatCache(KVScheme):
+    """The model's own float cache, keys tiled (see :mod:`lowbit.codegen.attention`)."""
+
     name = "float32"
+    capacity_multiple = attention.TILE
+    roles_differ = True
 
     def buffers(self, role):
-        kv = self.kv
-        return (CacheBuffer("", (1, kv.num_kv_heads, CAPACITY, kv.head_dim), kv.dtype),)
+        return (CacheBuffer("", _cache_dims(self.kv, role), self.kv.dtype),)
 
     def append_kernel(self, role):
-        return attention.kv_append_kernel(self.kv.num_kv_heads, self.kv.head_dim, self.kv.dtype)
+        return attention.kv_append_kernel(self.kv.num_kv_heads, self.kv.head_dim, role == "key", self.kv.dtype)
 
     def prefix_kernel(self, role):
-        return None
+        if role == "value":
+            return None
+        return attention.kv_read_kernel(self.kv.num_kv_heads, self.kv.head_dim, True, self.kv.dtype)
 
     def attention_kernel(self, q_heads, scale, bias_heads):
         kv = self.kv
-        readers = (attention.float_cache(kv.num_kv_heads, kv.head_dim, f"{r}_cache", kv.dtype) for r in ROLES)
+        readers = (attention.float_cache(kv.num_kv_heads, kv.head_dim, f"{r}_cache", r == "key", kv.dtype)
+                   for r in ROLES)
         return attention.decode_attention_kernel(q_heads, kv.num_kv_heads, kv.head_dim, scale, bias_heads,
                                                  *readers, kv.dtype)
 
 
 class Int8Cache(KVScheme):
-    """``kv8``: int8 codes, symmetric, one fp32 scale per position and KV head."""
+    """``kv8``: int8 codes (keys tiled), symmetric, one fp32 scale per position and KV head."""
 
     name = "kv8"
+    capacity_multiple = attention.TILE
+    roles_differ = True
 
     def buffers(self, role):
         kv = self.kv
-        return (CacheBuffer("", (1, kv.num_kv_heads, CAPACITY, kv.head_dim), "int8"),
+        return (CacheBuffer("", _cache_dims(kv, role), "int8"),
                 CacheBuffer(".scale", (1, kv.num_kv_heads, CAPACITY), "float32"))
 
     def append_kernel(self, role):
-        return attention.kv8_append_kernel(self.kv.num_kv_heads, self.kv.head_dim, self.kv.dtype)
+        return attention.kv8_append_kernel(self.kv.num_kv_heads, self.kv.head_dim, role == "key", self.kv.dtype)
 
     def prefix_kernel(self, role):
-        return attention.kv8_dequantize_kernel(self.kv.num_kv_heads, self.kv.head_dim, self.kv.dtype)
+        return attention.kv8_dequantize_kernel(self.kv.num_kv_heads, self.kv.head_dim, role == "key", self.kv.dtype)
 
     def attention_kernel(self, q_heads, scale, bias_heads):
         kv = self.kv
-        readers = (attention.int8_cache(kv.num_kv_heads, kv.head_dim, f"{r}_cache", kv.dtype) for r in ROLES)
+        readers = (attention.int8_cache(kv.num_kv_heads, kv.head_dim, f"{r}_cache", r == "key", kv.dtype)
+                   for r in ROLES)
         return attention.decode_attention_kernel(q_heads, kv.num_kv_heads, kv.head_dim, scale, bias_heads,
                                                  *readers, kv.dtype)
 
