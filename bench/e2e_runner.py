@@ -79,11 +79,11 @@ class LlamaCpp:
     def prefill(self, ids):
         self.llm.reset()
         self.llm.eval(ids)
-        return self.llm.scores[self.llm.n_tokens - 1]  # a view: eval_logits would copy every row to lists
+        return None  # without logits_all llama-cpp-python keeps no logits (its sampler reads them): feed token 0
 
     def step(self, token):
         self.llm.eval([token])
-        return self.llm.scores[self.llm.n_tokens - 1]
+        return None
 
     def logits(self, window, _chunk=None):
         self.scoring.reset()

@@ -19,10 +19,20 @@ one symbolic ``capacity >= past + seq`` for every cache), then the same weights,
   graph: ``softmax(matmul(q, K') * scale + bias)`` then ``matmul(., V')``, where ``K'`` and ``V'``
   are the cached keys and values through layout ops only (expand/broadcast/reshape/permute, i.e.
   grouped-query repetition and the transpose), proved to read KV head ``h // group`` for query head
-  ``h`` by evaluating those ops on an index tensor. It becomes one
-  :func:`~lowbit.codegen.attention.decode_attention_kernel` reading both caches in place;
-* every other reader of a concatenation reads a copy of the cache's ``[0, past + seq)`` prefix, so
-  the function computes what it computed before, whether or not its attention was recognized.
+  ``h`` by evaluating those ops on an index tensor. It becomes the scheme's decode attention
+  kernel, reading both caches in place as stored (a quantized cache is never widened to a copy);
+* every other reader of a concatenation (a prompt's attention; a decode attention the kernel does
+  not compute) reads the cache's ``[0, past + seq)`` prefix back as floats (a slice, or the scheme's
+  read-back kernel), so the function computes what it computed before, up to the cache's
+  quantization, whether or not its attention was recognized.
+
+Why not TVM's own KV cache (``relax.frontend.nn.llm``'s paged/flat cache and its builtins, what
+MLC-LLM runs on): it is driven by models written against ``relax.frontend.nn`` that call its
+attention functions by hand (``attention_with_fused_qkv``, the rotary embedding inside), while
+lowbit imports an exported graph whose attention is plain ops; its pages, sequence bookkeeping and
+kernels serve batched serving of fp16/fp32 caches, with no int8/int4 storage to fuse into. One
+preallocated tensor set per layer, written by ``call_tir_inplace``, is what a single-sequence CPU
+runtime needs, and the attention is still found in the graph rather than declared.
 """
 
 from __future__ import annotations
