@@ -33,20 +33,21 @@ CLIP_RATIOS = tuple(np.round(np.arange(1.0, 0.49, -0.05), 2))
 
 
 def output_error(weights_nk: list[np.ndarray], hessian: torch.Tensor, s: np.ndarray, grid: WeightGrid) -> float:
-    """``sum tr(dW H dW^T)`` over the group for scales ``s`` (see the module docstring)."""
-    total = 0.0
-    for w in weights_nk:
-        q = grid.simulate(w * s)
-        delta = torch.from_numpy(q / s - w).double()
-        total += float(((delta @ hessian) * delta).sum())
-    return total
+    """``sum tr(dW H dW^T)`` over the group for scales ``s`` (see the module docstring), computed in
+    ``hessian``'s dtype: the search passes float32, whose rounding is far below the differences
+    between its candidates."""
+    w = np.concatenate(weights_nk)  # one product: the group's layers share H
+    delta = torch.from_numpy(grid.simulate(w * s) / s - w).to(hessian.dtype)
+    return float(torch.einsum("nk,nk->n", delta @ hessian, delta).double().sum())
 
 
 def clip_search(weight: np.ndarray, hessian: np.ndarray, grid: WeightGrid) -> tuple[np.ndarray, float]:
-    """``weight[N, K]`` clamped per output channel and group to the best shrunk range; the mean ratio."""
+    """``weight[N, K]`` clamped per output channel and group to the best shrunk range; the mean ratio.
+    Every ratio of :data:`CLIP_RATIOS` is tried at once per group; ties go to the larger ratio."""
     n, k = weight.shape
     group = grid.group(k)
     per_group = dataclasses.replace(grid, group_size=None)  # the grid of one group's columns
+    ratios = np.asarray(CLIP_RATIOS)[:, None, None]
     clamped = weight.copy()
     chosen = []
     for start in range(0, k, group):
@@ -56,15 +57,10 @@ def clip_search(weight: np.ndarray, hessian: np.ndarray, grid: WeightGrid) -> tu
         if grid.symmetric:
             hi = np.maximum(-lo, hi)
             lo = -hi
-        best_error = np.full(n, np.inf)
-        best = np.ones(n, np.float32)
-        for ratio in CLIP_RATIOS:
-            trial = np.clip(w, lo * ratio, hi * ratio)
-            q = per_group.simulate(trial)
-            delta = torch.from_numpy(q - w).double()
-            error = ((delta @ h) * delta).sum(dim=1).numpy()
-            better = error < best_error
-            best_error[better], best[better] = error[better], ratio
+        trials = per_group.simulate(np.clip(w, lo * ratios, hi * ratios))  # [ratios, N, group]
+        delta = torch.from_numpy(trials - w).double()
+        errors = torch.einsum("rnk,rnk->rn", delta @ h, delta).numpy()
+        best = np.asarray(CLIP_RATIOS, np.float32)[errors.argmin(axis=0)]
         clamped[:, start:start + group] = np.clip(w, lo * best[:, None], hi * best[:, None])
         chosen.append(best)
     return clamped, float(np.concatenate(chosen).mean())
@@ -91,7 +87,7 @@ def awq_scaling(func, params: dict, statistics: dict, grid: WeightGrid) -> tuple
     for group in foldable_groups(func, notes, "awq: no scaling (no op to fold it into)"):
         names = [use.name for use in group.linears]
         stats = statistics[names[0]]
-        hessian = torch.from_numpy(stats.hessian())
+        hessian = torch.from_numpy(stats.hessian()).float()
         weights = [weight_nk(params, use) for use in group.linears]
         mean_abs = np.maximum(stats.abssum / max(stats.tokens, 1), 1e-8)
         best_ratio, best_s, best_error = 0.0, None, output_error(weights, hessian, np.ones_like(mean_abs), grid)

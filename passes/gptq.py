@@ -4,7 +4,8 @@ quantized columns for each rounding error with the inverse Hessian of the layer'
 The numerics only: given ``W[N, K]``, ``H = X^T X / tokens [K, K]`` from calibration and the
 scheme's :class:`~lowbit.passes.schemes.WeightGrid`, returns a
 :class:`~lowbit.passes.schemes.QuantizedWeight` on that grid (the one RTN rounds to), so the kernels
-and packing are shared. Lazy batch updates in blocks of ``block`` columns; dampening
+and packing are shared. Lazy batch updates in blocks of ``block`` columns, nested in sub-blocks of
+:data:`INNER_BLOCK` (a column's rank-1 update reaches only its sub-block); dampening
 ``damp * mean(diag H)`` added to the diagonal (raised tenfold, up to three times, if the Cholesky
 factorization still fails, and reported); ``act_order`` quantizes columns in order of decreasing
 ``diag H`` with *static* groups (group grids fixed from the original weight up front), so the
@@ -24,6 +25,7 @@ active input channels GPTQ would load with error (seen on down projections) thus
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import torch
@@ -31,6 +33,8 @@ import torch
 from lowbit.codegen.errors import LowbitError
 
 from .schemes import QuantizedWeight, WeightGrid
+
+INNER_BLOCK = 32  # columns per sub-block: the rest of the block gets the sub-block's errors as one product
 
 
 @dataclasses.dataclass
@@ -54,7 +58,7 @@ def quantize_gptq(weight: np.ndarray, hessian: np.ndarray, grid: WeightGrid, dam
 def output_error(weight: np.ndarray, quantized: QuantizedWeight, hessian: np.ndarray) -> float:
     """``tr(dW H dW^T)``: the mean squared output error under inputs with second moment ``H``."""
     delta = torch.from_numpy(quantized.dequantize() - weight).double()
-    return float(((delta @ torch.from_numpy(hessian)) * delta).sum())
+    return float(torch.einsum("nk,nk->", delta @ torch.from_numpy(hessian), delta))
 
 
 def quantize_gptq_validated(weight: np.ndarray, statistics, grid: WeightGrid, damp: float = 0.01,
@@ -108,41 +112,45 @@ def _gptq(weight, hessian, grid: WeightGrid, damp, block, act_order, name) -> GP
     zeros = None if grid.symmetric else np.zeros((groups, n), np.float32)
     if fixed is not None:
         scales[:], zeros = fixed
-    codes = torch.zeros((n, k), dtype=torch.float32)
-    # views of each group's scale and zero rows: a natural-order fit below updates them in place
-    group_scales = [torch.from_numpy(row) for row in scales]
-    group_zeros = [None] * groups if zeros is None else [torch.from_numpy(row) for row in zeros]
+    codes = np.zeros((k, n), np.float32)  # row j: the codes of permuted column j
     columns = order.tolist()
+    inner = math.gcd(INNER_BLOCK, block, group)  # sub-blocks start where natural-order groups start
     for start in range(0, k, block):
         stop = min(start + block, k)
-        W1 = W[:, start:stop].clone()
+        W1 = W[:, start:stop].T.contiguous()  # [columns, N]: one column per row
         E1 = torch.zeros_like(W1)
         H1 = Hinv[start:stop, start:stop]
-        diagonal = torch.diagonal(H1).tolist()
-        for i in range(stop - start):
-            column = columns[start + i]
-            g = column // group
-            if fixed is None and column % group == 0:  # natural order: fit the group's grid now
-                upcoming = torch.cat([W1[:, i:], W[:, stop:]], dim=1)[:, : min(group, k - column)]
-                s, z = grid.fit(upcoming.T.numpy()[None])
-                scales[g] = s[0]
-                if zeros is not None:
-                    zeros[g] = z[0]
-            s, z = group_scales[g], group_zeros[g]
-            w = W1[:, i]
-            q = grid.round(w, s, z)
-            codes[:, start + i] = q
-            dequantized = (q - (2 ** (grid.bits - 1) if z is None else z)) * s
-            err = (w - dequantized) / diagonal[i]
-            W1[:, i:].addr_(err, H1[i, i:], alpha=-1.0)
-            E1[:, i] = err
-        W[:, stop:] -= E1 @ Hinv[start:stop, stop:]
+        w1, e1, h1 = W1.numpy(), E1.numpy(), H1.numpy()
+        for sub in range(0, stop - start, inner):
+            sub_stop = min(sub + inner, stop - start)
+            for i in range(sub, sub_stop):
+                column = columns[start + i]
+                g = column // group
+                if fixed is None and column % group == 0:  # natural order: fit the group's grid now
+                    upcoming = np.concatenate([w1[i:], W[:, stop:stop + group].T.numpy()])[: min(group, k - column)]
+                    s, z = grid.fit(upcoming[None])
+                    scales[g] = s[0]
+                    if zeros is not None:
+                        zeros[g] = z[0]
+                zero_row = None if zeros is None else zeros[g]
+                codes[start + i], e1[i] = _round_column(grid, w1[i], scales[g], zero_row, float(h1[i, i]))
+                w1[i + 1:sub_stop] -= np.outer(h1[i, i + 1:sub_stop], e1[i])
+            W1[sub_stop:] -= H1[sub:sub_stop, sub_stop:].T @ E1[sub:sub_stop]
+        W[:, stop:] -= E1.T @ Hinv[start:stop, stop:]
 
-    natural = torch.empty_like(codes)
-    natural[:, order] = codes
-    quantized = QuantizedWeight(codes=natural.T.numpy().astype(np.uint8), scales=scales, zeros=zeros,
+    natural = np.empty_like(codes)
+    natural[order.numpy()] = codes
+    quantized = QuantizedWeight(codes=natural.astype(np.uint8), scales=scales, zeros=zeros,
                                 bits=grid.bits, group_size=group)
     return GPTQResult(quantized, used_damp)
+
+
+def _round_column(grid: WeightGrid, w: np.ndarray, scale: np.ndarray, zero_row: np.ndarray | None,
+                  diagonal: float) -> tuple[np.ndarray, np.ndarray]:
+    """One column's codes on ``grid`` and its rounding error divided by ``Hinv``'s diagonal entry."""
+    q = grid.round(w, scale, zero_row)
+    zero = 2 ** (grid.bits - 1) if zero_row is None else zero_row
+    return q, (w - (q - zero) * scale) / diagonal
 
 
 def _inverse_hessian_factor(H: torch.Tensor, damp: float, name: str):

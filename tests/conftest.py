@@ -70,7 +70,16 @@ def artifacts(tmp_path_factory, smol):
 
 
 @pytest.fixture(scope="session")
-def eval_tokens(smol_source):
+def smol_folder() -> Path:
+    """The default real model's Hugging Face folder (its tokenizer), without loading or calibrating
+    the model: tests that need only the tokenizer stay off the SmolLM2 worker."""
+    from lowbit.compiler.sources.models import registered_model_folder
+
+    return registered_model_folder("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def eval_tokens(smol_folder):
     """A few hundred tokens of real English (Alice in Wonderland, chapter 1 onward)."""
     from tokenizers import Tokenizer
 
@@ -78,12 +87,12 @@ def eval_tokens(smol_source):
 
     text = read_text("alice29")
     start = text.index("CHAPTER I")
-    tokenizer = Tokenizer.from_file(str(smol_source.folder / "tokenizer.json"))
+    tokenizer = Tokenizer.from_file(str(smol_folder / "tokenizer.json"))
     return tokenizer.encode(text[start:start + 6000]).ids[:513]
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, smol_source):
+def tiny_model_dir(tmp_path_factory, smol_folder):
     """A small random Llama with SmolLM2's real tokenizer, as a Hugging Face folder (fast to compile)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -95,7 +104,7 @@ def tiny_model_dir(tmp_path_factory, smol_source):
                          tie_word_embeddings=True, eos_token_id=2, bos_token_id=1)
     LlamaForCausalLM(config).save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy2(smol_source.folder / name, folder / name)
+        shutil.copy2(smol_folder / name, folder / name)
     return folder
 
 

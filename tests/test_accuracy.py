@@ -6,6 +6,7 @@ and built in memory and scored on 1024 held-out tokens of Alice (windows of 256)
 gap = PPL / PPL_float - 1.
 """
 
+import numpy as np
 import pytest
 
 from lowbit.compiler.runtime.evaluation import evaluate_session
@@ -14,6 +15,21 @@ from lowbit.compiler.sources.texts import read_text
 pytestmark = pytest.mark.slow
 
 EVAL_TOKENS, WINDOW = 1024, 256
+
+
+class Remembered:
+    """A session whose ``prefill`` logits are kept per input: the fp32 reference scores the same
+    windows for every recipe, so it runs them once."""
+
+    def __init__(self, session):
+        self.session = session
+        self.logits: dict[tuple[int, ...], np.ndarray] = {}
+
+    def prefill(self, ids) -> np.ndarray:
+        key = tuple(ids)
+        if key not in self.logits:
+            self.logits[key] = self.session.prefill(ids)
+        return self.logits[key]
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +42,8 @@ def bench(smol):
 
     def session(recipe: str):
         if recipe not in sessions:
-            sessions[recipe] = smol.built(recipe).session()
+            built = smol.built(recipe).session()
+            sessions[recipe] = Remembered(built) if recipe == "fp32" else built
         return sessions[recipe]
 
     def score(recipe: str):

@@ -88,6 +88,14 @@ def resolve_model(source: str) -> HFModel | OnnxModel:
     raise LowbitError(f"model file {path} has suffix {path.suffix!r}; lowbit reads .gguf and .onnx files")
 
 
+def registered_model_folder(name: str) -> Path:
+    """The Hugging Face folder of registered model ``name`` (converted and cached on first use): its
+    config and tokenizer files, without loading the model."""
+    if name not in REGISTERED_MODELS:
+        raise LowbitError(f"model {name!r} is not a registered name ({', '.join(REGISTERED_MODELS)})")
+    return _registered_folder(REGISTERED_MODELS[name], name)
+
+
 def _registered_folder(entry: RegisteredModel, name: str) -> Path:
     spec = importlib.util.find_spec(entry.package)
     if spec is None or not spec.submodule_search_locations:

@@ -103,8 +103,25 @@ class WeightGrid:
                                bits=self.bits, group_size=self.group(k))
 
     def simulate(self, weight_nk: np.ndarray) -> np.ndarray:
-        """The float weight round to nearest leaves: ``dequantize(quantize(w))``."""
-        return self.quantize(weight_nk).dequantize()
+        """The float weight round to nearest leaves: ``dequantize(quantize(w))``, for ``weight[..., N, K]``
+        (leading dims: independent weights); float32 ``[..., N, K]``, bit for bit what the codes stand for.
+        Works in the row-major layout: no k-major copies, no integer codes."""
+        k = weight_nk.shape[-1]
+        group = self.group(k)
+        padded = -(-k // group) * group
+        if padded == k:
+            w = np.asarray(weight_nk, np.float32)
+        else:  # zero-padded as in grouped(): zeros change no group's absmax, min or max
+            w = np.zeros((*weight_nk.shape[:-1], padded), np.float32)
+            w[..., :k] = weight_nk
+        w = w.reshape(*w.shape[:-1], padded // group, group)
+        scales, zeros = self.fit(w.swapaxes(-1, -2))
+        scales = scales[..., None]
+        zeros = None if zeros is None else zeros[..., None]
+        codes = self.round(w, scales, zeros)
+        zero = np.float32(2 ** (self.bits - 1)) if zeros is None else zeros
+        weight = ((codes - zero) * scales).reshape(*w.shape[:-2], padded)
+        return np.ascontiguousarray(weight[..., :k])
 
 
 @dataclasses.dataclass(frozen=True)
