@@ -15,8 +15,9 @@ Codes are packed two per byte, channel ``d`` in the low nibble and channel ``d +
 the high one, so that a vector of bytes unpacks with one shift for a whole half of the head: values
 ``uint8[1, kv_heads, capacity, head_dim / 2]``, keys in tiles of ``TILE`` positions, position
 innermost, ``uint8[1, kv_heads, capacity / TILE, head_dim / 2, TILE]`` (as the float keys of
-:mod:`.attention`: decode's scores for a tile are one vector; ``group`` is a multiple of ``TILE``). The window ``fp16[1, kv_heads, residual +
-group, head_dim]`` holds position ``p`` at ``p % (residual + group)``.
+:mod:`.attention`: decode's scores for a tile are one vector; ``group`` is a multiple of ``TILE``).
+The window ``fp16[1, kv_heads, residual + group, head_dim]`` holds position ``p`` at
+``p % (residual + group)``.
 
 Codes round ``(x - minimum) / scale`` half to even in float32, with ``x``, ``minimum`` and
 ``scale`` as stored (fp16 widened), so numpy reproduces them bit for bit.
@@ -208,9 +209,10 @@ class Kivi:
         offset = te.compute((q_heads, end // group),
                             lambda h, g: te.sum(q[0, h, 0, c] * f32(key_min[0, h // per, g, c]), axis=c), "offset")
         nibble, c = te.reduce_axis((0, 2), "nibble"), te.reduce_axis((0, half), "c")
+        # the key group as tile // tiles-per-group: one index for a whole vectorized tile (not a gather)
         dots = te.compute((q_heads, end), lambda h, j: te.sum(
-            scaled_q[h, j // group, nibble * half + c] * self._code(key_codes, h // per, j, nibble * half + c, dtype),
-            axis=[nibble, c]), "dots")
+            scaled_q[h, j // TILE // (group // TILE), nibble * half + c]
+            * self._code(key_codes, h // per, j, nibble * half + c, dtype), axis=[nibble, c]), "dots")
         c = te.reduce_axis((0, dim), "c")
         recent_dots = te.compute((q_heads, recent), lambda h, i: te.sum(
             q[0, h, 0, c] * f32(key_win[0, h // per, (end + i) % window, c]), axis=c), "recent_dots")
