@@ -18,7 +18,6 @@ given a batch of 64) and its gap against the same side's unquantized cache. Peak
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import statistics
@@ -31,8 +30,8 @@ from pathlib import Path
 import numpy as np
 
 import peers
-from bench_spine import ensure_artifact, lowbit_revision, machine_description, write_results
-from e2e import Worker, eval_ids, measure_speed
+from bench_spine import ensure_artifact, lowbit_revision, machine_description
+from e2e import Worker, eval_ids, measure_speed, publish
 
 BENCH = Path(__file__).resolve().parent
 SECTION = "## Long contexts and the quantized KV cache (issue 13)"
@@ -117,15 +116,7 @@ def main(argv=None) -> int:
                         "perplexity_gap": round(perplexity[name] / perplexity[baselines[name]] - 1, 4),
                         "baseline": baselines[name]} for name, speeds in rows.items()],
               "peak_rss_mb_4032_prompt": memory}
-    (BENCH / ".cache").mkdir(exist_ok=True)
-    (BENCH / ".cache" / "contexts.json").write_text(json.dumps(report, indent=2))
-    if args.json:
-        print(json.dumps(report))
-    text = _markdown(report, argv, time.perf_counter() - started)
-    if not args.json:
-        print(text)
-    if not args.no_write:
-        write_results(text)
+    publish(report, "contexts.json", _markdown(report, argv, time.perf_counter() - started), args)
     return 0
 
 

@@ -188,16 +188,18 @@ def main(argv=None) -> int:
             "perplexity_gap": round(ppl[w.name] / reference - 1, 4) if w.name in ppl and reference else None,
         })
     report = {"rows": rows, "compile_seconds": compile_s, "machine": machine_description(), "load": note}
+    publish(report, "e2e.json", _markdown(report, argv, time.perf_counter() - started), args)
+    return 0
+
+
+def publish(report: dict, cache_name: str, text: str, args) -> None:
+    """Keep ``report`` in ``bench/.cache/cache_name``; print it as JSON (``--json``) or ``text``, and
+    write ``text`` into RESULTS.md unless ``--no-write``."""
     (BENCH / ".cache").mkdir(exist_ok=True)
-    (BENCH / ".cache" / "e2e.json").write_text(json.dumps(report, indent=2))
-    if args.json:
-        print(json.dumps(report))
-    text = _markdown(report, argv, time.perf_counter() - started)
-    if not args.json:
-        print(text)
+    (BENCH / ".cache" / cache_name).write_text(json.dumps(report, indent=2))
+    print(json.dumps(report) if args.json else text)
     if not args.no_write:
         write_results(text)
-    return 0
 
 
 def _markdown(report: dict, argv, seconds: float) -> str:

@@ -193,21 +193,26 @@ def test_smoothing_groups_found_from_the_onnx_graph(tiny_llama, tmp_path):
     assert all(not g.target.transposed for g in groups if g.target and g.target.kind == "linear")
 
 
-def test_contrib_ops_are_all_named_before_the_checker(tmp_path):
-    """ONNX Runtime GenAI's contrib ops: lowbit's own check names every one (onnx.checker stops at the first)."""
+def _compile_error(path, nodes) -> str:
+    """The error of compiling a graph of ``nodes`` from ``input_ids`` to ``logits`` (opsets ai.onnx 17
+    and com.microsoft 1), saved at ``path``."""
     x = helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "seq"])
     y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "seq", 8])
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y]),
+                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    onnx.save(model, str(path))
+    with pytest.raises(LowbitError) as error:
+        lowbit_compile(str(path), recipe="fp32", target="host", output=path.parent / "art", progress=False)
+    return str(error.value)
+
+
+def test_contrib_ops_are_all_named_before_the_checker(tmp_path):
+    """ONNX Runtime GenAI's contrib ops: lowbit's own check names every one (onnx.checker stops at the first)."""
     nodes = [helper.make_node("SkipSimplifiedLayerNormalization", ["input_ids", "input_ids"], ["h"], name="norm0",
                               domain="com.microsoft"),
              helper.make_node("GroupQueryAttention", ["h"], ["a"], name="attn0", domain="com.microsoft"),
              helper.make_node("MatMulNBits", ["a"], ["logits"], name="proj0", domain="com.microsoft")]
-    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y]),
-                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
-    path = tmp_path / "genai.onnx"
-    onnx.save(model, str(path))
-    with pytest.raises(LowbitError) as error:
-        lowbit_compile(str(path), recipe="fp32", target="host", output=tmp_path / "art", progress=False)
-    message = str(error.value)
+    message = _compile_error(tmp_path / "genai.onnx", nodes)
     assert "3 node(s)" in message
     for name in ("SkipSimplifiedLayerNormalization at node norm0", "GroupQueryAttention at node attn0",
                  "MatMulNBits at node proj0"):
@@ -218,8 +223,6 @@ def test_onnx_runtime_contrib_ops_are_named_as_such(tmp_path):
     """A tiny graph in ONNX Runtime GenAI's format (its five contrib ops, MatMulNBits twice): one
     error lists each op type once with its domain, its first node and the count, says they are ONNX
     Runtime contrib ops lowbit does not import, and what to export instead."""
-    x = helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "seq"])
-    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "seq", 8])
     ms = "com.microsoft"
     nodes = [helper.make_node("SimplifiedLayerNormalization", ["input_ids"], ["n"], name="/model/layers.0/norm"),
              helper.make_node("MatMulNBits", ["n"], ["qkv"], name="/model/layers.0/attn/qkv/MatMulNBits", domain=ms),
@@ -228,13 +231,7 @@ def test_onnx_runtime_contrib_ops_are_named_as_such(tmp_path):
              helper.make_node("MatMulNBits", ["a"], ["o"], name="/model/layers.0/attn/o/MatMulNBits", domain=ms),
              helper.make_node("SkipSimplifiedLayerNormalization", ["o", "n"], ["logits"], name="/model/layers.1/norm",
                               domain=ms)]
-    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y]),
-                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(ms, 1)])
-    path = tmp_path / "genai-style.onnx"
-    onnx.save(model, str(path))
-    with pytest.raises(LowbitError) as error:
-        lowbit_compile(str(path), recipe="fp32", target="host", output=tmp_path / "art", progress=False)
-    message = str(error.value)
+    message = _compile_error(tmp_path / "genai-style.onnx", nodes)
     assert "6 node(s)" in message
     for line in ("SimplifiedLayerNormalization at node /model/layers.0/norm (domain ai.onnx)",
                  "MatMulNBits at node /model/layers.0/attn/qkv/MatMulNBits and 1 more (domain com.microsoft)",

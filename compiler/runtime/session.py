@@ -13,7 +13,7 @@ import numpy as np
 from .artifact import LIBRARY, WEIGHTS, read_manifest
 from .threads import use_available_cores
 from lowbit.codegen.errors import LowbitError
-from lowbit.passes.schemes.kv import CacheBuffer, kv_report
+from lowbit.passes.schemes.kv import CacheBuffer, capacity_for, kv_report
 
 INITIAL_CAPACITY = 256  # cache positions allocated for a new session that fixes no capacity
 PREFILL_CHUNK = 512  # prompt tokens per prefill call in generate (its scores and logits scale with it)
@@ -161,8 +161,7 @@ class Session:
             raise LowbitError(f"{tokens} tokens exceed the KV cache of {self.fixed_context} tokens this session "
                               f"allocated (--max-context); start it with a larger one, up to {self.max_context}")
         wanted = tokens if self.fixed_context is not None else max(tokens, 2 * self.capacity, INITIAL_CAPACITY)
-        multiple = self._capacity_multiple
-        capacity = -(-min(wanted, self.max_context) // multiple) * multiple
+        capacity = capacity_for(min(wanted, self.max_context), self._capacity_multiple)
         grown = []
         for index, buffer in enumerate(self._buffers):
             # kernels read only positions a call wrote, so new memory needs no clearing

@@ -97,12 +97,26 @@ def _cache_dims(kv: KVLayout, role: str) -> tuple:
     return (1, kv.num_kv_heads, CAPACITY, kv.head_dim)
 
 
-class FloatCache(KVScheme):
-    """The model's own float cache, keys tiled (see :mod:`lowbit.codegen.attention`)."""
+class _TiledCache(KVScheme):
+    """A cache of one tensor per position (keys tiled, see :mod:`lowbit.codegen.attention`) that
+    decode's attention reads through a :class:`~lowbit.codegen.attention.CacheReader` per role."""
 
-    name = "float32"
     capacity_multiple = attention.TILE
     roles_differ = True
+
+    def reader(self, role: str) -> attention.CacheReader:
+        raise NotImplementedError
+
+    def attention_kernel(self, q_heads, scale, bias_heads):
+        kv = self.kv
+        return attention.decode_attention_kernel(q_heads, kv.num_kv_heads, kv.head_dim, scale, bias_heads,
+                                                 *(self.reader(role) for role in ROLES), kv.dtype)
+
+
+class FloatCache(_TiledCache):
+    """The model's own float cache."""
+
+    name = "float32"
 
     def buffers(self, role):
         return (CacheBuffer("", _cache_dims(self.kv, role), self.kv.dtype),)
@@ -115,20 +129,15 @@ class FloatCache(KVScheme):
             return None
         return attention.kv_read_kernel(self.kv.num_kv_heads, self.kv.head_dim, True, self.kv.dtype)
 
-    def attention_kernel(self, q_heads, scale, bias_heads):
-        kv = self.kv
-        readers = (attention.float_cache(kv.num_kv_heads, kv.head_dim, f"{r}_cache", r == "key", kv.dtype)
-                   for r in ROLES)
-        return attention.decode_attention_kernel(q_heads, kv.num_kv_heads, kv.head_dim, scale, bias_heads,
-                                                 *readers, kv.dtype)
+    def reader(self, role):
+        return attention.float_cache(self.kv.num_kv_heads, self.kv.head_dim, f"{role}_cache", role == "key",
+                                     self.kv.dtype)
 
 
-class Int8Cache(KVScheme):
-    """``kv8``: int8 codes (keys tiled), symmetric, one fp32 scale per position and KV head."""
+class Int8Cache(_TiledCache):
+    """``kv8``: int8 codes, symmetric, one fp32 scale per position and KV head."""
 
     name = "kv8"
-    capacity_multiple = attention.TILE
-    roles_differ = True
 
     def buffers(self, role):
         kv = self.kv
@@ -141,12 +150,9 @@ class Int8Cache(KVScheme):
     def prefix_kernel(self, role):
         return attention.kv8_dequantize_kernel(self.kv.num_kv_heads, self.kv.head_dim, role == "key", self.kv.dtype)
 
-    def attention_kernel(self, q_heads, scale, bias_heads):
-        kv = self.kv
-        readers = (attention.int8_cache(kv.num_kv_heads, kv.head_dim, f"{r}_cache", r == "key", kv.dtype)
-                   for r in ROLES)
-        return attention.decode_attention_kernel(q_heads, kv.num_kv_heads, kv.head_dim, scale, bias_heads,
-                                                 *readers, kv.dtype)
+    def reader(self, role):
+        return attention.int8_cache(self.kv.num_kv_heads, self.kv.head_dim, f"{role}_cache", role == "key",
+                                    self.kv.dtype)
 
 
 class Int4Cache(KVScheme):
@@ -187,21 +193,25 @@ def kv_scheme(quant: KVQuant | None, kv: KVLayout) -> KVScheme:
     return Int8Cache(kv) if quant.bits == 8 else Int4Cache(kv, quant)
 
 
+def capacity_for(positions: int, multiple: int) -> int:
+    """The smallest capacity of at least ``positions`` that is a multiple of ``multiple``."""
+    return -(-positions // multiple) * multiple
+
+
 def kv_report(kv_cache: dict, context: int) -> dict:
     """What ``inspect``, ``eval`` and ``run`` report of a manifest's ``kv_cache`` at ``context`` positions:
     the scheme, the bytes per token, and those of a float32 cache of the same model."""
     float_bytes = kv_cache["num_layers"] * len(ROLES) * kv_cache["num_kv_heads"] * kv_cache["head_dim"] * 4
     return {"kv_scheme": kv_cache["scheme"], "kv_context": context,
-            "kv_bytes_per_token": round(kv_bytes_per_token(kv_cache, kv_cache["num_layers"], context), 1),
+            "kv_bytes_per_token": round(kv_bytes_per_token(kv_cache, context), 1),
             "kv_fp32_bytes_per_token": float_bytes}
 
 
-def kv_bytes_per_token(description: dict, num_layers: int, context: int) -> float:
-    """Bytes of cache per token of a model with ``num_layers`` layers whose layer cache
-    ``description`` (:meth:`KVScheme.describe`) states, at a capacity of ``context`` positions: all
+def kv_bytes_per_token(kv_cache: dict, context: int) -> float:
+    """Bytes of cache per token of the manifest's ``kv_cache`` (its layers, and the buffers of one
+    layer as :meth:`KVScheme.describe` states them) at a capacity of ``context`` positions: all
     layers, keys and values, scales and zero points included, fixed-size buffers (kv4's float
     window) amortized over ``context``."""
-    multiple = description["capacity_multiple"]
-    capacity = -(-context // multiple) * multiple
-    total = sum(CacheBuffer("", tuple(b["shape"]), b["dtype"]).bytes_at(capacity) for b in description["buffers"])
-    return num_layers * total / context
+    capacity = capacity_for(context, kv_cache["capacity_multiple"])
+    total = sum(CacheBuffer("", tuple(b["shape"]), b["dtype"]).bytes_at(capacity) for b in kv_cache["buffers"])
+    return kv_cache["num_layers"] * total / context
