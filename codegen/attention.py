@@ -43,6 +43,7 @@ from .kernels import KERNEL_ATTR
 APPEND_TAG = "kv_append"
 DEQUANTIZE_TAG = "kv_dequantize"
 DECODE_ATTENTION_TAG = "decode_attention"
+HEADS_PER_KV_ATTR = "lowbit.heads_per_kv"  # an attention kernel's query heads per KV head
 INT8_LEVELS = 127
 TILE = 16  # key positions per tile: one 512-bit vector of float scores
 
@@ -187,13 +188,16 @@ def decode_attention_kernel(q_heads: int, kv_heads: int, head_dim: int, scale: f
     weights = topi.fast_exp(shifted)  # a polynomial LLVM vectorizes (libm's expf is a call per score)
     j = te.reduce_axis((0, length), "j")
     total = te.compute((q_heads,), lambda h: te.sum(weights[h, j], axis=j), "total")
-    if values.factor is not None:  # the values' per-position scale folded into the weights once
-        weights = te.compute((q_heads, length), lambda h, i: weights[h, i] * values.factor(h // group, i),
-                             "weights_scaled")
+
+    def probability(h, i):  # normalized before the accumulation; a value's per-position scale folded in
+        p = weights[h, i] / total[h]
+        return p if values.factor is None else p * values.factor(h // group, i)
+
+    probabilities = te.compute((q_heads, length), probability, "probabilities")
     j = te.reduce_axis((0, length), "j")
     mixed = te.compute((q_heads, head_dim),
-                       lambda h, e: te.sum(weights[h, j] * values.element(h // group, j, e), axis=j), "mixed")
-    out = te.compute((1, q_heads, 1, head_dim), lambda _b, h, _s, e: mixed[h, e] / total[h], "out")
+                       lambda h, e: te.sum(probabilities[h, j] * values.element(h // group, j, e), axis=j), "mixed")
+    out = te.compute((1, q_heads, 1, head_dim), lambda _b, h, _s, e: mixed[h, e], "out")
     inputs = [q, *keys.tensors, *values.tensors] + ([] if bias is None else [bias])
     func = te.create_prim_func([*inputs, length, out])
-    return func.with_attr(KERNEL_ATTR, DECODE_ATTENTION_TAG)
+    return func.with_attr(KERNEL_ATTR, DECODE_ATTENTION_TAG).with_attr(HEADS_PER_KV_ATTR, group)

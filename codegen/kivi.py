@@ -30,7 +30,7 @@ import dataclasses
 from tvm import te, tirx, topi
 from tvm.script import tirx as T
 
-from .attention import APPEND_TAG, DEQUANTIZE_TAG, TILE, cache_index, cache_shape
+from .attention import APPEND_TAG, DEQUANTIZE_TAG, HEADS_PER_KV_ATTR, TILE, cache_index, cache_shape
 from .kernels import KERNEL_ATTR
 
 KIVI_ATTENTION_TAG = "decode_attention_kivi"
@@ -231,8 +231,8 @@ class Kivi:
                                                   "recent_shifted"))
         total = _combined(te.sum, lambda a, b: a + b, weights, recent_weights, "total")
 
-        groups = dim // group
-        weighted_scale = te.compute((q_heads, end, groups), lambda h, j, g: weights[h, j] * f32(
+        groups = dim // group  # the probabilities (normalized before the accumulation) times the value scale
+        weighted_scale = te.compute((q_heads, end, groups), lambda h, j, g: weights[h, j] / total[h] * f32(
             value_scale[0, h // per, j, g]), "weighted_scale")
         j = te.reduce_axis((0, end), "j")
         weighted_min = te.compute((q_heads, groups), lambda h, g: te.sum(
@@ -244,11 +244,12 @@ class Kivi:
         i = te.reduce_axis((0, recent), "i")
         recent_mixed = te.compute((q_heads, dim), lambda h, e: te.sum(
             recent_weights[h, i] * f32(value_win[0, h // per, (end + i) % window, e]), axis=i), "recent_mixed")
+        # (the terms in this order keep every softmax stage before the accumulation in the function)
         out = te.compute((1, q_heads, 1, dim), lambda _b, h, _s, e: (
-            mixed[h, e // half, e % half] + weighted_min[h, e // group] + recent_mixed[h, e]) / total[h], "out")
+            weighted_min[h, e // group] + recent_mixed[h, e]) / total[h] + mixed[h, e // half, e % half], "out")
         inputs = [q, key_codes, key_scale, key_min, key_win, value_codes, value_scale, value_min, value_win]
         func = te.create_prim_func([*inputs, *([] if bias is None else [bias]), length, out])
-        return func.with_attr(KERNEL_ATTR, KIVI_ATTENTION_TAG)
+        return func.with_attr(KERNEL_ATTR, KIVI_ATTENTION_TAG).with_attr(HEADS_PER_KV_ATTR, per)
 
 
 def _combined(reduce, combine, first: te.Tensor, second: te.Tensor, name: str) -> te.Tensor:
