@@ -24,7 +24,6 @@ import sys
 import time
 
 THREADS = int(os.environ.get("E2E_THREADS", "2"))
-PREFILL_CHUNK = 512
 os.environ["TVM_NUM_THREADS"] = str(THREADS)
 os.environ["OMP_NUM_THREADS"] = str(THREADS)
 
@@ -49,10 +48,13 @@ class Lowbit:
 
         self.session = load(path)
 
-    def prefill(self, ids):
-        logits = self.session.prefill(ids[:PREFILL_CHUNK])
-        for start in range(PREFILL_CHUNK, len(ids), PREFILL_CHUNK):
-            logits = self.session.extend(ids[start:start + PREFILL_CHUNK])
+    def prefill(self, ids):  # in the chunks generate() feeds
+        from lowbit.compiler.runtime.session import prefill_chunk
+
+        logits = self.session.prefill(ids[:prefill_chunk(0)])
+        while self.session.position < len(ids):
+            start = self.session.position
+            logits = self.session.extend(ids[start:start + prefill_chunk(start)])
         return logits[-1]
 
     def step(self, token):

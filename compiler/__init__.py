@@ -13,7 +13,7 @@ resolved lazily, so ``import lowbit.compiler`` does not load TVM or torch.
 import importlib
 
 _EXPORTS = {
-    "compile": "api", "build": "api", "load": "api", "evaluate": "api", "analyze": "api", "explain": "api",
+    "compile": "api", "build": "api", "load": "runtime.loading", "evaluate": "api", "analyze": "api", "explain": "api",
     "CompileResult": "api", "prepare": "building", "BuiltModel": "building", "PreparedModel": "building",
     "CalibrationText": "calibration", "EvalResult": "runtime.evaluation",
     "LowbitError": "lowbit.codegen.errors", "LowbitArgumentError": "lowbit.codegen.errors",

@@ -10,13 +10,12 @@ is checked right after import, before calibration. Long work reports its stages 
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 import time
 import warnings
 from pathlib import Path
 
-from lowbit.codegen.errors import LowbitArgumentError, LowbitError, LowbitWarning
+from lowbit.codegen.errors import LowbitError, LowbitWarning
 from lowbit.targets import get_target
 
 from .building import BuiltModel, prepare
@@ -24,13 +23,13 @@ from .calibration import CalibrationText
 from .progress import Stages, bar
 from .recipes import DEFAULT_RECIPE, get_recipe
 from .runtime.artifact import MANIFEST, check_output, remove_stale_temporaries
+from .runtime.loading import MAX_CONTEXT_LIMIT, PATH as _PATH, load, require as _require
+from .runtime.loading import require_count as _require_count
 from .runtime.session import Session
 from .sources.models import DEFAULT_MODEL
 from .sources.texts import DEFAULT_CALIB_TEXT, DEFAULT_EVAL_TEXT, read_text
 
-MAX_CONTEXT_LIMIT = 1 << 20  # tokens; beyond it every cache and position table is absurd
 KV_EVAL_CHUNK = 64  # tokens per call when a quantized KV cache is evaluated
-_PATH = (str, os.PathLike)
 
 
 @dataclasses.dataclass
@@ -49,18 +48,6 @@ class CompileResult:
 
 
 # -- argument checks ---------------------------------------------------------------------------------
-
-def _require(name: str, value, kinds, what: str) -> None:
-    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
-        raise LowbitArgumentError(f"argument {name} must be {what}, got {type(value).__name__} {value!r}")
-
-
-def _require_count(name: str, value, minimum: int, maximum: int | None = None) -> None:
-    _require(name, value, (int,), "a whole number")
-    if value < minimum or (maximum is not None and value > maximum):
-        bound = f"at least {minimum}" if maximum is None else f"between {minimum} and {maximum}"
-        raise LowbitError(f"argument {name} must be {bound}, got {value}")
-
 
 @dataclasses.dataclass(frozen=True)
 class _Plan:
@@ -155,21 +142,6 @@ def explain(recipe: str = DEFAULT_RECIPE) -> list[dict]:
 
     _require("recipe", recipe, _PATH, "a recipe name or .toml path")
     return [step.describe() for step in build_steps(get_recipe(str(recipe)))]
-
-
-def load(path: str | Path, trusted_keys=None, context: int | None = None) -> Session:
-    """Verify and load an artifact directory; returns a :class:`Session`.
-
-    ``trusted_keys``: ed25519 public keys (PEM files or raw bytes); when given, the artifact must be
-    signed by one of them (``lowbit sign``) or nothing of it is loaded. ``context``: allocate the
-    KV cache once for that many tokens (default: grown as the conversation needs).
-    """
-    _require("path", path, _PATH, "an artifact folder path")
-    if trusted_keys is not None:
-        _require("trusted_keys", trusted_keys, (list, tuple), "a list of public keys")
-    if context is not None:
-        _require_count("context", context, 1, MAX_CONTEXT_LIMIT)
-    return Session(path, trusted_keys, context)
 
 
 def evaluate(model: str, recipe: str | None = None, target: str = "host", text: str = DEFAULT_EVAL_TEXT,

@@ -17,6 +17,8 @@ import warnings
 
 from lowbit.codegen.errors import LowbitError, LowbitWarning
 
+from .runtime.loading import runtime_only
+
 _SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
 _received: list[int] = []  # signals that interrupted this command
 
@@ -64,7 +66,7 @@ def _token_ids(text: str) -> list[int]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .api import MAX_CONTEXT_LIMIT
+    from .runtime.loading import MAX_CONTEXT_LIMIT
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
@@ -203,7 +205,7 @@ def _prompt(args):
 
 
 def _run(args) -> dict:
-    from .api import load
+    from .runtime.loading import load
 
     session = load(args.artifact, _trusted_keys(args), args.max_context)
     gen = session.generate(_prompt(args), args.max_new_tokens, args.temperature, args.top_p, args.seed)
@@ -215,7 +217,7 @@ def _run(args) -> dict:
 
 
 def _bench(args) -> dict:
-    from .api import load
+    from .runtime.loading import load
     from .runtime.benchmark import benchmark
 
     runs = [dict(benchmark(load(path, _trusted_keys(args), args.max_context), args.prompt_tokens, args.new_tokens,
@@ -242,7 +244,7 @@ def _inspect(args) -> dict:
     from .runtime.artifact import read_manifest
     from .runtime.signing import signatures
 
-    from lowbit.passes.schemes.kv import kv_report
+    from lowbit.codegen.cache_layout import kv_report
 
     manifest = read_manifest(args.artifact)
     return dict(manifest, signatures=signatures(args.artifact),
@@ -367,6 +369,9 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
         sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
+RUNTIME_COMMANDS = ("run", "bench")  # they only load artifacts: TVM's runtime library suffices
+
+
 def main(argv=None) -> int:
     for signum in _SIGNAL_EXIT:
         signal.signal(signum, _interrupt)
@@ -374,6 +379,8 @@ def main(argv=None) -> int:
     sys.stdout.reconfigure(errors="backslashreplace")  # a path with undecodable bytes still prints
     args = _parser().parse_args(argv)
     debug = getattr(args, "debug", False)
+    if args.command in RUNTIME_COMMANDS:
+        runtime_only()
     handlers = {"compile": _compile, "run": _run, "bench": _bench, "eval": _eval, "analyze": _analyze, "inspect": _inspect,
                 "sign": _sign, "keygen": _keygen, "targets": _targets}
     try:

@@ -44,10 +44,11 @@ import tvm
 
 from tvm import relax, tirx
 
+from lowbit.codegen.cache_layout import CAPACITY, ROLES
 from lowbit.codegen.errors import LowbitError
 
 from .model_ir import ENTRY_FUNCTIONS, ModelIR
-from .schemes.kv import CAPACITY, ROLES, KVScheme
+from .schemes.kv import KVScheme
 
 CACHE_LAYOUT = ("per layer, the key cache's tensors then the value cache's (kv_cache.buffers, 'capacity' positions); "
                 "positions [0, past_length) hold the conversation, an entry function writes its tokens' keys and "

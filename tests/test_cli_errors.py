@@ -1,6 +1,8 @@
 """The ``lowbit`` command and its errors: exit code 2, a message naming the culprit, no traceback."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -224,3 +226,16 @@ def test_bench_reports_medians_of_its_repeats(tiny_artifact):
             assert len(rate["all"]) == 3 and 0 < rate["min"] <= rate["median"] <= rate["max"]
     done = lowbit("bench", tiny_artifact, "--prompt-tokens", "200", "--new-tokens", "100")
     assert done.returncode == 2 and "200 prompt tokens plus 100 new tokens exceed the context" in done.stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_run_loads_the_runtime_only(tiny_artifact):
+    """``lowbit run`` generates without TVM's compiler library or torch in its process (a fresh
+    interpreter: the tests' fork server has both loaded already)."""
+    script = ("import sys; from lowbit.compiler.cli import main; "
+              "code = main(['run', sys.argv[1], '--prompt', 'Once upon a time', '--max-new-tokens', '4', '--json']); "
+              "print(code, 'libtvm_compiler' in open('/proc/self/maps').read(), sys.modules.get('torch') is not None)")
+    done = subprocess.run([sys.executable, "-c", script, str(tiny_artifact)], capture_output=True, text=True,
+                          timeout=600)
+    assert done.stdout.split()[-3:] == ["0", "False", "False"], done.stderr[-2000:]
+    assert json.loads(done.stdout.splitlines()[0])["new_tokens"] == 4

@@ -69,3 +69,30 @@ def test_quantized_artifacts_are_smaller(artifacts):
     sizes = {r: load(artifacts(r)).manifest["weight_bytes"] for r in ("fp32", "w8a16-rtn", "w4a16-rtn-g128")}
     assert sizes["w8a16-rtn"] < 0.5 * sizes["fp32"]
     assert sizes["w4a16-rtn-g128"] < sizes["w8a16-rtn"]
+
+
+def test_prefill_chunks_bound_the_scores_and_shrink_with_the_position():
+    from lowbit.compiler.runtime.session import PREFILL_CHUNK, PREFILL_SCORES, prefill_chunk
+
+    for position in range(0, 20_000, 37):
+        chunk = prefill_chunk(position)
+        assert 32 <= chunk <= PREFILL_CHUNK
+        assert chunk == 32 or chunk * (position + chunk) <= PREFILL_SCORES
+        assert chunk == PREFILL_CHUNK or 2 * chunk * (position + 2 * chunk) > PREFILL_SCORES  # the largest that fits
+    assert prefill_chunk(0) == PREFILL_CHUNK and prefill_chunk(4000) == 64
+
+
+def test_generate_over_many_chunks_equals_one_prefill(tiny_artifact, monkeypatch):
+    """A prompt fed to generate() in several prefill calls (each extending the cache) yields what
+    one prefill of the whole prompt and greedy decoding yield."""
+    from lowbit.compiler.runtime import session as runtime_session
+
+    session = load(tiny_artifact)
+    ids = session.encode(PROMPT * 4)
+    expected, logits = [], session.prefill(ids)[-1]
+    for _ in range(6):
+        expected.append(int(np.argmax(logits)))
+        logits = session.decode(expected[-1])
+    monkeypatch.setattr(runtime_session, "PREFILL_CHUNK", 8)  # below the 32-token floor: 8 every call
+    assert len(ids) > 16
+    assert session.generate(ids, 6).token_ids == expected

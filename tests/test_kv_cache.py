@@ -14,7 +14,8 @@ from lowbit.codegen.kivi import Kivi
 from lowbit.passes.kv_cache import cache_in_place
 from lowbit.passes.model_ir import KVLayout, ModelIR, kv_names, make_entry_module
 from lowbit.passes.recipe import KVQuant
-from lowbit.passes.schemes.kv import CacheBuffer, kv_scheme
+from lowbit.codegen.cache_layout import CacheBuffer
+from lowbit.passes.schemes.kv import kv_scheme
 from lowbit.targets import build, get_target
 from lowbit.targets.pipeline import schedule
 

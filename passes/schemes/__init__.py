@@ -11,9 +11,11 @@ layer's keys and values are stored, written and read.
 
 from __future__ import annotations
 
+from lowbit.codegen.cache_layout import kv_bytes_per_token
+
 from ..recipe import ActQuant, WeightQuant
 from .grids import ActivationGrid, QuantizedWeight, WeightGrid
-from .kv import KVScheme, kv_bytes_per_token, kv_scheme
+from .kv import KVScheme, kv_scheme
 from .linear import FloatLinear, Int4Linear, Int8Linear, LinearScheme, W4A8Linear, W8A8Linear
 
 LINEAR_SCHEMES: dict[str, type[LinearScheme]] = {}
