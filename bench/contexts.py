@@ -4,7 +4,7 @@ SmolLM2-135M, the same weights per side (lowbit ``--weights`` recipe, default w4
 its float cache, ``+kv8`` and ``+kv4``; llama.cpp Q4_0 with its f16, q8_0 and q4_0 caches, flash
 attention on for all three, as its quantized value cache requires), 2 threads everywhere. For each
 context (default 128, 1,024 and 4,096 tokens): a prompt of that many tokens of the evaluation text
-(prefilled in chunks of 512), then 64 greedy new tokens; decode tokens/s is the median of
+(prefilled in the chunks generate() feeds: 128 tokens, fewer as the position grows), then 64 greedy new tokens; decode tokens/s is the median of
 ``--rounds`` interleaved rounds (the quiet-machine check of :mod:`e2e`).
 
 Perplexity (alice29, 4,096 tokens, windows of 512 fed in chunks of 64, so every token after a
