@@ -18,6 +18,7 @@ given a batch of 64) and its gap against the same side's unquantized cache. Peak
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import statistics
@@ -62,20 +63,35 @@ def _perplexities(runners: list[Worker], ids: list[int]) -> dict[str, float]:
     return result
 
 
+PEAK_SCRIPT = """import sys
+from lowbit.compiler.cli import main
+code = main(sys.argv[1:])
+peak = next(line for line in open('/proc/self/status') if line.startswith('VmHWM:'))
+print(int(peak.split()[1]) / 1024, file=sys.stderr)
+sys.exit(code)
+"""
+
+
 def _peak_rss_mb(artifact: Path, prompt: str) -> float:
-    """Peak resident memory of ``lowbit run`` on ``prompt`` (a file), 64 new tokens."""
+    """Peak resident memory of ``lowbit run`` on ``prompt`` (a file), 64 new tokens: the command's
+    own ``VmHWM`` (``wait4``'s ``ru_maxrss`` would count the pages of this process it was forked from)."""
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False, encoding="utf-8") as handle:
         handle.write(prompt)
     try:
-        process = subprocess.Popen([sys.executable, "-m", "lowbit.compiler.cli", "run", str(artifact), "--prompt-file",
-                                    handle.name, "--max-new-tokens", str(NEW_TOKENS), "--json"],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        _, status, usage = os.wait4(process.pid, 0)
-        if status:
-            raise SystemExit(f"lowbit run {artifact} failed: {process.stderr.read()}")
-        return usage.ru_maxrss / 1024
+        done = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, "run", str(artifact), "--prompt-file", handle.name,
+                               "--max-new-tokens", str(NEW_TOKENS), "--json"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if done.returncode:
+            raise SystemExit(f"lowbit run {artifact} failed: {done.stderr}")
+        return float(done.stderr.split()[-1])
     finally:
         os.unlink(handle.name)
+
+
+def _peak_memory(weights: str, ids: list[int]) -> dict:
+    prompt_text = _prompt_text(ids[:4032])
+    return {cache: round(_peak_rss_mb(ensure_artifact(weights + suffix, BENCH / ".cache", rebuild=False)[0],
+                                      prompt_text), 1) for cache, suffix in CACHES.items()}
 
 
 def main(argv=None) -> int:
@@ -87,10 +103,15 @@ def main(argv=None) -> int:
     parser.add_argument("--max-wait", type=float, default=300)
     parser.add_argument("--json", action="store_true", help="print the report as JSON only")
     parser.add_argument("--no-write", action="store_true", help="leave RESULTS.md alone")
+    parser.add_argument("--memory-only", action="store_true", help="print the peak memory of lowbit run per cache, "
+                        "as JSON, and nothing else")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     contexts = [int(c) for c in args.contexts.split(",")]
     ids = eval_ids()
+    if args.memory_only:
+        print(json.dumps({"machine": machine_description(), "peak_rss_mb_4032_prompt": _peak_memory(args.weights, ids)}))
+        return 0
     rows, notes, perplexity = {}, {}, {}
     runners = _workers(args.weights, max(contexts))
     try:
@@ -105,11 +126,7 @@ def main(argv=None) -> int:
             w.close()
     baselines = {name: f"lowbit-{args.weights}-float" if name.startswith("lowbit") else "llama.cpp-q4_0-cache-f16"
                  for name in rows}
-    memory = {}
-    prompt_text = _prompt_text(ids[:4032])
-    for cache, suffix in CACHES.items():
-        path, _ = ensure_artifact(args.weights + suffix, BENCH / ".cache", rebuild=False)
-        memory[cache] = round(_peak_rss_mb(path, prompt_text), 1)
+    memory = _peak_memory(args.weights, ids)
     report = {"machine": machine_description(), "contexts": contexts, "new_tokens": NEW_TOKENS, "load": notes,
               "rows": [{"name": name, "decode_tokens_per_s": speeds,
                         "perplexity": round(perplexity[name], 3),
