@@ -221,12 +221,17 @@ def _schedule_kivi_attention(sch: s_tir.Schedule, lanes: int, heads_per_kv: int)
     _tile_dot(sch, "dots")
     for name in ("shifted", "recent_shifted"):
         sch.compute_inline(sch.get_sblock(name))
-    partials = {name: _lane_partials(sch, name, lanes) for name in ("offset", "peak_0", "total_0", "weighted_min")}
+    partials = {name: _lane_partials(sch, name, lanes)
+                for name in ("offset", "peak_0", "total_0", "weighted_min", "recent_dots")}
     _accumulate_in_chunks(sch, "mixed", heads_per_kv)
     _per_head(sch)
     _vectorize_positions(sch, ("logits", "T_fast_exp", "weighted_scale"), lanes)
     for name, partial in partials.items():
         _finish_partials(sch, name, partial)
+    *_, channels, position = sch.get_loops(sch.get_sblock("recent_mixed"))  # the window: channels vectorized
+    sch.reorder(position, channels)
+    sch.vectorize(channels)
+    sch.decompose_reduction(sch.get_sblock("recent_mixed"), position)
     sch.vectorize(sch.get_loops(sch.get_sblock("out"))[-1])
     _hoist_inits(sch)
     return sch
