@@ -1,7 +1,7 @@
 """Long contexts, side by side in one run: lowbit's float, int8 and int4 KV caches against llama.cpp's.
 
 SmolLM2-135M, the same weights per side (lowbit ``--weights`` recipe, default w4a16-rtn-g128, with
-its float cache, ``+kv8`` and ``+kv4``; llama.cpp Q4_0 with its f16, q8_0 and q4_0 caches, flash
+its float cache, ``+kv16``, ``+kv8`` and ``+kv4``; llama.cpp Q4_0 with its f16, q8_0 and q4_0 caches, flash
 attention on for all three, as its quantized value cache requires), 2 threads everywhere. For each
 context (default 128, 1,024 and 4,096 tokens): a prompt of that many tokens of the evaluation text
 (prefilled in the chunks generate() feeds: 128 tokens, fewer as the position grows), then 64 greedy new tokens; decode tokens/s is the median of
@@ -37,7 +37,7 @@ from e2e import Worker, eval_ids, measure_speed, publish
 BENCH = Path(__file__).resolve().parent
 SECTION = "## Long contexts and the quantized KV cache (issue 13)"
 NEW_TOKENS, EVAL_TOKENS, WINDOW, CHUNK = 64, 4096, 512, 64
-CACHES = {"float": "", "kv8": "+kv8", "kv4": "+kv4"}
+CACHES = {"float": "", "kv16": "+kv16", "kv8": "+kv8", "kv4": "+kv4"}
 LLAMA_CACHES = {"f16": {}, "q8_0": {"type_k": "q8_0", "type_v": "q8_0"}, "q4_0": {"type_k": "q4_0", "type_v": "q4_0"}}
 
 

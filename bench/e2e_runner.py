@@ -49,13 +49,8 @@ class Lowbit:
         self.session = load(path)
 
     def prefill(self, ids):  # in the chunks generate() feeds
-        from lowbit.compiler.runtime.session import prefill_chunk
-
-        logits = self.session.prefill(ids[:prefill_chunk(0)])
-        while self.session.position < len(ids):
-            start = self.session.position
-            logits = self.session.extend(ids[start:start + prefill_chunk(start)])
-        return logits[-1]
+        self.session.reset()
+        return self.session.feed(ids)
 
     def step(self, token):
         return self.session.decode(token)

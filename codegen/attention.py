@@ -8,6 +8,7 @@ The cache of one layer's keys (or values) is a few tensors the runtime allocates
 * keys, float: in tiles of ``TILE`` positions with the position innermost,
   ``[1, kv_heads, capacity / TILE, head_dim, TILE]``, so that decode's scores for a tile of
   positions are one vector accumulated over the channels (no horizontal sums);
+* float16 (``kv16``): the same layouts, half the bytes, widened to the model's float as read;
 * int8 (``kv8``): codes in the same layouts (``int8``) and one ``float32`` scale per position and
   head ``[1, kv_heads, capacity]``, symmetric: ``x = code * scale``, ``scale = max|x| / 127`` over
   the head's channels.
@@ -23,7 +24,9 @@ Kernels:
 * :func:`decode_attention_kernel` is one query token's attention over positions ``[0, length)`` of
   the key and value caches, read in place through :class:`CacheReader` s (int8 codes are widened
   in registers, their scale applied once per position): query head ``h`` reads KV head
-  ``h // (q_heads // kv_heads)`` (grouped-query attention), scores are ``q . k * scale (+ bias)``,
+  ``h // (q_heads // kv_heads)`` (grouped-query attention); it computes whole chunks of ``CHUNK``
+  positions, those past the length masked out (their scores, and their values' weights, are never
+  used), so a cache's capacity is a multiple of ``CHUNK``; scores are ``q . k * scale (+ bias)``,
   softmax as ``exp(x - max) / sum`` with TVM's ``fast_exp`` (relative error below 1e-6 on the
   softmax's range, measured against numpy in the kernel tests).
 
@@ -46,6 +49,7 @@ DECODE_ATTENTION_TAG = "decode_attention"
 HEADS_PER_KV_ATTR = "lowbit.heads_per_kv"  # an attention kernel's query heads per KV head
 INT8_LEVELS = 127
 TILE = 16  # key positions per tile: one 512-bit vector of float scores
+CHUNK = 64  # positions decode's attention computes in whole multiples of (a float or int8 cache's capacity too)
 
 
 def cache_shape(kv_heads: int, head_dim: int, extent, tiled: bool) -> tuple:
@@ -69,9 +73,14 @@ class CacheReader:
     factor: Callable | None = None
 
 
-def float_cache(kv_heads: int, head_dim: int, name: str, tiled: bool, dtype: str = "float32") -> CacheReader:
-    cache = te.placeholder(cache_shape(kv_heads, head_dim, tirx.Var("capacity", "int64"), tiled), dtype, name)
-    return CacheReader((cache,), lambda *index: cache[(0, *index)])
+def float_cache(kv_heads: int, head_dim: int, name: str, tiled: bool, dtype: str = "float32",
+                stored: str | None = None) -> CacheReader:
+    """A float cache stored as ``stored`` (default ``dtype``), read as ``dtype``."""
+    stored = stored or dtype
+    cache = te.placeholder(cache_shape(kv_heads, head_dim, tirx.Var("capacity", "int64"), tiled), stored, name)
+    if stored == dtype:
+        return CacheReader((cache,), lambda *index: cache[(0, *index)])
+    return CacheReader((cache,), lambda *index: cache[(0, *index)].astype(dtype))
 
 
 def int8_cache(kv_heads: int, head_dim: int, name: str, tiled: bool, dtype: str = "float32") -> CacheReader:
@@ -81,19 +90,22 @@ def int8_cache(kv_heads: int, head_dim: int, name: str, tiled: bool, dtype: str 
                        lambda h, j: scales[0, h, j].astype(dtype))
 
 
-def kv_append_kernel(kv_heads: int, head_dim: int, tiled: bool, dtype: str = "float32") -> tirx.PrimFunc:
-    """``cache[position past + i] = new[0, h, i, d]``; arguments ``(cache, new, past)``, in place on ``cache``."""
+def kv_append_kernel(kv_heads: int, head_dim: int, tiled: bool, dtype: str = "float32",
+                     stored: str | None = None) -> tirx.PrimFunc:
+    """``cache[position past + i] = new[0, h, i, d]`` (rounded to nearest even when the cache is
+    ``stored`` in a narrower float than ``dtype``); arguments ``(cache, new, past)``, in place on ``cache``."""
+    stored = stored or dtype
 
     @T.prim_func(private=True, s_tir=True)
     def append(var_cache: T.handle, var_new: T.handle, past: T.int64):
         capacity = T.int64()
         seq = T.int64()
-        cache = T.match_buffer(var_cache, cache_shape(kv_heads, head_dim, capacity, tiled), dtype)
+        cache = T.match_buffer(var_cache, cache_shape(kv_heads, head_dim, capacity, tiled), stored)
         new = T.match_buffer(var_new, (1, kv_heads, seq, head_dim), dtype)
         for h, i, d in T.grid(kv_heads, seq, head_dim):
             with T.sblock("append"):
                 vh, vi, vd = T.axis.remap("SSS", [h, i, d])
-                cache[cache_index(tiled, vh, past + vi, vd)] = new[0, vh, vi, vd]
+                cache[cache_index(tiled, vh, past + vi, vd)] = T.Cast(stored, new[0, vh, vi, vd])
 
     return append.with_attr(KERNEL_ATTR, APPEND_TAG)
 
@@ -145,9 +157,11 @@ def _read_back(reader: CacheReader, kv_heads: int, head_dim: int, tiled: bool) -
     return te.create_prim_func([*reader.tensors, length, out]).with_attr(KERNEL_ATTR, DEQUANTIZE_TAG)
 
 
-def kv_read_kernel(kv_heads: int, head_dim: int, tiled: bool, dtype: str = "float32") -> tirx.PrimFunc:
-    """Positions ``[0, length)`` of a float cache; arguments ``(cache, length, out)``."""
-    return _read_back(float_cache(kv_heads, head_dim, "cache", tiled, dtype), kv_heads, head_dim, tiled)
+def kv_read_kernel(kv_heads: int, head_dim: int, tiled: bool, dtype: str = "float32",
+                   stored: str | None = None) -> tirx.PrimFunc:
+    """Positions ``[0, length)`` of a float cache (stored as ``stored``, read as ``dtype``);
+    arguments ``(cache, length, out)``."""
+    return _read_back(float_cache(kv_heads, head_dim, "cache", tiled, dtype, stored), kv_heads, head_dim, tiled)
 
 
 def kv8_dequantize_kernel(kv_heads: int, head_dim: int, tiled: bool, dtype: str = "float32") -> tirx.PrimFunc:
@@ -166,37 +180,41 @@ def decode_attention_kernel(q_heads: int, kv_heads: int, head_dim: int, scale: f
     """
     group = q_heads // kv_heads
     length = tirx.Var("length", "int64")
+    padded = (length + CHUNK - 1) // CHUNK * CHUNK  # whole chunks: no loop over positions needs a predicate
+    last = length - 1
     q = te.placeholder((1, q_heads, 1, head_dim), dtype, "q")
     bias = None if bias_heads is None else te.placeholder((1, bias_heads, 1, length), dtype, "bias")
 
     d = te.reduce_axis((0, head_dim), "d")
-    dots = te.compute((q_heads, length), lambda h, j: te.sum(
+    dots = te.compute((q_heads, padded), lambda h, j: te.sum(
         q[0, h, 0, d] * keys.element(h // group, j // TILE, d, j % TILE), axis=d), "dots")
 
-    def logit(h, j):
+    def logit(h, j):  # the positions past the length (in the last chunk, inside the capacity) masked out
         scaled = dots[h, j] * tirx.const(scale, dtype)
         if keys.factor is not None:
             scaled = scaled * keys.factor(h // group, j)
-        if bias is None:
-            return scaled
-        return scaled + bias[0, h if bias_heads > 1 else 0, 0, j]
+        if bias is not None:
+            scaled = scaled + bias[0, h if bias_heads > 1 else 0, 0, tirx.min(j, last)]
+        return tirx.Select(j < length, scaled, tirx.min_value(dtype))
 
-    logits = te.compute((q_heads, length), logit, "logits")
-    j = te.reduce_axis((0, length), "j")
+    logits = te.compute((q_heads, padded), logit, "logits")
+    j = te.reduce_axis((0, padded), "j")
     peak = te.compute((q_heads,), lambda h: te.max(logits[h, j], axis=j), "peak")
-    shifted = te.compute((q_heads, length), lambda h, i: logits[h, i] - peak[h], "shifted")
+    shifted = te.compute((q_heads, padded), lambda h, i: logits[h, i] - peak[h], "shifted")
     weights = topi.fast_exp(shifted)  # a polynomial LLVM vectorizes (libm's expf is a call per score)
-    j = te.reduce_axis((0, length), "j")
+    j = te.reduce_axis((0, padded), "j")
     total = te.compute((q_heads,), lambda h: te.sum(weights[h, j], axis=j), "total")
 
     def probability(h, i):  # normalized before the accumulation; a value's per-position scale folded in
         p = weights[h, i] / total[h]
-        return p if values.factor is None else p * values.factor(h // group, i)
+        if values.factor is not None:
+            p = p * values.factor(h // group, i)
+        return tirx.Select(i < length, p, tirx.const(0, dtype))
 
-    probabilities = te.compute((q_heads, length), probability, "probabilities")
-    j = te.reduce_axis((0, length), "j")
-    mixed = te.compute((q_heads, head_dim),
-                       lambda h, e: te.sum(probabilities[h, j] * values.element(h // group, j, e), axis=j), "mixed")
+    probabilities = te.compute((q_heads, padded), probability, "probabilities")
+    j = te.reduce_axis((0, padded), "j")  # a masked position weighs 0 on the last written value
+    mixed = te.compute((q_heads, head_dim), lambda h, e: te.sum(
+        probabilities[h, j] * values.element(h // group, tirx.min(j, last), e), axis=j), "mixed")
     out = te.compute((1, q_heads, 1, head_dim), lambda _b, h, _s, e: mixed[h, e], "out")
     inputs = [q, *keys.tensors, *values.tensors] + ([] if bias is None else [bias])
     func = te.create_prim_func([*inputs, length, out])

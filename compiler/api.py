@@ -23,8 +23,7 @@ from .calibration import CalibrationText
 from .progress import Stages, bar
 from .recipes import DEFAULT_RECIPE, get_recipe
 from .runtime.artifact import MANIFEST, check_output, remove_stale_temporaries
-from .runtime.loading import MAX_CONTEXT_LIMIT, PATH as _PATH, load, require as _require
-from .runtime.loading import require_count as _require_count
+from .runtime.loading import MAX_CONTEXT_LIMIT, PATH, load, require, require_count
 from .runtime.session import Session
 from .sources.models import DEFAULT_MODEL
 from .sources.texts import DEFAULT_CALIB_TEXT, DEFAULT_EVAL_TEXT, read_text
@@ -61,14 +60,14 @@ class _Plan:
 
 
 def _plan(model, recipe, target, max_context, calib, calib_samples, calib_seq_len, calibrate=None) -> _Plan:
-    _require("model", model, _PATH, "a model name or path")
-    _require("recipe", recipe, _PATH, "a recipe name or .toml path")
-    _require("target", target, (str,), "a target name")
+    require("model", model, PATH, "a model name or path")
+    require("recipe", recipe, PATH, "a recipe name or .toml path")
+    require("target", target, (str,), "a target name")
     if max_context is not None:
-        _require_count("max_context", max_context, 2, MAX_CONTEXT_LIMIT)
-    _require("calib", calib, _PATH, "a bundled text name or a text file path")
-    _require_count("calib_samples", calib_samples, 1, 100_000)
-    _require_count("calib_seq_len", calib_seq_len, 2, MAX_CONTEXT_LIMIT)
+        require_count("max_context", max_context, 2, MAX_CONTEXT_LIMIT)
+    require("calib", calib, PATH, "a bundled text name or a text file path")
+    require_count("calib_samples", calib_samples, 1, 100_000)
+    require_count("calib_seq_len", calib_seq_len, 2, MAX_CONTEXT_LIMIT)
     recipe_obj = get_recipe(str(recipe))
     chip = get_target(target)
     if not chip.can_build:
@@ -114,7 +113,7 @@ def compile(model: str = DEFAULT_MODEL, recipe: str = DEFAULT_RECIPE, target: st
     started = time.perf_counter()
     plan = _plan(model, recipe, target, max_context, calib, calib_samples, calib_seq_len)
     if output is not None:
-        _require("output", output, _PATH, "a folder path")
+        require("output", output, PATH, "a folder path")
     plan.chip.library_compiler()  # a missing cross compiler fails before the work
     output = check_output(Path(output) if output is not None else _default_output(model, plan.recipe.name))
     remove_stale_temporaries(output)
@@ -140,7 +139,7 @@ def explain(recipe: str = DEFAULT_RECIPE) -> list[dict]:
     it needs calibration (``lowbit compile --explain``); nothing is loaded."""
     from .pipeline import build_steps
 
-    _require("recipe", recipe, _PATH, "a recipe name or .toml path")
+    require("recipe", recipe, PATH, "a recipe name or .toml path")
     return [step.describe() for step in build_steps(get_recipe(str(recipe)))]
 
 
@@ -160,11 +159,11 @@ def evaluate(model: str, recipe: str | None = None, target: str = "host", text: 
     """
     from .runtime.evaluation import evaluate_session, windows
 
-    _require("text", text, _PATH, "a bundled text name or a text file path")
-    _require_count("tokens", tokens, 2)
-    _require_count("window", window, 1)
+    require("text", text, PATH, "a bundled text name or a text file path")
+    require_count("tokens", tokens, 2)
+    require_count("window", window, 1)
     if chunk is not None:
-        _require_count("chunk", chunk, 1)
+        require_count("chunk", chunk, 1)
     text_content = read_text(str(text))  # a bad text fails before any model work
     if _is_artifact(model):
         if recipe is not None:
@@ -210,7 +209,7 @@ def evaluate(model: str, recipe: str | None = None, target: str = "host", text: 
 
 
 def _is_artifact(path) -> bool:
-    return isinstance(path, _PATH) and (Path(path) / MANIFEST).is_file()
+    return isinstance(path, PATH) and (Path(path) / MANIFEST).is_file()
 
 
 def _reference_session(reference: str, target: str) -> Session:

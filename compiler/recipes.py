@@ -22,7 +22,8 @@ Options follow a colon, separated by ``;``: ``ignore=PATTERN[,PATTERN]`` keeps m
 keeps the named layers, or the ``N`` most sensitive ones by calibration, in int8; ``alpha=0.5`` or
 ``alpha=auto`` sets SmoothQuant's migration strength; ``damp=0.01`` GPTQ's dampening; ``stages=N``
 GPTQ's sequential stages (each one more calibration pass).
-A ``+kv8`` / ``+kv4`` suffix quantizes the KV cache (any recipe, ``fp32`` included): ``kv8`` int8 with
+A ``+kv16`` / ``+kv8`` / ``+kv4`` suffix compresses the KV cache (any recipe, ``fp32`` included):
+``kv16`` stores it in float16 (half the bytes, nothing quantized); ``kv8`` int8 with
 one fp32 scale per token and head; ``kv4`` KIVI-style int4 (keys per channel over ``group`` tokens,
 values per token over ``group`` channels, the last ``residual`` tokens in float), tuned by the
 options ``group=64`` and ``residual=32``.
@@ -78,7 +79,7 @@ EXAMPLE_RECIPES = ("fp32", "w8a16-rtn", "w4a16-rtn", "w4a16-rtn-g32", "w4a16-rtn
                    "w4a16-rtn-g128-asym", "w4a16-gptq-g128", "w4a16-gptq-g128-noact", "w3a16-gptq-g128",
                    "w4a16-awq-g128", "w4a16-awq-gptq-g128", "w4a8-rtn-g32", "w4a8-rtn-g128", "w4a8-awq-g128",
                    "w4a8-gptq-g128", "w8a8-naive", "w8a8-smoothquant", "w8a8-smoothquant-static",
-                   "w4a16-rtn-g128+kv8", "w4a16-awq-g128+kv4")
+                   "w4a16-rtn-g128+kv16", "w4a16-rtn-g128+kv8", "w4a16-awq-g128+kv4")
 DEFAULT_RECIPE = "w4a16-rtn-g128"
 _OPTIONS = ("ignore=PATTERN[,PATTERN], keep=PATTERN[,PATTERN]|autoN, alpha=0.5|auto, damp=0.01, stages=2, "
             "group=64 and residual=32 (kv4)")
@@ -99,11 +100,11 @@ def _resolve(spec: str, bases: tuple[Path, ...]) -> Recipe:
     name, *compose = base.split("+")
     recipe = _parse_name(name)
     for part in compose:
-        if part not in ("kv8", "kv4"):
-            raise LowbitError(f"recipe {spec!r}: unknown component +{part}; the components are +kv8 and +kv4 "
-                              "(KV-cache quantization)")
+        if part not in ("kv16", "kv8", "kv4"):
+            raise LowbitError(f"recipe {spec!r}: unknown component +{part}; the components are +kv16, +kv8 and "
+                              "+kv4 (the KV cache in float16, int8, int4)")
         if recipe.kv is not None:
-            raise LowbitError(f"recipe {spec!r}: more than one KV-cache component; keep one of +kv8, +kv4")
+            raise LowbitError(f"recipe {spec!r}: more than one KV-cache component; keep one of +kv16, +kv8, +kv4")
         recipe = dataclasses.replace(recipe, kv=KVQuant(bits=int(part[2:])))
     for option in filter(None, options.split(";")):
         recipe = _apply_option(recipe, spec, option)

@@ -160,15 +160,16 @@ class Keep:
             _check_field("keep", "pattern", pattern, (str,), "a glob pattern")
 
 
-KV_BITS = (8, 4)
+KV_BITS = (16, 8, 4)
 
 
 @dataclasses.dataclass(frozen=True)
 class KVQuant:
-    """How the KV cache is stored (``+kv8`` / ``+kv4`` in a recipe name).
+    """How the KV cache is stored (``+kv16`` / ``+kv8`` / ``+kv4`` in a recipe name).
 
     Attributes:
-        bits: 8 (int8, symmetric, one fp32 scale per token and head) or 4 (KIVI-style int4,
+        bits: 16 (float16, nothing quantized), 8 (int8, symmetric, one fp32 scale per token and
+            head) or 4 (KIVI-style int4,
             asymmetric: keys per channel over groups of ``group`` tokens, values per token over
             groups of ``group`` channels, fp16 scales and minimums).
         group: int4 only: tokens per key group and channels per value group.
@@ -184,7 +185,7 @@ class KVQuant:
         for field in ("bits", "group", "residual"):
             _check_field("kv", field, getattr(self, field), (int,), "a whole number")
         if self.bits not in KV_BITS:
-            raise LowbitError(f"recipe: KV-cache bits {self.bits} not supported; use +kv8 or +kv4")
+            raise LowbitError(f"recipe: KV-cache bits {self.bits} not supported; use +kv16, +kv8 or +kv4")
         if self.group < KV_TILE or self.group % KV_TILE:
             raise LowbitError(f"recipe: kv4 group={self.group} must be a multiple of {KV_TILE} (keys are stored in "
                               f"tiles of {KV_TILE} positions), e.g. 64")
@@ -193,7 +194,7 @@ class KVQuant:
 
     @property
     def name(self) -> str:
-        return "kv8" if self.bits == 8 else f"kv4:group={self.group};residual={self.residual}"
+        return f"kv{self.bits}" if self.bits > 4 else f"kv4:group={self.group};residual={self.residual}"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,7 +20,8 @@ from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
 from tvm.target.codegen import llvm_get_vector_width
 
-from lowbit.codegen.attention import APPEND_TAG, DECODE_ATTENTION_TAG, DEQUANTIZE_TAG, HEADS_PER_KV_ATTR, TILE
+from lowbit.codegen.attention import (APPEND_TAG, CHUNK, DECODE_ATTENTION_TAG, DEQUANTIZE_TAG, HEADS_PER_KV_ATTR,
+                                      TILE)
 from lowbit.codegen.kivi import KIVI_ATTENTION_TAG
 from lowbit.codegen.formats import W8A8_KINDS
 from lowbit.codegen.kernels import GEMV_ATTR, KERNEL_ATTR, TILE_ATTR
@@ -195,19 +196,18 @@ def _lanes(target: Target) -> int:
     return max(llvm_get_vector_width(target) // 32, 4)
 
 
-VALUE_CHUNK = 64  # positions per task of the value accumulation (kv4: one group, so no partial chunk)
-
-
 def _schedule_attention(sch: s_tir.Schedule, lanes: int, heads_per_kv: int) -> s_tir.Schedule:
-    """:func:`lowbit.codegen.attention.decode_attention_kernel`. Its max and sum over positions stay
-    scalar loops: over any ``length`` their lane partials would carry a predicate, which TIR's
-    ``rfactor`` does not take."""
+    """:func:`lowbit.codegen.attention.decode_attention_kernel`: its scores cover whole key tiles,
+    so the max and sum over positions run as lane partials."""
     _tile_dot(sch, "dots")
     for name in ("logits", "shifted"):
         sch.compute_inline(sch.get_sblock(name))
+    partials = {name: _lane_partials(sch, name, lanes) for name in ("peak", "total")}
     _accumulate_in_chunks(sch, "mixed", heads_per_kv)
     _per_head(sch)
     _vectorize_positions(sch, ("T_fast_exp", "probabilities"), lanes)
+    for name, partial in partials.items():
+        _finish_partials(sch, name, partial)
     sch.vectorize(sch.get_loops(sch.get_sblock("out"))[-1])
     _hoist_inits(sch)
     return sch
@@ -286,11 +286,11 @@ def _finish_partials(sch: s_tir.Schedule, name: str, partial: s_tir.SBlockRV) ->
 
 def _accumulate_in_chunks(sch: s_tir.Schedule, name: str, heads_per_kv: int) -> None:
     """Block ``name`` (per query head and channel, a sum over positions of a weight times a value)
-    as partial sums over chunks of ``VALUE_CHUNK`` positions, parallel over chunks and KV heads:
+    as partial sums over chunks of ``CHUNK`` positions, parallel over chunks and KV heads:
     per position, the KV head's values read once for its ``heads_per_kv`` query heads, whose sums
     stay in registers, channels vectorized; then the chunks' sums added, channels vectorized."""
     block = sch.get_sblock(name)
-    chunk, _ = sch.split(sch.get_loops(block)[-1], [None, VALUE_CHUNK])
+    chunk, _ = sch.split(sch.get_loops(block)[-1], [None, CHUNK])
     partial = sch.rfactor(chunk, 0)
     head, *channels, chunk, position = sch.get_loops(partial)
     kv_head, shared = sch.split(head, [None, heads_per_kv])

@@ -83,16 +83,20 @@ def test_prefill_chunks_bound_the_scores_and_shrink_with_the_position():
 
 
 def test_generate_over_many_chunks_equals_one_prefill(tiny_artifact, monkeypatch):
-    """A prompt fed to generate() in several prefill calls (each extending the cache) yields what
-    one prefill of the whole prompt and greedy decoding yield."""
+    """A prompt fed in several prefill calls (each extending the cache: ``feed``, and generate()
+    through it) yields what one prefill of the whole prompt and greedy decoding yield."""
     from lowbit.compiler.runtime import session as runtime_session
 
     session = load(tiny_artifact)
     ids = session.encode(PROMPT * 4)
     expected, logits = [], session.prefill(ids)[-1]
+    whole = logits.copy()
     for _ in range(6):
         expected.append(int(np.argmax(logits)))
         logits = session.decode(expected[-1])
     monkeypatch.setattr(runtime_session, "PREFILL_CHUNK", 8)  # below the 32-token floor: 8 every call
     assert len(ids) > 16
+    session.reset()
+    np.testing.assert_allclose(session.feed(ids), whole, rtol=1e-4, atol=1e-4)
+    assert session.position == len(ids)
     assert session.generate(ids, 6).token_ids == expected

@@ -8,8 +8,8 @@ import pytest
 import tvm
 from tvm import relax, tirx
 
-from lowbit.codegen.attention import (TILE, decode_attention_kernel, float_cache, int8_cache, kv8_append_kernel,
-                                     kv8_dequantize_kernel, kv_append_kernel, kv_read_kernel)
+from lowbit.codegen.attention import (CHUNK, TILE, decode_attention_kernel, float_cache, int8_cache,
+                                     kv8_append_kernel, kv8_dequantize_kernel, kv_append_kernel, kv_read_kernel)
 from lowbit.codegen.kivi import Kivi
 from lowbit.passes.kv_cache import cache_in_place
 from lowbit.passes.model_ir import KVLayout, ModelIR, kv_names, make_entry_module
@@ -36,21 +36,23 @@ def _untiled(x: np.ndarray) -> np.ndarray:
     return x.transpose(0, 1, 2, 4, 3).reshape(1, x.shape[1], -1, x.shape[3])
 
 
+@pytest.mark.parametrize("stored", ["float32", "float16"])
 @pytest.mark.parametrize("tiled", [True, False], ids=["keys", "values"])
-def test_append_writes_the_new_positions_in_place(tiled):
+def test_append_writes_the_new_positions_in_place(tiled, stored):
+    """The float cache, and kv16's: float16 codes equal numpy's rounding (nearest even), read back
+    exactly."""
     rng = np.random.default_rng(0)
-    cache = rng.standard_normal((1, 2, 32, 8)).astype(np.float32)
+    cache = rng.standard_normal((1, 2, 32, 8)).astype(stored)
     new = rng.standard_normal((1, 2, 14, 8)).astype(np.float32)
     layout = _tiles if tiled else (lambda x: x)
     device = tvm.runtime.tensor(layout(cache))
-    _run_kernel(kv_append_kernel(2, 8, tiled), device, tvm.runtime.tensor(new), 5)  # across a tile boundary
+    _run_kernel(kv_append_kernel(2, 8, tiled, stored=stored), device, tvm.runtime.tensor(new), 5)  # across a tile
     want = cache.copy()
-    want[:, :, 5:19] = new
+    want[:, :, 5:19] = new.astype(stored)
     np.testing.assert_array_equal(device.numpy(), layout(want))
     out = tvm.runtime.tensor(np.zeros((1, 2, 19, 8), np.float32))
-    if tiled:  # keys are read back by a kernel, values by a slice
-        _run_kernel(kv_read_kernel(2, 8, True), device, 19, out)
-        np.testing.assert_array_equal(out.numpy(), want[:, :, :19])
+    _run_kernel(kv_read_kernel(2, 8, tiled, stored=stored), device, 19, out)
+    np.testing.assert_array_equal(out.numpy(), want[:, :, :19].astype(np.float32))
 
 
 # -- numpy references of the quantized caches ---------------------------------------------------
@@ -156,14 +158,15 @@ def _attention_reference(q, keys, values, scale, bias=None):
     return (probs / probs.sum(-1, keepdims=True)) @ np.repeat(values, group, axis=1)
 
 
-@pytest.mark.parametrize("bias_heads", [None, 1, 6])
-def test_decode_attention_matches_numpy_and_reads_only_the_prefix(bias_heads):
-    """Grouped-query attention (6 query heads on 2 KV heads) over 11 of 32 positions; the unused
-    positions hold NaN, so reading one would poison the result."""
+@pytest.mark.parametrize("stored, bias_heads", [("float32", None), ("float32", 1), ("float32", 6), ("float16", 1)])
+def test_decode_attention_matches_numpy_and_reads_only_the_prefix(stored, bias_heads):
+    """Grouped-query attention (6 query heads on 2 KV heads) over 11 of 64 positions (the kernel
+    computes a whole chunk and masks what is past the length); the unused positions hold NaN, so
+    using one would poison the result. kv16: numpy over the float16 cache's values."""
     rng = np.random.default_rng(1)
     length, scale = 11, 0.3
     q = rng.standard_normal((1, 6, 1, 16)).astype(np.float32)
-    keys, values = (np.full((1, 2, 32, 16), np.nan, np.float32) for _ in range(2))
+    keys, values = (np.full((1, 2, CHUNK, 16), np.nan, stored) for _ in range(2))
     keys[:, :, :length] = rng.standard_normal((1, 2, length, 16))
     values[:, :, :length] = rng.standard_normal((1, 2, length, 16))
     args, bias = [q, keys, values], None
@@ -171,10 +174,10 @@ def test_decode_attention_matches_numpy_and_reads_only_the_prefix(bias_heads):
         bias = np.where(rng.random((1, bias_heads, 1, length)) < 0.3, -3.0e38, 0.0).astype(np.float32)
         bias[..., 0] = 0.0  # every row keeps a position
         args.append(bias)
-    want = _attention_reference(q, keys[:, :, :length], values[:, :, :length], scale, bias)
+    want = _attention_reference(q, *(x[:, :, :length].astype(np.float32) for x in (keys, values)), scale, bias)
     out = tvm.runtime.tensor(np.zeros((1, 6, 1, 16), np.float32))
-    kernel = decode_attention_kernel(6, 2, 16, scale, bias_heads, float_cache(2, 16, "k", True),
-                                     float_cache(2, 16, "v", False))
+    kernel = decode_attention_kernel(6, 2, 16, scale, bias_heads, float_cache(2, 16, "k", True, stored=stored),
+                                     float_cache(2, 16, "v", False, stored=stored))
     args[1] = _tiles(keys)
     _run_kernel(kernel, *map(tvm.runtime.tensor, args), length, out)
     np.testing.assert_allclose(out.numpy(), want, rtol=1e-5, atol=1e-6)
@@ -192,8 +195,8 @@ def test_int8_decode_attention_reads_codes_in_place():
     for _ in ("key", "value"):
         codes, scales = _int8_reference(rng.standard_normal((1, 2, length, dim)).astype(np.float32))
         dequantized.append(codes * scales[..., None])
-        padded_codes = np.zeros((1, 2, 48, dim), np.int8)
-        padded_scales = np.full((1, 2, 48), np.nan, np.float32)
+        padded_codes = np.full((1, 2, CHUNK, dim), -128, np.int8)
+        padded_scales = np.full((1, 2, CHUNK), np.nan, np.float32)
         padded_codes[:, :, :length], padded_scales[:, :, :length] = codes, scales
         caches += [padded_codes, padded_scales]
     out = tvm.runtime.tensor(np.zeros((1, 6, 1, dim), np.float32))
@@ -289,7 +292,7 @@ def test_cache_in_place_computes_what_the_imported_graph_computes(softcap):
     before = relax.VirtualMachine(build(ir.mod, HOST), tvm.cpu())
     after = relax.VirtualMachine(build(rewritten.mod, HOST), tvm.cpu())
     weights = [tvm.runtime.tensor(a) for a in ir.params.values()]
-    caches = _caches(kv_scheme(None, ir.kv), 16)
+    caches = _caches(kv_scheme(None, ir.kv), CHUNK)
     past = [tvm.runtime.tensor(np.zeros((1, KV_HEADS, 0, DIM), np.float32)) for _ in range(2)]
     position = 0
     for entry, ids in [("prefill", [3, 1, 4, 1, 5]), ("decode", [9]), ("decode", [2]), ("prefill", [6, 5])]:
@@ -303,8 +306,8 @@ def test_cache_in_place_computes_what_the_imported_graph_computes(softcap):
         np.testing.assert_array_equal(caches[1].numpy()[:, :, :position], past[1].numpy())
 
 
-@pytest.mark.parametrize("quant, bound", [(KVQuant(8), 0.015), (KVQuant(4, group=16, residual=3), 0.2)],
-                         ids=["kv8", "kv4"])
+@pytest.mark.parametrize("quant, bound", [(KVQuant(16), 2e-3), (KVQuant(8), 0.015),
+                                          (KVQuant(4, group=16, residual=3), 0.2)], ids=["kv16", "kv8", "kv4"])
 def test_quantized_cache_decodes_as_its_read_back_path_does(quant, bound):
     """From the same cache state, decode (the fused kernel reading codes in place) and a one-token
     prefill (the read-back kernel, then the imported attention) give the same output to float
@@ -318,7 +321,7 @@ def test_quantized_cache_decodes_as_its_read_back_path_does(quant, bound):
     imported = relax.VirtualMachine(build(ir.mod, HOST), tvm.cpu())
     vm = relax.VirtualMachine(build(rewritten.mod, HOST), tvm.cpu())
     weights = [tvm.runtime.tensor(a) for a in ir.params.values()]
-    fused, read_back = _caches(scheme, 48), _caches(scheme, 48)
+    fused, read_back = _caches(scheme, CHUNK), _caches(scheme, CHUNK)
     ids = [(7 * i + 3) % VOCAB for i in range(40)]  # kv4: two key groups quantized by the end
     first = tvm.runtime.tensor(np.array([ids[:5]], np.int64))
     vm["prefill"](first, tvm.runtime.ShapeTuple([0]), *fused, *weights)

@@ -45,7 +45,7 @@ def test_accuracy_recipes_parse():
     ("w8a8-smoothquant:alpha=1.5", "alpha 1.5 out of range"),
     ("w8a8-smoothquant:alpha=high", "alpha='high' is not a number"),
     ("w4a16-rtn-g128:alpha=0.5", "smoothquant recipes only"),
-    ("w4a16-awq-g128+kv3", "components are \\+kv8 and \\+kv4"),
+    ("w4a16-awq-g128+kv3", "components are \\+kv16, \\+kv8 and \\+kv4"),
     ("w4a16-rtn-g128+kv8+kv4", "more than one KV-cache component"),
     ("w4a16-rtn-g128+kv8:group=64", "add \\+kv4"),
     ("w4a16-rtn-g128+kv4:group=40", "group=40 must be a multiple of 16"),
@@ -68,6 +68,7 @@ def test_kv_cache_components_parse():
     kv4 = get_recipe("w4a16-awq-g128+kv4:group=32;residual=16")
     assert (kv4.kv.bits, kv4.kv.group, kv4.kv.residual, kv4.weights.method) == (4, 32, 16, "awq")
     assert get_recipe("fp32+kv4").kv.name == "kv4:group=64;residual=32"
+    assert get_recipe("w8a16-rtn+kv16").kv.name == "kv16"
 
 
 def test_recipe_toml(tmp_path):

@@ -169,7 +169,8 @@ class Session:
         capacity = capacity_for(min(wanted, self.max_context), self._capacity_multiple)
         grown = []
         for index, buffer in enumerate(self._buffers):
-            # kernels read only positions a call wrote, so new memory needs no clearing
+            # kernels use only positions a call wrote (decode attention masks the rest of its last chunk):
+            # new memory needs no clearing
             tensor = self._tvm.runtime.empty(buffer.shape(capacity), buffer.dtype, self.device)
             if self._cache and self.position:
                 old = self._cache[index].numpy()
@@ -247,6 +248,18 @@ class Session:
         decode or generate calls); returns their logits ``[len(token_ids), vocab]``."""
         return self._run("prefill", self._checked_ids(token_ids))
 
+    def feed(self, token_ids) -> np.ndarray:
+        """Continue the current conversation with a prompt of any length, in the chunks
+        :func:`prefill_chunk` sizes (memory bounded by a chunk's scores, not by the prompt); returns
+        the logits of its last token ``[vocab]``. ``reset()`` first to start a new conversation."""
+        ids = self._checked_ids(token_ids)
+        first = 0
+        while first < ids.shape[1]:
+            chunk = prefill_chunk(self.position)
+            logits = self._run("prefill", ids[:, first:first + chunk])
+            first += chunk
+        return logits[-1]
+
     def decode(self, token_id: int) -> np.ndarray:
         """Continue the current conversation with one token; returns its logits ``[vocab]``."""
         return self._run("decode", self._checked_ids([token_id]))[0]
@@ -286,11 +299,7 @@ class Session:
         rng = np.random.default_rng(seed)
         start = time.perf_counter()
         self.reset()
-        first = 0
-        while first < len(ids):  # memory bounded by the chunk's scores, not by the prompt
-            chunk = prefill_chunk(self.position)
-            logits = self._run("prefill", self._checked_ids(ids[first:first + chunk]))[-1]
-            first += chunk
+        logits = self.feed(ids)
         prefill_seconds = time.perf_counter() - start
         new: list[int] = []
         start = time.perf_counter()

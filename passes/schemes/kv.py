@@ -5,7 +5,7 @@ A scheme says which tensors one cache (a layer's keys, or its values) is made of
 which kernels the in-place cache rewrite (:mod:`lowbit.passes.kv_cache`) calls on them: the
 append that writes (and quantizes) new positions, the read of a prefix back as floats (for a
 prompt's attention and any reader that is not decode's fused attention), and decode's attention
-over the cache as stored. Recipes select a scheme with ``+kv8`` / ``+kv4``; adding one is a class
+over the cache as stored. Recipes select a scheme with ``+kv16`` / ``+kv8`` / ``+kv4``; adding one is a class
 here plus its kernels in :mod:`lowbit.codegen`.
 """
 
@@ -68,7 +68,7 @@ class _TiledCache(KVScheme):
     """A cache of one tensor per position (keys tiled, see :mod:`lowbit.codegen.attention`) that
     decode's attention reads through a :class:`~lowbit.codegen.attention.CacheReader` per role."""
 
-    capacity_multiple = attention.TILE
+    capacity_multiple = attention.CHUNK
     roles_differ = True
 
     def reader(self, role: str) -> attention.CacheReader:
@@ -84,21 +84,36 @@ class FloatCache(_TiledCache):
     """The model's own float cache."""
 
     name = "float32"
+    stored: str | None = None  # the dtype the cache is stored as, when not the model's
+
+    @property
+    def storage(self) -> str:
+        return self.stored or self.kv.dtype
 
     def buffers(self, role):
-        return (CacheBuffer("", _cache_dims(self.kv, role), self.kv.dtype),)
+        return (CacheBuffer("", _cache_dims(self.kv, role), self.storage),)
 
     def append_kernel(self, role):
-        return attention.kv_append_kernel(self.kv.num_kv_heads, self.kv.head_dim, role == "key", self.kv.dtype)
+        return attention.kv_append_kernel(self.kv.num_kv_heads, self.kv.head_dim, role == "key", self.kv.dtype,
+                                          self.storage)
 
     def prefix_kernel(self, role):
-        if role == "value":
+        if role == "value" and self.storage == self.kv.dtype:
             return None
-        return attention.kv_read_kernel(self.kv.num_kv_heads, self.kv.head_dim, True, self.kv.dtype)
+        return attention.kv_read_kernel(self.kv.num_kv_heads, self.kv.head_dim, role == "key", self.kv.dtype,
+                                        self.storage)
 
     def reader(self, role):
         return attention.float_cache(self.kv.num_kv_heads, self.kv.head_dim, f"{role}_cache", role == "key",
-                                     self.kv.dtype)
+                                     self.kv.dtype, self.storage)
+
+
+class Float16Cache(FloatCache):
+    """``kv16``: the float cache stored in float16 (rounded to nearest even as written, widened as
+    read; the arithmetic stays in the model's float): half the bytes, nothing quantized."""
+
+    name = "kv16"
+    stored = "float16"
 
 
 class Int8Cache(_TiledCache):
@@ -156,5 +171,7 @@ def kv_scheme(quant: KVQuant | None, kv: KVLayout) -> KVScheme:
     if quant is None:
         return FloatCache(kv)
     if kv.dtype != "float32":
-        raise LowbitError(f"+kv{quant.bits} quantizes a float32 cache; this model's cache is {kv.dtype}")
+        raise LowbitError(f"+kv{quant.bits} compresses a float32 cache; this model's cache is {kv.dtype}")
+    if quant.bits == 16:
+        return Float16Cache(kv)
     return Int8Cache(kv) if quant.bits == 8 else Int4Cache(kv, quant)
