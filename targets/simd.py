@@ -171,8 +171,9 @@ class CacheKernels(ScheduleRule):
     accumulation, parallel over chunks of positions and KV heads, each chunk's values read (and a
     quantized cache's codes unpacked) once for the query heads that share them, the heads' partial
     sums in registers, then summed over the chunks. Measured on SmolLM2's shape (9 query heads, 3
-    KV heads, 4,000 positions, int4): the previous schedule (single-threaded scalar reductions,
-    values unpacked once per query head) took 2x as long.
+    KV heads, 4,000 positions, 2 threads): int4 ~110 us per layer, where a schedule of
+    single-threaded scalar reductions with values unpacked once per query head took 2x as long;
+    float ~360 us (~17 GB/s of cache read), 672 us while its loops carried predicates.
     """
 
     def apply(self, func, target: Target, _tunable: bool) -> s_tir.Schedule | None:
@@ -197,8 +198,10 @@ def _lanes(target: Target) -> int:
 
 
 def _schedule_attention(sch: s_tir.Schedule, lanes: int, heads_per_kv: int) -> s_tir.Schedule:
-    """:func:`lowbit.codegen.attention.decode_attention_kernel`: its scores cover whole key tiles,
-    so the max and sum over positions run as lane partials."""
+    """:func:`lowbit.codegen.attention.decode_attention_kernel`: it covers whole chunks of
+    positions (those past the length masked), so no loop over positions carries a predicate: the
+    max and sum run as lane partials, and the value sums stay in registers (under a per-position
+    predicate LLVM stored them back at every position)."""
     _tile_dot(sch, "dots")
     for name in ("logits", "shifted"):
         sch.compute_inline(sch.get_sblock(name))
