@@ -37,7 +37,7 @@ import tomllib
 from pathlib import Path
 
 from lowbit.codegen.errors import LowbitError
-from lowbit.passes.recipe import ActQuant, Keep, KVQuant, Recipe, Smoothing, WeightQuant
+from lowbit.passes.recipe import KV_BITS, ActQuant, Keep, KVQuant, Recipe, Smoothing, WeightQuant
 
 _WEIGHT_ONLY = re.compile(
     r"^w(?P<bits>\d+)a(?P<abits>16|8)-(?P<method>awq-gptq|[a-z]+)(?:-g(?P<group>\d+))?(?P<asym>-asym)?"
@@ -81,6 +81,7 @@ EXAMPLE_RECIPES = ("fp32", "w8a16-rtn", "w4a16-rtn", "w4a16-rtn-g32", "w4a16-rtn
                    "w4a8-gptq-g128", "w8a8-naive", "w8a8-smoothquant", "w8a8-smoothquant-static",
                    "w4a16-rtn-g128+kv16", "w4a16-rtn-g128+kv8", "w4a16-awq-g128+kv4")
 DEFAULT_RECIPE = "w4a16-rtn-g128"
+KV_COMPONENTS = tuple(f"kv{bits}" for bits in KV_BITS)  # kv16, kv8, kv4
 _OPTIONS = ("ignore=PATTERN[,PATTERN], keep=PATTERN[,PATTERN]|autoN, alpha=0.5|auto, damp=0.01, stages=2, "
             "group=64 and residual=32 (kv4)")
 
@@ -99,12 +100,14 @@ def _resolve(spec: str, bases: tuple[Path, ...]) -> Recipe:
     base, _, options = spec.partition(":")
     name, *compose = base.split("+")
     recipe = _parse_name(name)
+    *others, last = (f"+{c}" for c in KV_COMPONENTS)
     for part in compose:
-        if part not in ("kv16", "kv8", "kv4"):
-            raise LowbitError(f"recipe {spec!r}: unknown component +{part}; the components are +kv16, +kv8 and "
-                              "+kv4 (the KV cache in float16, int8, int4)")
+        if part not in KV_COMPONENTS:
+            raise LowbitError(f"recipe {spec!r}: unknown component +{part}; the components are "
+                              f"{', '.join(others)} and {last} (the KV cache in float16, int8, int4)")
         if recipe.kv is not None:
-            raise LowbitError(f"recipe {spec!r}: more than one KV-cache component; keep one of +kv16, +kv8, +kv4")
+            raise LowbitError(f"recipe {spec!r}: more than one KV-cache component; keep one of "
+                              f"{', '.join([*others, last])}")
         recipe = dataclasses.replace(recipe, kv=KVQuant(bits=int(part[2:])))
     for option in filter(None, options.split(";")):
         recipe = _apply_option(recipe, spec, option)

@@ -46,7 +46,7 @@ class KVCacheInfo(_Record):
     head_dim: _Count
     dtype: _Name
     layout: str
-    scheme: _Name  # float32, kv8, kv4:group=G;residual=R
+    scheme: _Name  # float32, kv16, kv8, kv4:group=G;residual=R
     capacity_multiple: _Count  # every allocated capacity is a multiple of it
     buffers: list[CacheBufferInfo]  # one layer's cache tensors, in the order entry functions take them
     attention_fused: _Size  # layers whose decode attention is one kernel over the cache
