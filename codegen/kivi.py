@@ -212,7 +212,7 @@ class Kivi:
         # the key group as tile // tiles-per-group: one index for a whole vectorized tile (not a gather)
         dots = te.compute((q_heads, end), lambda h, j: te.sum(
             scaled_q[h, j // TILE // (group // TILE), nibble * half + c]
-            * self._code(key_codes, h // per, j, nibble * half + c, dtype), axis=[nibble, c]), "dots")
+            * self._code(key_codes, h // per, j, nibble * half + c, dtype), axis=[c, nibble]), "dots")
         c = te.reduce_axis((0, dim), "c")
         recent_dots = te.compute((q_heads, recent), lambda h, i: te.sum(
             q[0, h, 0, c] * f32(key_win[0, h // per, (end + i) % window, c]), axis=c), "recent_dots")

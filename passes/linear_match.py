@@ -60,3 +60,39 @@ def find_linears(func: relax.Function) -> dict[str, LinearUse]:
 
     relax.analysis.post_order_visit(func.body, visit)
     return found
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertTable:
+    """A 3-D weight ``name`` whose ``take(W, experts, axis=0)`` feeds batched matmuls: a mixture of
+    experts' per-expert linear layers, gathered per token. ``rows_first``: stored ``[E, N, K]``
+    (the gathered matrices are matmul's left operand, ``W_e @ x``); else ``[E, K, N]`` (``x @ W_e``)."""
+
+    name: str
+    rows_first: bool
+
+
+def find_expert_tables(func: relax.Function) -> dict[str, ExpertTable]:
+    """Every 3-D weight parameter read only through ``take(..., axis=0)`` whose results are read only
+    by ``matmul``, each time as the same operand; by name. The orientation comes from that operand."""
+    weights = {p.name for p in func.params[int(func.attrs["num_input"]):] if len(p.ty.shape) == 3}
+    gathered: dict[relax.Var, str] = {}  # take's output -> the table it reads
+    operands: dict[str, set] = {}  # table -> how its gathered matrices are used
+    for block in func.body.blocks:
+        for binding in block.bindings:
+            value = binding.value
+            if not isinstance(value, relax.Call):
+                continue
+            table = value.args[0] if _op_name(value) == "relax.take" else None
+            if isinstance(table, relax.Var) and table.name in weights:
+                gathered[binding.var] = table.name
+                if value.attrs.axis is None or int(value.attrs.axis) != 0:
+                    operands.setdefault(table.name, set()).add("other")
+                continue
+            for position, arg in enumerate(value.args):
+                if isinstance(arg, relax.Var) and (arg in gathered or arg.name in weights):
+                    table = gathered.get(arg, arg.name)
+                    use = position if _op_name(value) == "relax.matmul" and arg in gathered else "other"
+                    operands.setdefault(table, set()).add(use)
+    return {name: ExpertTable(name, rows_first=uses == {0}) for name, uses in operands.items()
+            if uses in ({0}, {1})}

@@ -19,6 +19,14 @@ A gather from a weight that a linear layer also reads as ``[N, K]`` (an embeddin
 output head) becomes a lookup in that layer's packed tensors (:func:`lowbit.codegen.kernels.gather_kernel`):
 the table is stored once, in the head's format, and the float table is dropped.
 
+A mixture of experts' per-expert weights, a 3-D table gathered per token (``take(W, experts,
+axis=0)`` feeding batched matmuls, :func:`lowbit.passes.linear_match.find_expert_tables`), is stored
+as one stacked linear weight ``[experts * N, K]`` on the recipe's weight grid by round to nearest,
+and the gather becomes a lookup of the chosen experts' rows, dequantized on the way: the experts'
+memory is the recipe's, their matmuls stay float (so int8 activations do not apply to them, and
+GPTQ and AWQ, whose calibration is collected per linear layer, leave them to round to nearest; the
+report line says so).
+
 With ``merge_siblings`` (the default), linears that read the same input and pack alike run as one
 kernel on their stacked weights (:mod:`lowbit.passes.sibling_linears`), named
 ``<merged name>.<suffix>``; each member's report line says which channels of the stack are its own.
@@ -37,7 +45,7 @@ from lowbit.codegen.formats import ColumnTiles, LinearFormat
 from lowbit.codegen.kernels import gather_kernel, kernel_name, linear_kernel
 
 from .gptq import quantize_gptq_validated
-from .linear_match import find_linears, match_linear
+from .linear_match import ExpertTable, find_expert_tables, find_linears, match_linear
 from .recipe import WeightQuant
 from .schemes import FloatLinear, LinearScheme, QuantizedWeight, linear_scheme
 from .schemes.linear import rows
@@ -135,6 +143,22 @@ class QuantizeLinears:
                 self.params[f"{name}.{suffix}"] = array
         return self._packed[name]
 
+    def packed_experts(self, table: ExpertTable) -> PackedLinear:
+        """The stacked ``[experts * N, K]`` packed form of an expert table (see the module docstring)."""
+        name = table.name
+        if name not in self._packed:
+            weight = self.params[name]
+            stored = weight if table.rows_first else weight.transpose(0, 2, 1)
+            experts, n, k = stored.shape
+            entry = pack_linear(np.ascontiguousarray(stored.reshape(experts * n, k)), _expert_recipe(self.recipe),
+                                name, self.chip)
+            self._packed[name] = entry
+            self.report[name] = (f"{entry.tag}: {entry.note}; {experts} experts of [{n}, {k}] gathered per token"
+                                 + _expert_caveat(self.recipe))
+            for suffix, array in entry.tensors.items():
+                self.params[f"{name}.{suffix}"] = array
+        return self._packed[name]
+
     def merged(self, group: SiblingGroup) -> PackedLinear | None:
         """The stacked form of a sibling group, or ``None`` where its members cannot be merged."""
         if group.name not in self._merged:
@@ -175,6 +199,7 @@ class _LinearRewriter(relax.PyExprMutator):
         self.groups = {use.name: group for group in groups for use in group.members}
         self.sibling_outputs: dict[str, relax.Var] = {}  # member weight name -> its slice of the stack
         self.tied = {name for name, use in find_linears(func).items() if use.transposed}  # [N, K] tables
+        self.experts = find_expert_tables(func) if owner.recipe.weights is not None else {}
 
     def rewrite(self, gvar, func) -> tvm.IRModule:
         body = self.visit_expr(func.body)
@@ -203,6 +228,8 @@ class _LinearRewriter(relax.PyExprMutator):
     def visit_call_(self, call: relax.Call):  # noqa: D401 - TVM visitor hook
         if _is_take(call) and isinstance(call.args[0], relax.Var) and call.args[0].name in self.tied:
             return self._gather(call)
+        if _is_take(call) and isinstance(call.args[0], relax.Var) and call.args[0].name in self.experts:
+            return self._gather_experts(self.experts[call.args[0].name], self.visit_expr(call.args[1]))
         use = match_linear(call, self.var2val, self.weights)
         if use is None:
             return super().visit_call_(call)
@@ -237,7 +264,25 @@ class _LinearRewriter(relax.PyExprMutator):
         ids = self.visit_expr(call.args[1])
         if int(call.attrs.axis) != 0 or not isinstance(ids.ty, relax.TensorType) or ids.ty.shape is None:
             return super().visit_call_(call)
-        packed = self.owner.packed(name, transposed=True)
+        return self._lookup(name, self.owner.packed(name, transposed=True), ids, str(call.ty.dtype))
+
+    def _gather_experts(self, table: ExpertTable, experts: relax.Expr) -> relax.Expr:
+        """``take(W, experts, axis=0)`` of an expert table: rows ``e * N + [0, N)`` of its stacked
+        packed weight for each chosen expert ``e``, as ``[..., N, K]`` (``[..., K, N]`` as stored)."""
+        packed = self.owner.packed_experts(table)
+        per_expert = packed.n // self.owner.params[table.name].shape[0]
+        dtype = str(experts.ty.dtype)
+        rows = self.builder_.emit(relax.op.add(
+            relax.op.multiply(relax.op.expand_dims(experts, -1), relax.const(per_expert, dtype)),
+            relax.const(np.arange(per_expert), dtype)))
+        out = self.builder_.emit(self._lookup(table.name, packed, rows, str(self.owner.params[table.name].dtype)))
+        if table.rows_first:
+            return out
+        axes = list(range(len(out.ty.shape)))
+        return relax.op.permute_dims(out, axes[:-2] + [axes[-1], axes[-2]])
+
+    def _lookup(self, name: str, packed: PackedLinear, ids: relax.Expr, dtype: str) -> relax.Expr:
+        """Output channels ``ids`` of weight ``name``'s packed tensors, dequantized: ``[*ids.shape, K]``."""
         tensors = {s: a for s, a in packed.tensors.items() if s not in packed.scheme.shared_tensors}
         weights = [self._weight_var(f"{name}.{s}", a) for s, a in tensors.items()]
         shape = list(ids.ty.shape)
@@ -251,8 +296,21 @@ class _LinearRewriter(relax.PyExprMutator):
             func = gather_kernel(packed.fmt, packed.layout, packed.n, packed.k, dims, str(ids.ty.dtype)).with_attrs(
                 {"op_pattern": 8, "global_symbol": symbol})
             self.kernels[key] = self.builder_.add_func(func, symbol)
-        out = relax.TensorType([*shape, packed.k], str(call.ty.dtype))
-        return relax.call_tir(self.kernels[key], [ids, *weights], out)
+        return relax.call_tir(self.kernels[key], [ids, *weights], relax.TensorType([*shape, packed.k], dtype))
+
+
+def _expert_recipe(recipe):
+    """The recipe for gathered experts: its weight grid by round to nearest, float activations."""
+    return dataclasses.replace(recipe, activations=None, smoothing=None,
+                               weights=WeightQuant(recipe.weights.bits, recipe.weights.group_size,
+                                                   recipe.weights.symmetric))
+
+
+def _expert_caveat(recipe) -> str:
+    """What the experts do not get of ``recipe`` (see the module docstring), for the report."""
+    missing = [what for what, applies in ((f"{recipe.weights.method}'s calibration", recipe.weights.method != "rtn"),
+                                          ("int8 activations", recipe.activations is not None)) if applies]
+    return f" (round to nearest, without {' or '.join(missing)}: collected per linear layer)" if missing else ""
 
 
 def _is_take(call: relax.Call) -> bool:

@@ -22,6 +22,11 @@ the dataflow graph (a networkx view of the entry function's bindings), never fro
   indices, and a scale must be equal on the channels sharing a ``V`` channel
   (:meth:`SmoothingGroup.admissible` makes it so). The KV cache then holds the scaled values,
   consistently for prefill and decode.
+* ``linear`` by an output slice: on either path above, ``V`` (or ``y``) may be a slice of a fused
+  linear's output (a section of its ``split``, or a ``strided_slice`` on its last axis when every
+  reader of that output slices disjoint channel ranges: Phi-3's ``gate_up_proj`` and
+  ``qkv_proj``): the target's rows in the slice's range absorb the scale (its ``channel_map``),
+  the other slices' channels are untouched.
 * anything else (a norm weight shared, a multiply by a non-linear term on both sides, a bias
   between, a group weight read elsewhere such as a tied embedding): no target; not smoothable.
 
@@ -230,6 +235,15 @@ def _attention_value_target(x, var2val, weights, graph, linear_of_output) -> Fol
         op = _op_name(value)
         if op in _LAYOUT_OPS:
             upstream = value.args[0]
+        elif op == "relax.strided_slice" and value.args[0] in linear_of_output \
+                and _disjoint_channel_slices(value.args[0], graph, var2val):  # a fused linear's slice
+            chain.append((var, value))
+            var = value.args[0]
+            break
+        elif isinstance(value, relax.TupleGetItem) and _split_of(value, var2val) in linear_of_output:
+            chain.append((var, value))  # a section of a split of a fused linear's output
+            var = _split_of(value, var2val)
+            break
         elif op == "relax.matmul" and not _has_matmul(chain):  # V is the right operand of P @ V
             upstream = value.args[1]
         elif op == "relax.concat":  # the KV cache: past values (a function input) then the new ones
@@ -241,10 +255,12 @@ def _attention_value_target(x, var2val, weights, graph, linear_of_output) -> Fol
             return None
         chain.append((var, value))
         var = upstream
-    if not _has_matmul(chain):
+    sliced = any(_op_name(value) == "relax.strided_slice" or isinstance(value, relax.TupleGetItem)
+                 for _, value in chain)
+    if not (_has_matmul(chain) or sliced):
         return None
     use = linear_of_output[var]
-    if not _single_reader(graph, var) or not _single_reader(graph, weights[use.name]):
+    if not (sliced or _single_reader(graph, var)) or not _single_reader(graph, weights[use.name]):
         return None
     try:
         channel_map = _trace_channels(var, chain[::-1], var2val)
@@ -253,6 +269,44 @@ def _attention_value_target(x, var2val, weights, graph, linear_of_output) -> Fol
     if channel_map is None:
         return None
     return FoldTarget("linear", use.name, use.transposed, tuple(int(c) for c in channel_map))
+
+
+def _slice_ranges(value) -> list[tuple[int, int, int, int]]:
+    """``(axis, begin, end, stride)`` per axis of a ``strided_slice`` call (axes as written)."""
+    axes, begin, end, strides = ([int(field.value) for field in arg.fields] for arg in value.args[1:5])
+    return list(zip(axes, begin, end, strides))
+
+
+def _disjoint_channel_slices(output, graph, var2val) -> bool:
+    """Every reader of ``output`` slices its last axis alone, with unit stride, in ranges that do
+    not overlap: scaling the channels of one slice leaves the others' unchanged."""
+    rank, width = len(output.ty.shape), int(output.ty.shape[-1])
+    ranges = []
+    for reader in graph.successors(output):
+        value = var2val.get(reader)
+        if _op_name(value) != "relax.strided_slice" or not value.args[0].same_as(output):
+            return False
+        slices = _slice_ranges(value)
+        if len(slices) != 1 or slices[0][0] % rank != rank - 1 or slices[0][3] != 1:
+            return False
+        begin, end = (min(max(b + width if b < 0 else b, 0), width) for b in slices[0][1:3])
+        ranges.append((begin, end))
+    ranges.sort()
+    return all(a_end <= b_begin for (_, a_end), (b_begin, _) in zip(ranges, ranges[1:]))
+
+
+def _split_of(item: relax.TupleGetItem, var2val):
+    """What ``split`` splits (into the sections ``item`` takes one of), or ``None``."""
+    value = var2val.get(item.tuple_value) if isinstance(item.tuple_value, relax.Var) else None
+    return value.args[0] if _op_name(value) == "relax.split" else None
+
+
+def _split_section(ids: np.ndarray, item: relax.TupleGetItem, var2val) -> np.ndarray:
+    """Section ``item.index`` of ``ids`` split as the ``split`` call ``item`` reads splits its input."""
+    split = var2val[item.tuple_value]
+    sections = split.attrs.indices_or_sections
+    sections = int(sections) if isinstance(sections, (int, tirx.IntImm)) else [int(i) for i in sections]
+    return np.split(ids, sections, axis=int(split.attrs.axis))[int(item.index)]
 
 
 def _has_matmul(chain) -> bool:
@@ -301,7 +355,9 @@ def _trace_channels(v_out, chain, var2val) -> np.ndarray | None:
     for var, value in chain:
         op = _op_name(value)
         shape = _concrete(var.ty.shape)
-        if op in ("relax.reshape", "relax.astype"):
+        if isinstance(value, relax.TupleGetItem):
+            ids = _split_section(ids, value, var2val)
+        elif op in ("relax.reshape", "relax.astype"):
             ids = ids.reshape(shape)
         elif op == "relax.permute_dims":
             axes = value.attrs.axes
@@ -310,6 +366,11 @@ def _trace_channels(v_out, chain, var2val) -> np.ndarray | None:
             ids = np.expand_dims(ids, tuple(int(a) for a in value.attrs.axis))
         elif op == "relax.broadcast_to":
             ids = np.broadcast_to(ids, shape)
+        elif op == "relax.strided_slice":
+            index = [slice(None)] * ids.ndim
+            for axis, begin, end, stride in _slice_ranges(value):
+                index[axis] = slice(begin, end, stride)
+            ids = ids[tuple(index)]
         elif op == "relax.concat":
             parts = [ids if part.same_as(current) else np.full(_concrete(part.ty.shape), -1, np.int64)
                      for part in _tuple_fields(value.args[0], var2val)]
@@ -341,7 +402,7 @@ def fold_scales(params: dict[str, np.ndarray], group: SmoothingGroup, s: np.ndar
         if not np.allclose(group.admissible(s), s, rtol=1e-5):
             raise ValueError("fold_scales: the scale differs between channels that share a value channel; "
                              "pass group.admissible(s)")
-        per_output = np.ones(int(index.max()) + 1, np.float32)
+        per_output = np.ones(params[target.name].shape[0 if target.transposed else 1], np.float32)
         per_output[index] = s
         s_target = per_output
     else:

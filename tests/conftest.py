@@ -21,7 +21,7 @@ def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("lowbit: error:")]
 
 
-SMOL_CALIBRATION = {"samples": 16, "seq_len": 256, "probe_tokens": 64}  # keep=autoN's probe: 256 by default
+SMOL_CALIBRATION = {"samples": 16, "seq_len": 256, "probe_tokens": 32}  # keep=autoN's probe: 256 by default
 
 
 class Smol:

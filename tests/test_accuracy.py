@@ -1,7 +1,7 @@
 """Accuracy bars on the real model (the cheap setting of the accuracy issue's bars).
 
 SmolLM2-135M is imported and calibrated once per session (``tests/conftest.py``: 16 windows of 256
-tokens of the bundled calibration text, keep=autoN's probe on 64 of them); each recipe is quantized
+tokens of the bundled calibration text, keep=autoN's probe on 32 of them); each recipe is quantized
 and built in memory and scored on 1024 held-out tokens of Alice (windows of 256).
 gap = PPL / PPL_float - 1.
 """
@@ -82,7 +82,8 @@ def test_calibrated_int4_beats_round_to_nearest(bench, recipe):
 
 def test_keep_auto_keeps_the_layers_that_move_the_output_most(bench):
     """Ranked end to end (the model's KL with one layer quantized), four layers of 211 kept in int8
-    recover a large part of RTN's gap (ten layers ranked by their own output error recovered 7 %)."""
+    recover a large part of RTN's gap (ten layers ranked by their own output error recovered 7 %).
+    Ranked on 32 probe tokens: gap 0.31 against RTN's 0.82, KL 0.36 against 0.73."""
     (rtn_result, rtn), (result, kept) = bench("w4a16-rtn-g128"), bench("w4a16-rtn-g128:keep=auto4")
     assert kept < 0.6 * rtn, f"keep=auto4 gap {kept:.4f} vs rtn {rtn:.4f}"
     assert result.kl_vs_float < 0.7 * rtn_result.kl_vs_float

@@ -198,3 +198,45 @@ def test_stacked_siblings_compute_what_the_layers_compute(tiny_model_dir, recipe
     for token in ids[-2:]:
         steps = [session.decode(token) for session in sessions]
         np.testing.assert_allclose(steps[0], steps[1], rtol=0, atol=1e-5 * np.abs(steps[1]).max())
+
+
+EXPERTS, CHOSEN = 4, 3  # a mixture's expert table: EXPERTS matrices of [N, K]; CHOSEN gathered per call
+
+
+@pytest.mark.parametrize("rows_first", [True, False], ids=["W_e@x", "x@W_e"])
+@pytest.mark.parametrize("bits, group", [(8, None), (4, 32)])
+def test_gathered_experts_are_stored_packed_and_multiply_by_their_rounded_weights(rows_first, bits, group):
+    """A 3-D weight gathered per token and read by batched matmuls (a mixture of experts, stored
+    ``[E, N, K]`` or ``[E, K, N]``) is packed as one stacked weight, and each chosen expert's
+    product is the one with its round-to-nearest weight (float rounding only: rtol 1e-5)."""
+    from lowbit.passes.schemes import linear_scheme
+    from lowbit.targets import build
+
+    chip = get_target("host")
+    rng = np.random.default_rng(4)
+    table = rng.standard_normal((EXPERTS, N, K) if rows_first else (EXPERTS, K, N)).astype(np.float32)
+    ids = relax.Var("ids", relax.TensorType([CHOSEN], "int64"))
+    x = relax.Var("x", relax.TensorType([CHOSEN, K, 1] if rows_first else [CHOSEN, 1, K], "float32"))
+    w = relax.Var("experts.weight", relax.TensorType(table.shape, "float32"))
+
+    def body(b, ids, x, w):
+        chosen = b.emit(relax.op.take(w, ids, axis=0))
+        return b.emit(relax.op.matmul(chosen, x) if rows_first else relax.op.matmul(x, chosen))
+
+    weights = WeightQuant(bits, group)
+    quantize = QuantizeLinears(Recipe("w", weights), {"experts.weight": table}, chip)
+    after = quantize(_entry(body, ids, x, w, num_input=2))
+    assert quantize.report["experts.weight"].startswith("int8" if bits == 8 else "int4_g32")
+    assert f"{EXPERTS} experts of [{N}, {K}] gathered per token" in quantize.report["experts.weight"]
+
+    stacked = table if rows_first else table.transpose(0, 2, 1)  # [E, N, K]
+    rounded = linear_scheme(weights).weight_grid.quantize(stacked.reshape(-1, K)).dequantize().reshape(stacked.shape)
+    chosen = np.array([2, 0, 2])
+    inputs = rng.standard_normal([int(d) for d in x.ty.shape]).astype(np.float32)
+    want = np.stack([rounded[e] @ inputs[i] if rows_first else inputs[i] @ rounded[e].T
+                     for i, e in enumerate(chosen)])
+    params = after["prefill"].params[2:]
+    vm = relax.VirtualMachine(build(after, chip), tvm.cpu())
+    got = vm["prefill"](tvm.runtime.tensor(chosen), tvm.runtime.tensor(inputs),
+                        *[tvm.runtime.tensor(quantize.params[p.name]) for p in params]).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
