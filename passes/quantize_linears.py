@@ -136,12 +136,15 @@ class QuantizeLinears:
                                                          self.chip, self.statistics.get(name), kept=name in self.kept)
             if self.progress is not None:
                 self.progress.update(1)
-            self._packed[name] = entry
-            kept = ", kept by recipe" if name in self.kept else ""
-            self.report[name] = f"{entry.tag}: {entry.note}{kept}"
-            for suffix, array in entry.tensors.items():
-                self.params[f"{name}.{suffix}"] = array
+            self._store(name, entry, ", kept by recipe" if name in self.kept else "")
         return self._packed[name]
+
+    def _store(self, name: str, entry: PackedLinear, remark: str) -> None:
+        """Keep weight ``name``'s packed form: its report line (``remark`` appended) and its tensors."""
+        self._packed[name] = entry
+        self.report[name] = f"{entry.tag}: {entry.note}{remark}"
+        for suffix, array in entry.tensors.items():
+            self.params[f"{name}.{suffix}"] = array
 
     def packed_experts(self, table: ExpertTable) -> PackedLinear:
         """The stacked ``[experts * N, K]`` packed form of an expert table (see the module docstring)."""
@@ -152,11 +155,8 @@ class QuantizeLinears:
             experts, n, k = stored.shape
             entry = pack_linear(np.ascontiguousarray(stored.reshape(experts * n, k)), _expert_recipe(self.recipe),
                                 name, self.chip)
-            self._packed[name] = entry
-            self.report[name] = (f"{entry.tag}: {entry.note}; {experts} experts of [{n}, {k}] gathered per token"
-                                 + _expert_caveat(self.recipe))
-            for suffix, array in entry.tensors.items():
-                self.params[f"{name}.{suffix}"] = array
+            self._store(name, entry, f"; {experts} experts of [{n}, {k}] gathered per token"
+                        + _expert_caveat(self.recipe))
         return self._packed[name]
 
     def merged(self, group: SiblingGroup) -> PackedLinear | None:
@@ -226,10 +226,11 @@ class _LinearRewriter(relax.PyExprMutator):
         return self.kernels[key]
 
     def visit_call_(self, call: relax.Call):  # noqa: D401 - TVM visitor hook
-        if _is_take(call) and isinstance(call.args[0], relax.Var) and call.args[0].name in self.tied:
+        table = call.args[0].name if _is_take(call) and isinstance(call.args[0], relax.Var) else None
+        if table in self.tied:
             return self._gather(call)
-        if _is_take(call) and isinstance(call.args[0], relax.Var) and call.args[0].name in self.experts:
-            return self._gather_experts(self.experts[call.args[0].name], self.visit_expr(call.args[1]))
+        if table in self.experts:
+            return self._gather_experts(self.experts[table], self.visit_expr(call.args[1]))
         use = match_linear(call, self.var2val, self.weights)
         if use is None:
             return super().visit_call_(call)

@@ -227,7 +227,7 @@ def _attention_value_target(x, var2val, weights, graph, linear_of_output) -> Fol
     """``x = P @ V`` (through layout ops, the cache concat and broadcasts) with ``V`` a linear
     layer's output: a target with the channel map, or ``None`` if any op on the way is not one of
     those or any other op reads the path (returning the cache as an output is fine)."""
-    chain, var = [], x
+    chain, var, sliced = [], x, False
     while var not in linear_of_output:
         if not isinstance(var, relax.Var) or not _single_reader(graph, var):
             return None
@@ -235,14 +235,9 @@ def _attention_value_target(x, var2val, weights, graph, linear_of_output) -> Fol
         op = _op_name(value)
         if op in _LAYOUT_OPS:
             upstream = value.args[0]
-        elif op == "relax.strided_slice" and value.args[0] in linear_of_output \
-                and _disjoint_channel_slices(value.args[0], graph, var2val):  # a fused linear's slice
+        elif (fused := _sliced_output(value, graph, var2val, linear_of_output)) is not None:
             chain.append((var, value))
-            var = value.args[0]
-            break
-        elif isinstance(value, relax.TupleGetItem) and _split_of(value, var2val) in linear_of_output:
-            chain.append((var, value))  # a section of a split of a fused linear's output
-            var = _split_of(value, var2val)
+            var, sliced = fused, True
             break
         elif op == "relax.matmul" and not _has_matmul(chain):  # V is the right operand of P @ V
             upstream = value.args[1]
@@ -255,8 +250,6 @@ def _attention_value_target(x, var2val, weights, graph, linear_of_output) -> Fol
             return None
         chain.append((var, value))
         var = upstream
-    sliced = any(_op_name(value) == "relax.strided_slice" or isinstance(value, relax.TupleGetItem)
-                 for _, value in chain)
     if not (_has_matmul(chain) or sliced):
         return None
     use = linear_of_output[var]
@@ -295,10 +288,18 @@ def _disjoint_channel_slices(output, graph, var2val) -> bool:
     return all(a_end <= b_begin for (_, a_end), (b_begin, _) in zip(ranges, ranges[1:]))
 
 
-def _split_of(item: relax.TupleGetItem, var2val):
-    """What ``split`` splits (into the sections ``item`` takes one of), or ``None``."""
-    value = var2val.get(item.tuple_value) if isinstance(item.tuple_value, relax.Var) else None
-    return value.args[0] if _op_name(value) == "relax.split" else None
+def _sliced_output(value, graph, var2val, linear_outputs):
+    """The fused linear's output (one of ``linear_outputs``) whose channels ``value`` takes alone
+    among its readers: a section of its ``split``, or a ``strided_slice`` when every reader slices
+    disjoint ranges; else ``None``."""
+    source = None
+    if isinstance(value, relax.TupleGetItem):
+        split = var2val.get(value.tuple_value) if isinstance(value.tuple_value, relax.Var) else None
+        source = split.args[0] if _op_name(split) == "relax.split" else None
+    elif _op_name(value) == "relax.strided_slice" and value.args[0] in linear_outputs \
+            and _disjoint_channel_slices(value.args[0], graph, var2val):
+        source = value.args[0]
+    return source if source in linear_outputs else None
 
 
 def _split_section(ids: np.ndarray, item: relax.TupleGetItem, var2val) -> np.ndarray:
