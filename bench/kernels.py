@@ -13,7 +13,8 @@ Rows (``--json`` prints ``{"rows": [...]}``):
   ``DynamicQuantizeMatMul`` (com.microsoft: int8 weights per channel, activations quantized per
   tensor at run time).
 
-Medians of interleaved blocks, 2 threads everywhere (TVM's pool, ORT's global intra-op pool).
+Each runtime runs in a worker process of its own (:class:`Side`); the parent times them in turns.
+Medians of interleaved rounds, 2 threads everywhere (TVM's pool, ORT's global intra-op pool).
 
     python bench/kernels.py [--json] [--quick]
 """
@@ -23,11 +24,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import multiprocessing
 import os
 import shlex
 import statistics
 import sys
 import time
+import traceback
 
 THREADS = 2
 os.environ.setdefault("TVM_NUM_THREADS", str(THREADS))
@@ -117,109 +120,207 @@ class LowbitLinear:
         return self.out
 
 
-def timed(calls, repeats: int) -> list[float]:
-    """Seconds per call of each of ``calls`` (callables), in ``repeats`` interleaved blocks."""
-    times = [[] for _ in calls]
-    for _ in range(repeats):
-        for index, call in enumerate(calls):
-            start = time.perf_counter()
-            call()
-            times[index].append(time.perf_counter() - start)
+def quantized_int4(k: int, n: int, group: int, weight: np.ndarray):
+    """The int4 codes and scales lowbit's RTN gives ``weight`` (both sides run on these)."""
+    from lowbit.compiler import get_recipe
+    from lowbit.passes.quantize_linears import pack_linear
+    from lowbit.targets import get_target
+
+    return pack_linear(weight, get_recipe(f"w4a16-rtn-g{group}"), "w", get_target("host")).quantized
+
+
+def _weight(k: int, n: int, seed: int) -> tuple[np.random.Generator, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng, rng.standard_normal((n, k)).astype(np.float32)
+
+
+# Builders: each makes, in a worker process, ``(run, info)``: a callable that runs the kernel once
+# (a cold GEMV: once per copy of its weights) and a dict reported back to the parent.
+
+def build_lowbit_gemv(recipe: str, k: int, n: int, group: int):
+    rng, weight = _weight(k, n, k + n + group)
+    kernel = LowbitLinear(recipe, 1, k, n)
+    codes = kernel.pack_linear(weight, kernel.recipe, "w", kernel.chip).quantized.codes.size // 2
+    copies = max(2, -(-3 * l3_bytes() // codes))  # the same values in separate memory: cold caches
+    copy_bytes = kernel.add(weight, copies)
+    x = kernel.tvm.runtime.tensor(rng.standard_normal((1, k)).astype(np.float32), kernel.tvm.cpu())
+    reference = x.numpy().astype(np.float64) @ kernel.dequantized.T
+    error = float(np.abs(kernel(x, copies - 1).numpy()[0, :n] - reference[0]).max() / np.abs(reference).max())
+
+    def run():
+        for i in range(copies):
+            kernel(x, i)
+    return run, {"copies": copies, "copy_bytes": copy_bytes, "max_rel_error": error}
+
+
+def build_ort_gemv(k: int, n: int, group: int):
+    rng, weight = _weight(k, n, k + n + group)
+    quantized = quantized_int4(k, n, group, weight)
+    copies = max(2, -(-3 * l3_bytes() // (quantized.codes.size // 2)))
+    calls = [matmul_nbits(1, k, n, group, quantized.codes, quantized.scales) for _ in range(copies)]
+    x = rng.standard_normal((1, k)).astype(np.float32)
+
+    def run():
+        for call in calls:
+            call(x)
+    return run, {"copies": copies}
+
+
+def build_lowbit_gemm(recipe: str, m: int, k: int, n: int):
+    rng, weight = _weight(k, n, m + k + n)
+    kernel = LowbitLinear(recipe, m, k, n)
+    kernel.add(weight)
+    x = kernel.tvm.runtime.tensor(rng.standard_normal((m, k)).astype(np.float32), kernel.tvm.cpu())
+    return lambda: kernel(x), {}
+
+
+def build_ort_w4a8_gemm(m: int, k: int, n: int):
+    rng, weight = _weight(k, n, m + k + n)
+    quantized = quantized_int4(k, n, 128, weight)
+    call = matmul_nbits(m, k, n, 128, quantized.codes, quantized.scales)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    return lambda: call(x), {}
+
+
+def build_ort_w8a8_gemm(m: int, k: int, n: int):
+    from onnx import TensorProto, helper
+
+    rng, weight = _weight(k, n, m + k + n)
+    scale = (np.abs(weight).max(axis=1) / 127).astype(np.float32)
+    codes = np.clip(np.rint(weight / scale[:, None]), -127, 127).astype(np.int8)
+    node = helper.make_node("DynamicQuantizeMatMul", ["A", "B", "b_scale"], ["Y"], domain="com.microsoft")
+    session = ort_session(node, [helper.make_tensor_value_info("A", TensorProto.FLOAT, [m, k])],
+                          [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [m, n])],
+                          {"B": np.ascontiguousarray(codes.T), "b_scale": scale})
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    return lambda: session.run(None, {"A": x}), {}
+
+
+def _serve(conn) -> None:
+    """A worker process: builds kernels by builder name, times them on request, until told to stop."""
+    global ORT
+    kernels = {}
+    while True:
+        op, args = conn.recv()
+        try:
+            if op == "stop":
+                conn.send((True, None))
+                return
+            if op == "build":
+                name, builder, params = args
+                if builder.startswith("build_ort") and ORT is None:
+                    ORT = _ort()
+                kernels[name], info = globals()[builder](**params)
+                conn.send((True, info))
+            elif op == "drop":
+                kernels.clear()
+                conn.send((True, None))
+            else:  # "time": one warm-up call, then seconds per call of `calls` calls
+                name, calls = args
+                run = kernels[name]
+                run()
+                seconds = []
+                for _ in range(calls):
+                    start = time.perf_counter()
+                    run()
+                    seconds.append(time.perf_counter() - start)
+                conn.send((True, seconds))
+        except Exception:  # reported to the parent, which raises it
+            conn.send((False, traceback.format_exc()))
+
+
+class Side:
+    """One runtime in a process of its own. Two thread pools in one process spin against each other:
+    measured here, a lowbit GEMM called right after an ORT call took 11.0 ms and 5.8 ms once ORT's
+    workers had gone to sleep (100 ms later); in separate processes neither waits on the other."""
+
+    def __init__(self, context):
+        self._conn, child = context.Pipe()
+        self._process = context.Process(target=_serve, args=(child,), daemon=True)
+        self._process.start()
+
+    def __call__(self, op: str, *args):
+        self._conn.send((op, args))
+        ok, value = self._conn.recv()
+        if not ok:
+            raise RuntimeError(f"bench worker failed:\n{value}")
+        return value
+
+    def close(self) -> None:
+        self("stop")
+        self._process.join()
+
+
+def timed(kernels, rounds: int, calls: int) -> list[float]:
+    """Seconds per call of each ``(side, name)`` kernel: in each of ``rounds`` interleaved rounds,
+    each kernel's median of ``calls`` calls after a warm-up call (the other processes idle, 0.1 s
+    apart so that their thread pools have stopped spinning); the median over rounds."""
+    times = [[] for _ in kernels]
+    for _ in range(rounds):
+        for index, (side, name) in enumerate(kernels):
+            time.sleep(0.1)
+            times[index].append(statistics.median(side("time", name, calls)))
     return [statistics.median(t) for t in times]
 
 
-def gemv_rows(rounds: int, dram: float) -> list[dict]:
+def gemv_rows(lowbit: Side, ort: Side, rounds: int, dram: float) -> list[dict]:
     rows = []
     for k, n, group in GEMVS:
-        rng = np.random.default_rng(k + n + group)
-        w4a8, w4a16 = LowbitLinear(f"w4a8-rtn-g{group}", 1, k, n), LowbitLinear(f"w4a16-rtn-g{group}", 1, k, n)
-        weight = rng.standard_normal((n, k)).astype(np.float32)
-        copy_bytes = w4a8.pack_linear(weight, w4a8.recipe, "w", w4a8.chip).quantized.codes.size // 2
-        copies = max(2, -(-3 * l3_bytes() // copy_bytes))  # the same values in separate memory: cold caches
-        copy_bytes = w4a8.add(weight, copies)
-        w4a16.add(weight, copies)
-        quantized = w4a8.quantized
-        ort_calls = [matmul_nbits(1, k, n, group, quantized.codes, quantized.scales) for _ in range(copies)]
-        x = rng.standard_normal((1, k)).astype(np.float32)
-        x_tvm = w4a8.tvm.runtime.tensor(x, w4a8.tvm.cpu())
-
-        def cold(call_copy):
-            def run():
-                for i in range(copies):
-                    call_copy(i)
-            return run
-
-        per_pass = timed([cold(lambda i: w4a8(x_tvm, i)), cold(lambda i: w4a16(x_tvm, i)),
-                          cold(lambda i: ort_calls[i](x))], rounds)
-        lowbit_s, w4a16_s, ort_s = (t / copies for t in per_pass)
-        reference = x.astype(np.float64) @ w4a8.dequantized.T
-        error = float(np.abs(w4a8(x_tvm, copies - 1).numpy()[0, :n] - reference[0]).max() / np.abs(reference).max())
+        shape = {"k": k, "n": n, "group": group}
+        w4a8 = lowbit("build", "w4a8", "build_lowbit_gemv", {"recipe": f"w4a8-rtn-g{group}", **shape})
+        lowbit("build", "w4a16", "build_lowbit_gemv", {"recipe": f"w4a16-rtn-g{group}", **shape})
+        ort("build", "peer", "build_ort_gemv", shape)
+        copies = w4a8["copies"]
+        lowbit_s, w4a16_s, ort_s = (t / copies for t in timed([(lowbit, "w4a8"), (lowbit, "w4a16"), (ort, "peer")],
+                                                               rounds, 1))
+        lowbit("drop")
+        ort("drop")
         rows.append({"name": f"w4_gemv_1x{k}x{n}_g{group}", "lowbit_ms": round(lowbit_s * 1e3, 4),
                      "lowbit_w4a16_ms": round(w4a16_s * 1e3, 4), "peer": "ORT MatMulNBits (accuracy level 4)",
                      "peer_ms": round(ort_s * 1e3, 4), "speedup": round(ort_s / lowbit_s, 2),
-                     "bw_fraction": round(copy_bytes / lowbit_s / 1e9 / dram, 3), "weight_mb": round(copy_bytes / 1e6, 2),
-                     "copies": copies, "max_rel_error": error})
+                     "bw_fraction": round(w4a8["copy_bytes"] / lowbit_s / 1e9 / dram, 3),
+                     "weight_mb": round(w4a8["copy_bytes"] / 1e6, 2), "copies": copies,
+                     "max_rel_error": w4a8["max_rel_error"]})
         print(f"  {rows[-1]}", file=sys.stderr, flush=True)
     return rows
 
 
-def w4a8_gemm_rows(rounds: int) -> list[dict]:
+def gemm_rows(lowbit: Side, ort: Side, rounds: int) -> list[dict]:
+    """The prefill GEMMs, warm: W4A8 against MatMulNBits, W8A8 against DynamicQuantizeMatMul."""
+    cases = [(f"w4a8_gemm_{m}x{k}x{n}_g128", "w4a8-rtn-g128", "build_ort_w4a8_gemm",
+              "ORT MatMulNBits (accuracy level 4)", (m, k, n)) for m, k, n in W4A8_GEMMS]
+    cases += [(f"w8a8_gemm_{m}x{k}x{n}", "w8a8-naive", "build_ort_w8a8_gemm", "ORT DynamicQuantizeMatMul", (m, k, n))
+              for m, k, n in W8A8_GEMMS]
     rows = []
-    for m, k, n in W4A8_GEMMS:
-        rng = np.random.default_rng(m + k + n)
-        weight = rng.standard_normal((n, k)).astype(np.float32)
-        kernel = LowbitLinear("w4a8-rtn-g128", m, k, n)
-        kernel.add(weight)
-        quantized = kernel.pack_linear(weight, kernel.recipe, "w", kernel.chip).quantized
-        peer = matmul_nbits(m, k, n, 128, quantized.codes, quantized.scales)
-        x = rng.standard_normal((m, k)).astype(np.float32)
-        x_tvm = kernel.tvm.runtime.tensor(x, kernel.tvm.cpu())
-        lowbit_s, ort_s = timed([lambda: kernel(x_tvm), lambda: peer(x)], rounds * 10)
-        rows.append({"name": f"w4a8_gemm_{m}x{k}x{n}_g128", "lowbit_ms": round(lowbit_s * 1e3, 3),
-                     "peer": "ORT MatMulNBits (accuracy level 4)", "peer_ms": round(ort_s * 1e3, 3),
-                     "speedup": round(ort_s / lowbit_s, 2)})
-        print(f"  {rows[-1]}", file=sys.stderr, flush=True)
-    return rows
-
-
-def w8a8_gemm_rows(rounds: int) -> list[dict]:
-    from onnx import TensorProto, helper
-
-    rows = []
-    for m, k, n in W8A8_GEMMS:
-        rng = np.random.default_rng(m + k + n)
-        weight = rng.standard_normal((n, k)).astype(np.float32)
-        kernel = LowbitLinear("w8a8-naive", m, k, n)
-        kernel.add(weight)
-        scale = (np.abs(weight).max(axis=1) / 127).astype(np.float32)
-        codes = np.clip(np.rint(weight / scale[:, None]), -127, 127).astype(np.int8)
-        node = helper.make_node("DynamicQuantizeMatMul", ["A", "B", "b_scale"], ["Y"], domain="com.microsoft")
-        session = ort_session(node, [helper.make_tensor_value_info("A", TensorProto.FLOAT, [m, k])],
-                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [m, n])],
-                              {"B": np.ascontiguousarray(codes.T), "b_scale": scale})
-        x = rng.standard_normal((m, k)).astype(np.float32)
-        x_tvm = kernel.tvm.runtime.tensor(x, kernel.tvm.cpu())
-        lowbit_s, ort_s = timed([lambda: kernel(x_tvm), lambda: session.run(None, {"A": x})], rounds * 5)
-        rows.append({"name": f"w8a8_gemm_{m}x{k}x{n}", "lowbit_ms": round(lowbit_s * 1e3, 3),
-                     "peer": "ORT DynamicQuantizeMatMul", "peer_ms": round(ort_s * 1e3, 3),
-                     "speedup": round(ort_s / lowbit_s, 2)})
+    for name, recipe, peer_builder, peer, (m, k, n) in cases:
+        lowbit("build", "gemm", "build_lowbit_gemm", {"recipe": recipe, "m": m, "k": k, "n": n})
+        ort("build", "peer", peer_builder, {"m": m, "k": k, "n": n})
+        lowbit_s, ort_s = timed([(lowbit, "gemm"), (ort, "peer")], rounds, 5)
+        lowbit("drop")
+        ort("drop")
+        rows.append({"name": name, "lowbit_ms": round(lowbit_s * 1e3, 3), "peer": peer,
+                     "peer_ms": round(ort_s * 1e3, 3), "speedup": round(ort_s / lowbit_s, 2)})
         print(f"  {rows[-1]}", file=sys.stderr, flush=True)
     return rows
 
 
 def main(argv=None) -> int:
-    global ORT
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
-    ORT = _ort()
     started = time.perf_counter()
     rounds = 3 if args.quick else 7
     probes = bandwidth_probes()
     dram = max(statistics.median([probe() for _ in range(5)]) for probe in probes.values())
-    rows = gemv_rows(rounds, dram) + w4a8_gemm_rows(rounds) + w8a8_gemm_rows(rounds)
+    context = multiprocessing.get_context("spawn")
+    lowbit, ort = Side(context), Side(context)
+    try:
+        rows = gemv_rows(lowbit, ort, rounds, dram) + gemm_rows(lowbit, ort, rounds)
+    finally:
+        lowbit.close()
+        ort.close()
     report = {"rows": rows, "dram_GBps": round(dram, 1), "machine": machine_description()}
     (BENCH / ".cache").mkdir(exist_ok=True)
     (BENCH / ".cache" / "kernels.json").write_text(json.dumps(report, indent=2))
@@ -229,7 +330,8 @@ def main(argv=None) -> int:
     lines = [SECTION, "", f"Date: {datetime.datetime.now().astimezone().isoformat(timespec='minutes')}. Machine: "
              f"{report['machine']}. {lowbit_revision()}.", "", f"Command: `{command}`", "",
              f"DRAM read bandwidth in this run: {dram:.1f} GB/s (2 threads). GEMV rows are cold (copies totalling "
-             f"3x the L3); GEMMs warm. ms per call, medians of {rounds} interleaved blocks; speedup = peer / lowbit.",
+             f"3x the L3); GEMMs warm. ms per call, medians of {rounds} interleaved rounds, each runtime in a "
+             "process of its own; speedup = peer / lowbit.",
              "", "| kernel | lowbit ms | lowbit w4a16 ms | peer | peer ms | speedup | share of DRAM BW |",
              "|---|---:|---:|---|---:|---:|---:|"]
     for r in rows:

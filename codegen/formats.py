@@ -11,7 +11,7 @@ import dataclasses
 
 import numpy as np
 
-from .packing import from_column_tiles, pack_int4_quads, to_column_tiles
+from .packing import from_column_tiles, pack_byte_quads, pack_int4_quads, to_column_tiles
 
 FORMAT_KINDS = ("f32", "int8", "int4", "w8a8", "w8a8_static", "w4a8")
 W8A8_KINDS = ("w8a8", "w8a8_static")  # int8 activations: per-token dynamic scales / one static scale
@@ -23,10 +23,12 @@ class LinearFormat:
 
     kind: ``f32`` (float weights), ``int8`` (int8 codes, one scale per output channel), ``int4``
     (codes packed 8 per uint32 along K, one scale [and zero point] per ``group_size`` inputs), or
-    ``w8a8`` / ``w8a8_static``: the ``int8`` weights with the activations quantized to int8 too
-    (per token at run time, or with one calibrated scale); ``w4a8``: the ``int4`` weights as nibble
-    quads (:func:`~lowbit.codegen.packing.pack_int4_quads`) times int8 activations quantized per
-    token and group at run time, accumulated in int32 by a byte dot product.
+    ``w8a8`` / ``w8a8_static``: int8 weights per output channel, stored as unsigned codes around
+    a zero point of 128 in byte quads (:func:`~lowbit.codegen.packing.pack_byte_quads`), times
+    activations quantized to int8 too (per token at run time, or with one calibrated scale);
+    ``w4a8``: the ``int4`` weights as nibble quads (:func:`~lowbit.codegen.packing.pack_int4_quads`)
+    times int8 activations quantized per token and group at run time, accumulated in int32 by a
+    byte dot product.
     """
 
     kind: str
@@ -69,6 +71,14 @@ class ColumnTiles:
         padded = np.full((k_padded, self.padded(n)), pad_code, np.uint8)
         padded[:k, :n] = codes
         return pack_int4_quads(padded, self.tile)
+
+    def pack_byte_quads(self, codes: np.ndarray, k_padded: int, pad_code: int) -> np.ndarray:
+        """uint8 ``codes[K, N]`` as byte quads in these tiles, ``K`` padded with ``pad_code`` to
+        ``k_padded`` rows and ``N`` to whole tiles."""
+        k, n = codes.shape
+        padded = np.full((k_padded, self.padded(n)), pad_code, np.uint8)
+        padded[:k, :n] = codes
+        return pack_byte_quads(padded, self.tile)
 
     def padded(self, n: int) -> int:
         """``n`` output channels rounded up to whole tiles (what the kernel computes)."""

@@ -135,23 +135,50 @@ def int4_gemv_kernel(fmt: LinearFormat, t: int, k: int, tiles: int, dtype: str =
     return te.create_prim_func([x, *inputs, y])
 
 
+ROW_BLOCK = 4  # a GEMM's integer dot products run over its rows padded to a multiple of this (zero rows)
+W8A8_ZERO = 128  # the zero point of w8a8 weight codes (unsigned bytes): weight = scale * (code - 128)
+QUAD = 4  # inputs per byte quad (the 4-way byte dot product's depth)
+
+
+def padded_rows(m):
+    """The rows a GEMM's integer dot product covers: ``m`` rounded up to a multiple of ``ROW_BLOCK``
+    (a GEMV's single row as it is), so that a schedule blocking the rows by ``ROW_BLOCK`` has no
+    partial block: a tensorized loop nest cannot carry a bounds predicate."""
+    return m if isinstance(m, int) and m == 1 else (m + ROW_BLOCK - 1) // ROW_BLOCK * ROW_BLOCK
+
+
+def w8a8_padded_k(k: int) -> int:
+    """The input width a ``w8a8`` kernel computes over: ``k`` rounded up to whole byte quads."""
+    return -(-k // QUAD) * QUAD
+
+
 def w8a8_kernel(fmt: LinearFormat, t: int, m, k: int, tiles: int, dtype: str = "float32") -> tirx.PrimFunc:
-    """W8A8: int8 activations times int8 weights, accumulated exactly in int32, dequantized after.
+    """W8A8: int8 activations times int8 weights, a byte dot product accumulated exactly in int32.
 
-    Arguments, in order: ``X[M, K]`` float, ``W[N/t, K, t]`` int8 codes, ``scale[N/t, t]`` float
-    (one per output channel), for ``w8a8_static`` ``act_scale[1]`` float (one calibrated scale for
-    the whole input, > 0), then the output ``Y[M, N]`` float. Computes, per row ``m``::
+    Arguments, in order: ``X[M, K]`` float, ``W[N/t, Kp/4, t, 4]`` uint8 byte quads
+    (:func:`~lowbit.codegen.packing.pack_byte_quads`; codes around the zero point ``W8A8_ZERO``;
+    ``Kp`` is ``K`` rounded up to a multiple of 4, padded with the zero point), ``scale[N/t, t]``
+    float (one per output channel), for ``w8a8_static`` ``act_scale[1]`` float (one calibrated scale
+    for the whole input, > 0), then the output ``Y[M, N]`` float. Computes, per row ``m`` (inputs
+    past ``K`` count as zero)::
 
-        sx[m]    = max_k |X[m, k]| / 127 (1 for an all-zero row)   # w8a8; w8a8_static: act_scale[0]
-        xq[m, k] = int8(clip(round_half_even(X[m, k] / sx[m]), -127, 127))
-        acc[m, n] = sum_k int32(xq[m, k]) * int32(W[n // t, k, n % t])
-        Y[m, n]  = float(acc[m, n]) * sx[m] * scale[n // t, n % t]
+        sx[m]     = max_k |X[m, k]| / 127 (1 for an all-zero row)   # w8a8; w8a8_static: act_scale[0]
+        xq[m, k]  = int8(clip(round_half_even(X[m, k] / sx[m]), -127, 127))
+        xsum[m]   = sum_k xq[m, k]
+        acc[m, n] = sum_k int32(code[k, n]) * int32(xq[m, k])                          # exact in int32
+        Y[m, n]   = float(acc[m, n] - 128 * xsum[m]) * sx[m] * scale[n // t, n % t]
 
-    Blocks: ``act_absmax`` and ``act_scale`` (``w8a8`` only), ``act_quant``, ``matmul`` (int32) and
-    ``output``. Any int8 weight codes are valid: ``|xq * w| <= 127 * 128``.
+    The unsigned codes times the signed activations are the operands of x86's ``vpdpbusd`` as they
+    are; the zero point is taken out once per row and channel. The dot product reduces over
+    ``(ko, j)`` with ``k = 4 ko + j``, so a target can tensorize ``(channels, j)`` as one vector load
+    and one 4-way byte dot product; ``xq``, ``xsum`` and ``acc`` cover :func:`padded_rows` rows
+    (the padding rows zero). Blocks: ``act_absmax`` and ``act_scale`` (``w8a8`` only),
+    ``act_quant``, ``act_sum``, ``matmul`` (int32) and ``output``. Exact for ``K < 2^31 / (255 * 127)``.
     """
+    k_padded = w8a8_padded_k(k)
+    rows = padded_rows(m)
     x = te.placeholder((m, k), dtype, name="X")
-    w = te.placeholder((tiles, k, t), "int8", name="W")
+    w = te.placeholder((tiles, k_padded // QUAD, t, QUAD), "uint8", name="W")
     w_scale = te.placeholder((tiles, t), dtype, name="scale")
     qmax = tirx.const(float(INT8_QMAX), dtype)
     if fmt.kind == "w8a8":
@@ -171,20 +198,30 @@ def w8a8_kernel(fmt: LinearFormat, t: int, m, k: int, tiles: int, dtype: str = "
         def row_scale(_i):
             return x_scale[0]
 
-    xq = te.compute(
-        (m, k),
-        lambda i, kk: tirx.max(tirx.min(tirx.round(x[i, kk] / row_scale(i)), qmax), -qmax).astype("int8"),
-        name="act_quant",
-    )
-    r = te.reduce_axis((0, k), name="k")
+    pads_rows = not (isinstance(m, int) and rows == m)
+
+    def quantized(i, kk):  # zero past K and in padding rows
+        row = tirx.min(i, m - 1) if pads_rows else i
+        code = tirx.max(tirx.min(tirx.round(x[row, tirx.min(kk, k - 1)] / row_scale(row)), qmax), -qmax)
+        inside = [*([i < m] if pads_rows else []), *([kk < k] if k_padded != k else [])]
+        if inside:
+            code = tirx.if_then_else(tirx.all(*inside), code, tirx.const(0.0, dtype))
+        return code.astype("int8")
+
+    xq = te.compute((rows, k_padded), quantized, name="act_quant")
+    rs = te.reduce_axis((0, k_padded), name="rs")
+    xsum = te.compute((rows,), lambda i: te.sum(xq[i, rs].astype("int32"), axis=rs), name="act_sum")
+    ko = te.reduce_axis((0, k_padded // QUAD), name="ko")
+    j = te.reduce_axis((0, QUAD), name="j")
     acc = te.compute(
-        (m, tiles * t),
-        lambda i, j: te.sum(xq[i, r].astype("int32") * w[j // t, r, j % t].astype("int32"), axis=r),
+        (rows, tiles * t),
+        lambda i, nn: te.sum(w[nn // t, ko, nn % t, j].astype("int32") * xq[i, ko * QUAD + j].astype("int32"),
+                             axis=[ko, j]),
         name="matmul",
     )
-    y = te.compute(
-        (m, tiles * t), lambda i, j: acc[i, j].astype(dtype) * row_scale(i) * w_scale[j // t, j % t], name="output"
-    )
+    zero = tirx.const(W8A8_ZERO, "int32")
+    y = te.compute((m, tiles * t), lambda i, nn: (acc[i, nn] - zero * xsum[i]).astype(dtype) * row_scale(i)
+                   * w_scale[nn // t, nn % t], name="output")
     return te.create_prim_func([x, *inputs, y])
 
 
@@ -210,8 +247,9 @@ def w4a8_kernel(fmt: LinearFormat, t: int, m, k: int, tiles: int, dtype: str = "
 
     The dot product reduces over ``(ko, h, j)`` with ``k = g*G + 8*ko + 4*h + j``: ``h`` picks the
     nibble of byte ``j``, so a target can tensorize ``(channels, h, j)`` as one vector load, a mask,
-    a shift and two 4-way byte dot products. Blocks: ``act_absmax``, ``act_scale``, ``act_quant``,
-    ``act_sum``, ``partial`` (int32) and ``matmul``.
+    a shift and two 4-way byte dot products; ``xq`` and ``acc`` cover :func:`padded_rows` rows (the
+    padding rows zero). Blocks: ``act_absmax``, ``act_scale``, ``act_quant``, ``act_sum``, ``partial``
+    (int32) and ``matmul``.
     """
     size = fmt.group_size
     k_padded = w4a8_padded_k(k, size)
@@ -232,15 +270,22 @@ def w4a8_kernel(fmt: LinearFormat, t: int, m, k: int, tiles: int, dtype: str = "
     absmax = te.compute((m, groups), lambda i, g: te.max(tirx.abs(x_at(i, g * size + ra)), axis=ra), name="act_absmax")
     x_scale = te.compute((m, groups), lambda i, g: tirx.Select(
         absmax[i, g] > 0, absmax[i, g] / qmax, tirx.const(1.0, dtype)), name="act_scale")
-    xq = te.compute((m, k_padded), lambda i, kk: tirx.max(tirx.min(
-        tirx.round(x_at(i, kk) / x_scale[i, kk // size]), qmax), -qmax).astype("int8"), name="act_quant")
+    rows = padded_rows(m)
+    pads_rows = not (isinstance(m, int) and rows == m)
+
+    def quantized(i, kk):  # zero in padding rows
+        row = tirx.min(i, m - 1) if pads_rows else i
+        code = tirx.max(tirx.min(tirx.round(x_at(row, kk) / x_scale[row, kk // size]), qmax), -qmax)
+        return (tirx.if_then_else(i < m, code, tirx.const(0.0, dtype)) if pads_rows else code).astype("int8")
+
+    xq = te.compute((rows, k_padded), quantized, name="act_quant")
     rs = te.reduce_axis((0, size), name="rs")
     xsum = te.compute((m, groups), lambda i, g: te.sum(xq[i, g * size + rs].astype("int32"), axis=rs), name="act_sum")
     ko = te.reduce_axis((0, size // 8), name="ko")
     h = te.reduce_axis((0, 2), name="h")
     j = te.reduce_axis((0, 4), name="j")
     nibble = tirx.const(0xF, "uint8")
-    partial = te.compute((m, groups, tiles * t), lambda i, g, nn: te.sum(
+    partial = te.compute((rows, groups, tiles * t), lambda i, g, nn: te.sum(
         ((w[nn // t, g * (size // 8) + ko, nn % t, j] >> (h * 4).astype("uint8")) & nibble).astype("int32")
         * xq[i, g * size + ko * 8 + h * 4 + j].astype("int32"), axis=[ko, h, j]), name="partial")
 
@@ -281,7 +326,12 @@ def gather_kernel(fmt: LinearFormat, layout: ColumnTiles, rows: int, k: int, ind
 def _weight_element(fmt: LinearFormat, t: int, k: int, tiles: int, dtype: str):
     """The placeholders of a packed linear weight (in :func:`linear_kernel`'s argument order, less
     activation scales) and ``value(kk, nn)``: the float weight of input ``kk``, output channel ``nn``."""
-    if fmt.kind in ("f32", "int8", "w8a8", "w8a8_static"):
+    if fmt.kind in W8A8_KINDS:
+        w = te.placeholder((tiles, w8a8_padded_k(k) // QUAD, t, QUAD), "uint8", name="W")
+        scale = te.placeholder((tiles, t), dtype, name="scale")
+        return [w, scale], lambda kk, nn: ((w[nn // t, kk // QUAD, nn % t, kk % QUAD].astype("int32")
+                                            - W8A8_ZERO).astype(dtype) * scale[nn // t, nn % t])
+    if fmt.kind in ("f32", "int8"):
         w = te.placeholder((tiles, k, t), dtype if fmt.kind == "f32" else "int8", name="W")
         if fmt.kind == "f32":
             return [w], lambda kk, nn: w[nn // t, kk, nn % t]

@@ -9,7 +9,9 @@ Integer-dot kernels (``w4a8``) take int4 codes as *nibble quads* instead (:func:
 per column tile and block of 8 inputs, 4 bytes per channel, byte ``j`` holding code ``k + j`` in its
 low and code ``k + 4 + j`` in its high nibble, so that one vector load, a mask and a shift give two
 vectors of 4 consecutive codes per channel: the operand of a 4-way byte dot product (x86
-``vpdpbusd`` / ``vpmaddubsw``, ARM ``udot``).
+``vpdpbusd`` / ``vpmaddubsw``, ARM ``udot``). ``w8a8`` kernels take their 8-bit codes as *byte
+quads* (:func:`pack_byte_quads`): per column tile and block of 4 inputs, the 4 codes of each
+channel in consecutive bytes, one vector load per dot product.
 """
 
 from __future__ import annotations
@@ -74,3 +76,20 @@ def unpack_int4_quads(quads: np.ndarray) -> np.ndarray:
     tiles, blocks, tile, _ = quads.shape
     halves = np.stack([quads & 0xF, quads >> 4], axis=2)  # tile, block, half, lane, j
     return np.ascontiguousarray(halves.transpose(1, 2, 4, 0, 3)).reshape(blocks * 8, tiles * tile)
+
+
+def pack_byte_quads(codes: np.ndarray, tile: int) -> np.ndarray:
+    """``[K, N]`` uint8 codes -> byte quads ``[N / tile, K / 4, tile, 4]`` (byte ``j`` of channel
+    ``l`` in block ``b`` is code ``4b + j`` of channel ``tile * t + l``); ``K`` a multiple of 4, ``N``
+    of ``tile``."""
+    k, n = codes.shape
+    if k % 4 or n % tile or codes.dtype != np.uint8:
+        raise ValueError(f"byte quads need uint8 codes, K divisible by 4 and N by {tile}, "
+                         f"got {codes.dtype} K={k}, N={n}")
+    return np.ascontiguousarray(codes.reshape(k // 4, 4, n // tile, tile).transpose(2, 0, 3, 1))
+
+
+def unpack_byte_quads(quads: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`pack_byte_quads`: ``[N / tile, K / 4, tile, 4]`` -> ``[K, N]`` codes."""
+    tiles, blocks, tile, _ = quads.shape
+    return np.ascontiguousarray(quads.transpose(1, 3, 0, 2)).reshape(blocks * 4, tiles * tile)

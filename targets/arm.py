@@ -3,10 +3,13 @@
 
 The ``w4a8`` kernels' byte dot product (:mod:`lowbit.targets.nibble_dot`) runs on ``sdot`` (4 int32
 lanes, 4 signed byte products each): the int4 codes, 0..15, are valid signed bytes as they are.
+The ``w8a8`` kernels' byte quads (:mod:`lowbit.targets.byte_dot`: unsigned codes, signed
+activations) run on i8mm's mixed-sign ``usdot``; with dotprod alone, LLVM vectorizes the step.
 """
 
 from tvm.script import tirx as T
 
+from .byte_dot import register_byte_dot
 from .nibble_dot import register_nibble_dot
 from .registry import register_target
 from .simd import simd_target
@@ -33,7 +36,22 @@ def _nibble_dot_sdot(a: T.handle, b: T.handle, c: T.handle) -> None:
             T.reinterpret(high, dtype="int8x16"), x_high, dtype="int32x4")
 
 
+@T.prim_func(s_tir=True)
+def _byte_dot_usdot(a: T.handle, b: T.handle, c: T.handle) -> None:
+    A = T.match_buffer(a, (4, 4), "uint8", offset_factor=1)
+    B = T.match_buffer(b, (4,), "int8", offset_factor=1)
+    C = T.match_buffer(c, (4,), "int32", offset_factor=1, scope="local")
+    with T.sblock("root"):
+        T.reads(C[0:4], A[0:4, 0:4], B[0:4])
+        T.writes(C[0:4])
+        x = T.reinterpret(T.broadcast(T.reinterpret(B.vload([0], "int8x4"), dtype="int32"), 4), dtype="int8x16")
+        C[T.ramp(T.int32(0), 1, 4)] = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.usdot.v4i32.v16i8"), C.vload([0], "int32x4"),
+            T.reinterpret(A.vload([0, 0], "uint8x16"), dtype="int8x16"), x, dtype="int32x4")
+
+
 NIBBLE_DOT_SDOT = register_nibble_dot("lowbit_nibble_dot_sdot4", 4, _nibble_dot_sdot)
+BYTE_DOT_USDOT = register_byte_dot("lowbit_byte_dot_usdot4", 4, _byte_dot_usdot)
 
 ARM = {
     "family": "arm",
@@ -55,6 +73,6 @@ ARM_DOTPROD = register_target(simd_target(
 ARM_I8MM = register_target(simd_target(
     name="arm-i8mm", **ARM,
     tvm_target={"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod", "+i8mm"]},
-    capabilities=("neon", "dotprod", "i8mm"),
+    capabilities=("neon", "dotprod", "i8mm"), int8_dot=BYTE_DOT_USDOT,
     description="AArch64 NEON with int8 matrix multiply (Graviton3, Neoverse V1/N2)",
 ))

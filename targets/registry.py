@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from lowbit.codegen.errors import LowbitError
-from lowbit.codegen.formats import ColumnTiles, LinearFormat
+from lowbit.codegen.formats import W8A8_KINDS, ColumnTiles, LinearFormat
 
 
 DOT_ACCUMULATORS = 4  # accumulator vectors per column tile of the w4a8 kernels
@@ -37,6 +37,8 @@ class ChipTarget:
             (:mod:`lowbit.targets.nibble_dot`), or ``None`` to leave it to LLVM's vectorizer.
         int4_dot_gemv: the same step for the GEMV (decode), which streams every weight once (e.g.
             with the codes ahead prefetched); ``None``: ``int4_dot``.
+        int8_dot, int8_dot_gemv: the same for the ``w8a8`` kernels' byte quads
+            (:mod:`lowbit.targets.byte_dot`).
         machines: ``platform.machine()`` values of hosts that run this target's code.
         cpu_flags: the host CPU flag (``/proc/cpuinfo``) that proves each capability, where its name differs.
         cross_compiler: the C++ compiler that links ``model.so`` when the target is not this
@@ -54,6 +56,8 @@ class ChipTarget:
     dot_lanes: int = 4
     int4_dot: str | None = None
     int4_dot_gemv: str | None = None
+    int8_dot: str | None = None
+    int8_dot_gemv: str | None = None
     machines: tuple[str, ...] = ()
     cpu_flags: Mapping[str, str] = dataclasses.field(default_factory=dict)
     cross_compiler: str | None = None
@@ -71,9 +75,9 @@ class ChipTarget:
 
     def linear_layout(self, fmt: LinearFormat) -> ColumnTiles:
         """The memory layout this chip's kernels want for a linear weight of format ``fmt``: for the
-        byte dot product (``w4a8``), ``DOT_ACCUMULATORS`` vectors of ``dot_lanes`` channels per tile
-        (independent accumulator chains hide the instruction's latency)."""
-        if fmt.kind == "w4a8":
+        byte dot product (``w4a8``, ``w8a8``), ``DOT_ACCUMULATORS`` vectors of ``dot_lanes`` channels
+        per tile (independent accumulator chains hide the instruction's latency)."""
+        if fmt.kind in ("w4a8", *W8A8_KINDS):
             return ColumnTiles(DOT_ACCUMULATORS * self.dot_lanes)
         return ColumnTiles(self.linear_tile)
 
@@ -109,6 +113,7 @@ class ChipTarget:
             "description": self.description,
             "linear_tile": self.linear_tile,
             "int4_dot": self.int4_dot,
+            "int8_dot": self.int8_dot,
             "can_build": self.can_build,
             "runs_here": self.runs_on_this_machine(),
         }

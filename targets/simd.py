@@ -1,14 +1,16 @@
 """ISA-neutral SIMD schedule rules, shared by the CPU families (x86, ARM), as dlight ``ScheduleRule``s.
 
 lowbit's own linear kernels (:mod:`lowbit.codegen.kernels`) are found by their ``lowbit.kernel``
-tag and scheduled by :class:`DequantLinear`, :class:`Int4Gemv` and :class:`W8A8Linear`, on the
-weights' column-tile layout (``lowbit.tile``); the attention products TVM generates get
-:class:`BatchMatmul`, and decode's one-row norms and softmax :class:`SingleRowReduction`. Vector widths come from the TVM target, so the same rules lower to AVX2,
-AVX-512 or NEON code. A family lists them in its targets' ``rules`` (:mod:`lowbit.targets.x86`,
-:mod:`lowbit.targets.arm`), ahead of dlight's generic CPU rules (:mod:`lowbit.targets.pipeline`).
+tag and scheduled by :class:`DequantLinear`, :class:`Int4Gemv`, :class:`W8A8Linear` and
+:class:`W4A8Linear` (the integer-dot kernels tensorized with the target's byte dot intrinsics), on
+the weights' column-tile layout (``lowbit.tile``); the attention products TVM generates get
+:class:`BatchMatmul`, and decode's one-row norms and softmax :class:`SingleRowReduction`. Vector
+widths come from the TVM target, so the same rules lower to AVX2, AVX-512 or NEON code. A family
+lists them in its targets' ``rules`` (:mod:`lowbit.targets.x86`, :mod:`lowbit.targets.arm`), ahead
+of dlight's generic CPU rules (:mod:`lowbit.targets.pipeline`).
 
-With ``tunable=True`` the GEMM rules return a space (the register tile's row count sampled) for
-MetaSchedule; otherwise the fixed schedule described on each rule.
+With ``tunable=True`` :class:`DequantLinear`'s GEMM returns a space (the register tile's row count
+sampled) for MetaSchedule; otherwise every rule gives the fixed schedule described on it.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from lowbit.codegen.attention import (APPEND_TAG, CHUNK, DECODE_ATTENTION_TAG, D
                                       TILE)
 from lowbit.codegen.kivi import KIVI_ATTENTION_TAG
 from lowbit.codegen.formats import W8A8_KINDS
-from lowbit.codegen.kernels import GEMV_ATTR, KERNEL_ATTR, TILE_ATTR
+from lowbit.codegen.kernels import GEMV_ATTR, KERNEL_ATTR, ROW_BLOCK, TILE_ATTR
 
 from .pipeline import cpu_pipeline
 from .registry import ChipTarget
@@ -351,7 +353,6 @@ def _is_one(extent) -> bool:
     return isinstance(extent, tirx.IntImm) and int(extent) == 1
 
 
-W8A8_ROWS = 8  # rows of X sharing each widened int8 weight vector in the W8A8 GEMM
 GEMM_ROWS = 4  # rows of X sharing each dequantized weight vector in the GEMM register tile
 ROW_TILES = (2, 4, 8)  # the register tile's row counts a tunable GEMM space samples from
 
@@ -380,48 +381,79 @@ def _row_tile(sch: s_tir.Schedule, tunable: bool, fixed: int):
     return sch.sample_categorical(list(ROW_TILES), [1 / len(ROW_TILES)] * len(ROW_TILES)) if tunable else fixed
 
 
+K_CHUNK_QUADS = 256  # the W8A8 GEMM's input chunk, in byte quads: a tile's codes for it stay in L2
+
+
+def _input_chunk(extent, preferred: int) -> int:
+    """A chunk of a static reduction extent: its largest divisor up to ``preferred`` (no partial
+    chunk, so no predicate), or the whole extent where that divisor is under a quarter of it."""
+    n = int(extent)
+    divisor = max(d for d in range(1, min(n, preferred) + 1) if n % d == 0)
+    return divisor if divisor * 4 >= min(n, preferred) else n
+
+
 class W8A8Linear(_LinearRule):
     """A W8A8 kernel (:func:`lowbit.codegen.kernels.w8a8_kernel`), GEMV and GEMM.
 
-    The activations are quantized once, before the matmul: per-row absmax and int8 codes (LLVM
-    vectorizes these loops over K), parallel over rows in the GEMM. The int8 dot product runs parallel
-    over column tiles, vectorized across a tile's channels with int32 accumulators (int8 widened to
-    int32: ``vpmovsxbd`` + ``vpmulld`` on AVX2, ``smull`` on NEON); the float epilogue is applied per
-    tile as it completes. GEMM: each tile's weights are reused by ``W8A8_ROWS`` rows at a time, the
-    tile staying in L1 while the row blocks stream past.
+    The activations are quantized once, before the matmul: per-row absmax, int8 codes and their sum
+    (LLVM vectorizes these loops over K), parallel over rows in the GEMM. The byte dot product runs
+    parallel over column tiles, tensorized with the target's ``int8_dot`` intrinsic (``int8_dot_gemv``
+    for the GEMV) where it names one, into a register tile of int32 accumulators: the tile's vectors
+    of ``lanes`` channels (independent chains) times one row (GEMV) or ``ROW_BLOCK`` rows (GEMM: the
+    rows its dot product is padded to a multiple of, so the tensorized loops carry no predicate),
+    each vector of codes loaded once for the block's rows. The GEMM runs the inputs in chunks of
+    ``K_CHUNK_QUADS`` quads, all row blocks per chunk, so the tile's codes for a chunk are read from
+    L2 by every row block (a whole 4,096-input tile is 256 KiB: with both cores streaming their own,
+    re-reading it per row block from L3 halved the second core's gain: 215 GMAC/s on 2 threads
+    against 192 on one, 396 chunked); the chunk's sums are added to the tile's accumulators in
+    memory. The float epilogue (zero point, scales) is applied per tile and row block.
     """
+
+    def __init__(self, lanes: int, intrinsic: str | None, gemv_intrinsic: str | None = None):
+        self.lanes, self.intrinsic, self.gemv_intrinsic = lanes, intrinsic, gemv_intrinsic or intrinsic
 
     def matches(self, tag: str, gemv: bool) -> bool:
         return tag in W8A8_KINDS
 
     def schedule(self, sch, gemv, tile, tunable):
-        output = sch.get_sblock("output")
-        m, n = sch.get_loops(output)
-        n_outer, n_inner = sch.split(n, [None, tile])
-        if gemv:
-            sch.reorder(n_outer, m, n_inner)
-            row_loop = n_outer
-        else:
-            row_loop, m_inner = sch.split(m, [None, _row_tile(sch, tunable, W8A8_ROWS)])
-            sch.reorder(n_outer, row_loop, m_inner, n_inner)
-            static = str(sch.mod["main"].attrs[KERNEL_ATTR]) == "w8a8_static"
-            for name in ("act_quant",) if static else ("act_absmax", "act_quant"):
-                sch.parallel(sch.get_loops(sch.get_sblock(name))[0])
-        sch.vectorize(n_inner)
-        sch.parallel(n_outer)
-        if not gemv:  # a predicate-free main loop over whole row blocks, then the tail
-            sch.annotate(row_loop, "pragma_loop_partition_hint", 1)
-        matmul = sch.get_sblock("matmul")
-        sch.compute_at(matmul, row_loop)
-        sch.set_scope(matmul, 0, "local")
-        *rows_channels, k = sch.get_loops(matmul)[1 if gemv else 2:]  # (m_inner,) n_inner, k
-        k_outer, k_inner = sch.split(k, [None, 4])
-        sch.reorder(k_outer, k_inner, *rows_channels)
-        sch.vectorize(rows_channels[-1])
-        sch.unroll(k_inner)
         if not gemv:
-            sch.unroll(rows_channels[0])
-        init = sch.decompose_reduction(matmul, k_outer)
+            static = str(sch.mod["main"].attrs[KERNEL_ATTR]) == "w8a8_static"
+            for name in ("act_quant", "act_sum") if static else ("act_absmax", "act_quant", "act_sum"):
+                sch.parallel(sch.get_loops(sch.get_sblock(name))[0])
+        output = sch.get_sblock("output")
+        rows, channels = sch.get_loops(output)
+        row_outer, row_inner = sch.split(rows, [None, 1 if gemv else ROW_BLOCK])
+        n_outer, n_inner = sch.split(channels, [None, tile])
+        sch.reorder(n_outer, row_outer, row_inner, n_inner)
+        sch.parallel(n_outer)
+        sch.vectorize(n_inner)
+        matmul = sch.get_sblock("matmul")
+        if gemv:
+            sch.compute_at(matmul, row_outer)
+            channels, ko, j = sch.get_loops(matmul)[2:]
+            rows = []
+        else:
+            sch.compute_at(matmul, n_outer)
+            m_rows, channels, ko, j = sch.get_loops(matmul)[1:]
+            block_rows, row = sch.split(m_rows, [None, ROW_BLOCK])
+            chunk, ko = sch.split(ko, [None, _input_chunk(sch.get(ko).extent, K_CHUNK_QUADS)])
+            sch.reorder(chunk, block_rows, ko, row, channels, j)
+            rows = [row]
+        outermost_reduction = ko if gemv else chunk
+        sch.set_scope(matmul, 0, "local")
+        vectors, lanes = sch.split(channels, [None, self.lanes])
+        sch.reorder(ko, *rows, vectors, lanes, j)
+        intrinsic = self.gemv_intrinsic if gemv else self.intrinsic
+        if intrinsic is not None:
+            init = sch.decompose_reduction(matmul, outermost_reduction)
+            sch.tensorize(lanes, intrinsic)
+        else:
+            sch.reorder(j, lanes)
+            sch.vectorize(lanes)
+            sch.unroll(j)
+            init = sch.decompose_reduction(matmul, outermost_reduction)
+        for loop in (*rows, vectors):
+            sch.unroll(loop)
         sch.vectorize(sch.get_loops(init)[-1])
 
 
@@ -513,12 +545,14 @@ class W4A8Linear(_LinearRule):
     """The W4A8 kernel (:func:`lowbit.codegen.kernels.w4a8_kernel`), GEMV and GEMM.
 
     The activations are quantized first, per row and group (parallel over rows in the GEMM). Then,
-    parallel over column tiles: for each row, for each group, the tile's int32 accumulators (one
-    vector per ``dot_lanes`` channels, unrolled: independent chains) take the group's dot products
-    8 inputs at a time, tensorized with the target's ``int4_dot`` intrinsic (``int4_dot_gemv`` for
-    the GEMV) where it names one; the group's scales and zero points are then applied to the float
-    output accumulators in registers.
-    A tile's codes (``tile * K / 2`` bytes) stay in L1 while the GEMM's rows pass over them.
+    parallel over column tiles: for each group, the tile's int32 accumulators (one vector per
+    ``dot_lanes`` channels, unrolled: independent chains) take the group's dot products 8 inputs at
+    a time, tensorized with the target's ``int4_dot`` intrinsic (``int4_dot_gemv`` for the GEMV)
+    where it names one; the group's scales and zero points are then applied to the float output
+    accumulators in registers. The GEMV does this for its one row; the GEMM for blocks of
+    ``ROW_BLOCK`` rows and half a tile (:meth:`_row_blocks`), so each vector of codes is loaded and
+    unpacked once for the block's rows, the tile's codes (``tile * K / 2`` bytes) staying in L2
+    while the row blocks pass over them.
     """
 
     def __init__(self, lanes: int, intrinsic: str | None, gemv_intrinsic: str | None = None):
@@ -528,38 +562,69 @@ class W4A8Linear(_LinearRule):
         return tag.startswith("w4a8")
 
     def schedule(self, sch, gemv, tile, tunable):
-        if not gemv:
+        if gemv:
+            matmul, partial, g, n_inner = _group_partials_per_tile(sch, tile)
+            rows = []
+        else:
             for name in ("act_absmax", "act_quant", "act_sum"):
                 sch.parallel(sch.get_loops(sch.get_sblock(name))[0])
-        matmul, partial, g, n_inner = _group_partials_per_tile(sch, tile)
+            matmul, partial, g, n_inner = self._row_blocks(sch, tile)
+            rows = sch.get_loops(partial)[-5:-4]
         channels, ko, h, j = sch.get_loops(partial)[-4:]
         vectors, lanes = sch.split(channels, [None, self.lanes])
         init = None
         intrinsic = self.gemv_intrinsic if gemv else self.intrinsic
         if intrinsic is not None:
-            sch.reorder(ko, vectors, lanes, h, j)
+            sch.reorder(ko, *rows, vectors, lanes, h, j)
             init = sch.decompose_reduction(partial, ko)
             sch.tensorize(lanes, intrinsic)
         else:
-            sch.reorder(ko, vectors, h, j, lanes)
+            sch.reorder(ko, *rows, vectors, h, j, lanes)
             init = sch.decompose_reduction(partial, ko)
             sch.vectorize(lanes)
             sch.unroll(h)
             sch.unroll(j)
-        sch.unroll(vectors)
+        for loop in (*rows, vectors):
+            sch.unroll(loop)
         sch.vectorize(sch.get_loops(init)[-1])
         sch.vectorize(n_inner)
         init = sch.decompose_reduction(matmul, g)
         sch.vectorize(sch.get_loops(init)[-1])
 
+    def _row_blocks(self, sch: s_tir.Schedule, tile: int):
+        """The GEMM's frame: parallel over column tiles; per block of ``ROW_BLOCK`` rows and half a
+        tile (``ROW_BLOCK`` x half the tile's vectors of int32 partial sums and as many float
+        accumulators fit the vector registers), the group loop, each group's partial sums computed
+        in registers with each vector of codes unpacked once for the block's rows. Returns what
+        :func:`_group_partials_per_tile` does."""
+        matmul = sch.get_sblock("matmul")
+        m, n, g = sch.get_loops(matmul)
+        half = max(self.lanes, tile // 2)
+        n_outer, n_half, n_inner = sch.split(n, [None, tile // half, half])
+        m_outer, m_inner = sch.split(m, [None, ROW_BLOCK])
+        sch.reorder(n_outer, m_outer, n_half, g, m_inner, n_inner)
+        sch.parallel(n_outer)
+        sch.annotate(m_outer, "pragma_loop_partition_hint", 1)  # whole row blocks, then the tail
+        acc = sch.cache_write(matmul, 0, "local")
+        sch.reverse_compute_at(acc, n_half)
+        sch.vectorize(sch.get_loops(acc)[-1])
+        partial = sch.get_sblock("partial")
+        sch.compute_at(partial, g)
+        sch.set_scope(partial, 0, "local")
+        sch.unroll(m_inner)
+        return matmul, partial, g, n_inner
 
-LINEAR_RULES = (W8A8Linear(), Int4Gemv(), DequantLinear())  # the most specific first
+
+LINEAR_RULES = (Int4Gemv(), DequantLinear())  # the most specific first
 
 
 def simd_target(**fields) -> ChipTarget:
     """A CPU target on these rules and the CPU pipeline; ``fields`` as :class:`ChipTarget` takes them
-    (``dot_lanes``, ``int4_dot`` and ``int4_dot_gemv`` also configure the ``w4a8`` rule)."""
-    w4a8 = W4A8Linear(fields.get("dot_lanes", 4), fields.get("int4_dot"), fields.get("int4_dot_gemv"))
-    return ChipTarget(rules=(*LINEAR_RULES, w4a8, CacheKernels(), BatchMatmul(), SingleRowReduction()),
+    (``dot_lanes``, ``int4_dot``, ``int8_dot`` and their ``_gemv`` variants also configure the
+    ``w4a8`` and ``w8a8`` rules)."""
+    lanes = fields.get("dot_lanes", 4)
+    w8a8 = W8A8Linear(lanes, fields.get("int8_dot"), fields.get("int8_dot_gemv"))
+    w4a8 = W4A8Linear(lanes, fields.get("int4_dot"), fields.get("int4_dot_gemv"))
+    return ChipTarget(rules=(w8a8, *LINEAR_RULES, w4a8, CacheKernels(), BatchMatmul(), SingleRowReduction()),
                       pipeline=cpu_pipeline,
                       **fields)

@@ -4,7 +4,10 @@ The ``w4a8`` kernels' byte dot product (:mod:`lowbit.targets.nibble_dot`) runs o
 ``vpdpbusd`` (16 int32 lanes: 4 unsigned codes times 4 signed activations per lane and instruction)
 or, without VNNI, on AVX2 ``vpmaddubsw`` + ``vpmaddwd`` (8 lanes; the 16-bit pair sums cannot
 saturate: ``2 * 15 * 127 < 2^15``). The activations go in the signed operand and the int4 codes,
-0..15, in the unsigned one, so no offset needs compensating. LLVM 22 wants the byte operands of
+0..15, in the unsigned one, so no offset needs compensating. The ``w8a8`` kernels' byte quads
+(:mod:`lowbit.targets.byte_dot`, unsigned codes around 128) take one ``vpdpbusd`` per step on VNNI;
+AVX2 has no exact equivalent (``vpmaddubsw``'s 16-bit pair sums saturate at ``2 * 255 * 127``), so
+there LLVM vectorizes the step from its definition. LLVM 22 wants the byte operands of
 ``vpdpbusd`` as ``<64 x i8>``, hence the ``int8x64`` reinterprets.
 
 Each implementation comes twice: the GEMV's (``int4_dot_gemv``) also prefetches the codes
@@ -17,6 +20,7 @@ re-reads a tile's codes from L1 row after row, where the same prefetch cost 40 %
 
 from tvm.script import tirx as T
 
+from .byte_dot import register_byte_dot
 from .nibble_dot import register_nibble_dot
 from .registry import register_target
 from .simd import simd_target
@@ -55,6 +59,28 @@ def _nibble_dot_vnni(prefetch: bool):
     return impl
 
 
+def _byte_dot_vnni(prefetch: bool):
+    """The ``w8a8`` step on VNNI: one ``vpdpbusd`` (unsigned codes, signed activations)."""
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (16, 4), "uint8", offset_factor=1)
+        B = T.match_buffer(b, (4,), "int8", offset_factor=1)
+        C = T.match_buffer(c, (16,), "int32", offset_factor=1, scope="local")
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:16, 0:4], B[0:4])
+            T.writes(C[0:16])
+            if prefetch:
+                T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(A[_PREFETCH_CHANNELS, 0]),
+                                              T.int32(0), T.int32(3), T.int32(1)))  # read, all caches, data
+            x = T.reinterpret(T.broadcast(T.reinterpret(B.vload([0], "int8x4"), dtype="int32"), 16), dtype="int8x64")
+            C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"), C.vload([0], "int32x16"),
+                T.reinterpret(A.vload([0, 0], "uint8x64"), dtype="int8x64"), x, dtype="int32x16")
+
+    return impl
+
+
 def _nibble_dot_avx2(prefetch: bool):
     """The AVX2 step; with ``prefetch``, the codes ``PREFETCH_BYTES`` ahead are prefetched too."""
 
@@ -87,6 +113,8 @@ def _nibble_dot_avx2(prefetch: bool):
 
 NIBBLE_DOT_VNNI = register_nibble_dot("lowbit_nibble_dot_vnni16", 16, _nibble_dot_vnni(False))
 NIBBLE_DOT_VNNI_STREAM = register_nibble_dot("lowbit_nibble_dot_vnni16_prefetch", 16, _nibble_dot_vnni(True))
+BYTE_DOT_VNNI = register_byte_dot("lowbit_byte_dot_vnni16", 16, _byte_dot_vnni(False))
+BYTE_DOT_VNNI_STREAM = register_byte_dot("lowbit_byte_dot_vnni16_prefetch", 16, _byte_dot_vnni(True))
 NIBBLE_DOT_AVX2 = register_nibble_dot("lowbit_nibble_dot_avx2_8", 8, _nibble_dot_avx2(False))
 NIBBLE_DOT_AVX2_STREAM = register_nibble_dot("lowbit_nibble_dot_avx2_8_prefetch", 8, _nibble_dot_avx2(True))
 
@@ -100,7 +128,7 @@ X86_AVX2 = register_target(simd_target(
 
 X86_VNNI = register_target(simd_target(
     name="x86-vnni", family="x86", machines=MACHINES, linear_tile=32, dot_lanes=16, int4_dot=NIBBLE_DOT_VNNI,
-    int4_dot_gemv=NIBBLE_DOT_VNNI_STREAM,
+    int4_dot_gemv=NIBBLE_DOT_VNNI_STREAM, int8_dot=BYTE_DOT_VNNI, int8_dot_gemv=BYTE_DOT_VNNI_STREAM,
     tvm_target={"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "cascadelake"},
     capabilities=("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni"),
     description="x86-64 with AVX-512 and VNNI (Cascade Lake, Ice Lake, Zen 4 and newer)",

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from lowbit.codegen.packing import from_column_tiles, unpack_int4
+from lowbit.codegen.packing import from_column_tiles, unpack_byte_quads, unpack_int4
 from lowbit.compiler import CalibrationText, compile as lowbit_compile, get_recipe, prepare
 from lowbit.compiler.runtime.artifact import read_manifest
 from lowbit.targets import get_target
@@ -40,7 +40,7 @@ def tiny_prepared(tiny_model_dir):
 
 
 @pytest.mark.parametrize("target,recipe,vector_op", [("arm-dotprod", "w4a16-rtn-g32", "fmla"),
-                                                     ("arm-i8mm", "w8a8-naive", "smull")])
+                                                     ("arm-i8mm", "w8a8-naive", "usdot")])
 def test_aarch64_kernels_use_neon(tiny_prepared, target, recipe, vector_op):
     built = tiny_prepared.build(get_recipe(recipe), get_target(target))
     ops = Counter(re.findall(r"^\s+([a-z0-9.]+)\s+v\d+\.", _assembly(built.executable), re.MULTILINE))
@@ -73,11 +73,14 @@ def test_calibrated_recipes_compile_for_another_chip(tiny_model_dir, tmp_path, r
 
 
 def _codes(weights: dict, name: str, note: str) -> np.ndarray:
-    """A layer's codes ``[K, N_padded]`` whatever its column-tile layout (int4 unpacked), also where
+    """A layer's codes ``[K, N_padded]`` whatever its column-tile layout (int4 and byte quads unpacked), also where
     its report ``note`` says that it runs stacked with its siblings (``channels a-b of STACK``)."""
     stacked = re.search(r"channels (\d+)-(\d+) of ([^;\s]+)", note)
     tiled = weights[f"{stacked[3] if stacked else name}.qweight"]
-    codes = from_column_tiles(tiled, tiled.shape[0] * tiled.shape[2])
+    if tiled.ndim == 4:  # w8a8's byte quads
+        codes = unpack_byte_quads(tiled)
+    else:
+        codes = from_column_tiles(tiled, tiled.shape[0] * tiled.shape[2])
     codes = codes[:, int(stacked[1]):int(stacked[2])] if stacked else codes
     return unpack_int4(codes) if codes.dtype == np.uint32 else codes
 

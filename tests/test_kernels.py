@@ -7,8 +7,8 @@ from tvm import te, tirx
 
 from lowbit.codegen.errors import LowbitError
 from lowbit.codegen.formats import LinearFormat
-from lowbit.codegen.kernels import linear_kernel
-from lowbit.codegen.packing import from_column_tiles
+from lowbit.codegen.kernels import W8A8_ZERO, linear_kernel
+from lowbit.codegen.packing import unpack_byte_quads
 from lowbit.passes.quantize_linears import pack_linear
 from lowbit.passes.recipe import ActQuant, Recipe, WeightQuant
 from lowbit.passes.schemes import linear_scheme
@@ -80,7 +80,7 @@ def _statistics(rows):
 
 def _w8a8_reference(packed, x):
     """The W8A8 kernels' arithmetic in numpy: int8 activation codes, exact int32 dot products."""
-    w_codes = from_column_tiles(packed.tensors["qweight"], packed.n).astype(np.int32)  # [K, N]
+    w_codes = unpack_byte_quads(packed.tensors["qweight"])[: packed.k, : packed.n].astype(np.int32) - W8A8_ZERO
     w_scale = packed.tensors["scales"].reshape(-1)[: packed.n]
     if "act_scale" in packed.tensors:
         x_scale = np.full(x.shape[0], packed.tensors["act_scale"][0], np.float32)
@@ -107,6 +107,32 @@ def test_w8a8_kernel_matches_integer_reference(kind, m_rows, n, k):
     got = _run_kernel(packed, m_rows, x)
     want = _w8a8_reference(packed, x)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+DOT_PATHS = {"x86-vnni": "vpdpbusd", "x86-avx2": None, "arm-dotprod": None}  # target -> its byte dot instruction
+
+
+@pytest.mark.parametrize("target", sorted(DOT_PATHS))
+@pytest.mark.parametrize("m_rows", [1, 6])  # GEMV; a GEMM with a partial row block
+def test_w8a8_kernel_per_isa_path(target, m_rows):
+    """Each x86/ARM target's W8A8 kernel, compiled whatever the CPU (VNNI's byte dot instruction
+    checked in the assembly: AVX2 and plain NEON vectorize the definition), run where the CPU can."""
+    chip = get_target(target)
+    rng = np.random.default_rng(m_rows)
+    n, k = 96, 130  # N not a multiple of the tile, K not of the byte quad
+    packed = pack_linear(rng.standard_normal((n, k)).astype(np.float32), W8A8_RECIPES["w8a8"], "layer", chip)
+    m = 1 if m_rows == 1 else tirx.Var("m", "int64")
+    func = linear_kernel(packed.fmt, packed.layout, m, packed.layout.padded(n), k).with_attr("global_symbol", "kernel")
+    executable = tvm.compile(schedule(func, chip).mod, target=chip.tvm())
+    if DOT_PATHS[target]:
+        assert DOT_PATHS[target] in executable.mod.inspect_source("asm")
+    if not chip.runs_on_this_machine():
+        pytest.skip(f"{target} code does not run on this CPU (needs {', '.join(chip.capabilities)})")
+    x = rng.standard_normal((m_rows, k)).astype(np.float32)
+    out = tvm.runtime.tensor(np.zeros((m_rows, packed.layout.padded(n)), np.float32))
+    executable.jit()["kernel"](*[tvm.runtime.tensor(a) for a in [x, *packed.tensors.values()]], out)
+    want = _w8a8_reference(packed, x)
+    np.testing.assert_allclose(out.numpy()[:, :n], want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
 @pytest.mark.parametrize("kind", sorted(W8A8_RECIPES))

@@ -86,3 +86,17 @@ def test_nibble_quads_round_trip_and_layout():
     assert quads[tile, block, lane, j] >> 4 == codes[8 * block + 4 + j, 64 * tile + lane]
     with pytest.raises(ValueError, match="0..15"):
         pack_int4_quads(codes + 16, 64)
+
+
+def test_byte_quads_round_trip_and_layout():
+    """Byte j of channel l in block b holds code 4b+j of channel tile*t+l."""
+    from lowbit.codegen.packing import pack_byte_quads, unpack_byte_quads
+
+    codes = np.random.default_rng(4).integers(0, 256, (24, 96)).astype(np.uint8)
+    quads = pack_byte_quads(codes, 32)
+    assert quads.shape == (3, 6, 32, 4) and quads.dtype == np.uint8
+    np.testing.assert_array_equal(unpack_byte_quads(quads), codes)
+    tile, block, lane, j = 2, 5, 17, 3
+    assert quads[tile, block, lane, j] == codes[4 * block + j, 32 * tile + lane]
+    with pytest.raises(ValueError, match="K divisible by 4"):
+        pack_byte_quads(codes[:22], 32)

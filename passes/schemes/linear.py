@@ -16,7 +16,7 @@ import tvm
 from tvm import relax, tirx
 
 from lowbit.codegen.formats import ColumnTiles, LinearFormat
-from lowbit.codegen.kernels import w4a8_padded_k
+from lowbit.codegen.kernels import W8A8_ZERO, w4a8_padded_k, w8a8_padded_k
 from lowbit.codegen.packing import INT4_PER_WORD, pack_int4
 
 from ..recipe import ActQuant, WeightQuant
@@ -223,7 +223,9 @@ class W8A8Linear(LinearScheme):
         return self.activations.granularity == "tensor"
 
     def pack(self, weight_nk, quantized, layout, statistics=None):
-        tensors = Int8Linear.pack(self, weight_nk, quantized, layout)
+        codes = quantized.codes
+        tensors = {"qweight": layout.pack_byte_quads(codes, w8a8_padded_k(codes.shape[0]), pad_code=W8A8_ZERO),
+                   "scales": layout.pack(quantized.scales)[:, 0, :].copy()}
         if self.activations.granularity == "tensor":
             tensors["act_scale"] = self.activation_grid.scale(None, statistics.absmax).reshape(1)
         return tensors
