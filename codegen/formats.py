@@ -67,18 +67,17 @@ class ColumnTiles:
     def pack_quads(self, codes: np.ndarray, k_padded: int, pad_code: int) -> np.ndarray:
         """int4 ``codes[K, N]`` as nibble quads in these tiles, ``K`` padded with ``pad_code`` to
         ``k_padded`` rows and ``N`` to whole tiles."""
-        k, n = codes.shape
-        padded = np.full((k_padded, self.padded(n)), pad_code, np.uint8)
-        padded[:k, :n] = codes
-        return pack_int4_quads(padded, self.tile)
+        return pack_int4_quads(self._padded_codes(codes, k_padded, pad_code), self.tile)
 
     def pack_byte_quads(self, codes: np.ndarray, k_padded: int, pad_code: int) -> np.ndarray:
-        """uint8 ``codes[K, N]`` as byte quads in these tiles, ``K`` padded with ``pad_code`` to
-        ``k_padded`` rows and ``N`` to whole tiles."""
+        """uint8 ``codes[K, N]`` as byte quads in these tiles, padded as :meth:`pack_quads` pads."""
+        return pack_byte_quads(self._padded_codes(codes, k_padded, pad_code), self.tile)
+
+    def _padded_codes(self, codes: np.ndarray, k_padded: int, pad_code: int) -> np.ndarray:
         k, n = codes.shape
         padded = np.full((k_padded, self.padded(n)), pad_code, np.uint8)
         padded[:k, :n] = codes
-        return pack_byte_quads(padded, self.tile)
+        return padded
 
     def padded(self, n: int) -> int:
         """``n`` output channels rounded up to whole tiles (what the kernel computes)."""

@@ -1,16 +1,15 @@
 """AArch64 targets: NEON with dotprod (sdot), and with i8mm (smmla), on the SIMD rules of
 :mod:`lowbit.targets.simd`, lowered to NEON vector code; ``model.so`` is linked by a cross compiler.
 
-The ``w4a8`` kernels' byte dot product (:mod:`lowbit.targets.nibble_dot`) runs on ``sdot`` (4 int32
+The ``w4a8`` kernels' byte dot product (:mod:`lowbit.targets.dot_intrinsics`) runs on ``sdot`` (4 int32
 lanes, 4 signed byte products each): the int4 codes, 0..15, are valid signed bytes as they are.
-The ``w8a8`` kernels' byte quads (:mod:`lowbit.targets.byte_dot`: unsigned codes, signed
+The ``w8a8`` kernels' byte quads (:mod:`lowbit.targets.dot_intrinsics`: unsigned codes, signed
 activations) run on i8mm's mixed-sign ``usdot``; with dotprod alone, LLVM vectorizes the step.
 """
 
 from tvm.script import tirx as T
 
-from .byte_dot import register_byte_dot
-from .nibble_dot import register_nibble_dot
+from .dot_intrinsics import register_byte_dot, register_nibble_dot
 from .registry import register_target
 from .simd import simd_target
 

@@ -34,11 +34,11 @@ class ChipTarget:
         linear_tile: output channels per column tile of the weights (:meth:`linear_layout`).
         dot_lanes: int32 lanes of the vector the byte dot product accumulates into (16 for AVX-512).
         int4_dot: the registered tensor intrinsic for the ``w4a8`` kernels' inner step
-            (:mod:`lowbit.targets.nibble_dot`), or ``None`` to leave it to LLVM's vectorizer.
+            (:mod:`lowbit.targets.dot_intrinsics`), or ``None`` to leave it to LLVM's vectorizer.
         int4_dot_gemv: the same step for the GEMV (decode), which streams every weight once (e.g.
             with the codes ahead prefetched); ``None``: ``int4_dot``.
         int8_dot, int8_dot_gemv: the same for the ``w8a8`` kernels' byte quads
-            (:mod:`lowbit.targets.byte_dot`).
+            (:mod:`lowbit.targets.dot_intrinsics`).
         machines: ``platform.machine()`` values of hosts that run this target's code.
         cpu_flags: the host CPU flag (``/proc/cpuinfo``) that proves each capability, where its name differs.
         cross_compiler: the C++ compiler that links ``model.so`` when the target is not this

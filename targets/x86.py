@@ -1,11 +1,11 @@
 """x86-64 targets: AVX2 (+FMA) and AVX-512 with VNNI, on the SIMD rules of :mod:`lowbit.targets.simd`.
 
-The ``w4a8`` kernels' byte dot product (:mod:`lowbit.targets.nibble_dot`) runs on AVX-512 VNNI
+The ``w4a8`` kernels' byte dot product (:mod:`lowbit.targets.dot_intrinsics`) runs on AVX-512 VNNI
 ``vpdpbusd`` (16 int32 lanes: 4 unsigned codes times 4 signed activations per lane and instruction)
 or, without VNNI, on AVX2 ``vpmaddubsw`` + ``vpmaddwd`` (8 lanes; the 16-bit pair sums cannot
 saturate: ``2 * 15 * 127 < 2^15``). The activations go in the signed operand and the int4 codes,
 0..15, in the unsigned one, so no offset needs compensating. The ``w8a8`` kernels' byte quads
-(:mod:`lowbit.targets.byte_dot`, unsigned codes around 128) take one ``vpdpbusd`` per step on VNNI;
+(:mod:`lowbit.targets.dot_intrinsics`, unsigned codes around 128) take one ``vpdpbusd`` per step on VNNI;
 AVX2 has no exact equivalent (``vpmaddubsw``'s 16-bit pair sums saturate at ``2 * 255 * 127``), so
 there LLVM vectorizes the step from its definition. LLVM 22 wants the byte operands of
 ``vpdpbusd`` as ``<64 x i8>``, hence the ``int8x64`` reinterprets.
@@ -20,8 +20,7 @@ re-reads a tile's codes from L1 row after row, where the same prefetch cost 40 %
 
 from tvm.script import tirx as T
 
-from .byte_dot import register_byte_dot
-from .nibble_dot import register_nibble_dot
+from .dot_intrinsics import register_byte_dot, register_nibble_dot
 from .registry import register_target
 from .simd import simd_target
 
