@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from lowbit.codegen.entry_points import ENTRY_FUNCTIONS
 from lowbit.codegen.errors import LowbitError
 from lowbit.passes.kv_cache import CACHE_LAYOUT
 from lowbit.passes.model_ir import ModelIR
@@ -50,7 +51,7 @@ class BuiltModel:
             "target": self.chip.as_dict(),
             "inputs": ir.input_names,
             "outputs": ir.output_names,
-            "entry_functions": ["prefill", "decode"],
+            "entry_functions": list(ENTRY_FUNCTIONS),
             "kv_cache": dataclasses.asdict(ir.kv) | {"layout": CACHE_LAYOUT} | self.result.cache,
             "vocab_size": ir.vocab_size,
             "max_context": ir.max_context,

@@ -17,7 +17,9 @@ each present only when the recipe asks for it:
 5. :class:`CacheInPlace` (every recipe): the KV cache becomes a preallocated one written in place,
    stored as the recipe's KV scheme says (float, ``+kv8``, ``+kv4``), decode's attention one kernel
    over it (:mod:`lowbit.passes.kv_cache`).
-6. :class:`Finalize`: dead code elimination and parameter sync (every entry function takes exactly
+6. :class:`LastPositionEntry` (every recipe): ``prefill_last``, the prompt entry that runs the
+   output head on the last position only (:mod:`lowbit.passes.last_position`).
+7. :class:`Finalize`: dead code elimination and parameter sync (every entry function takes exactly
    the live weights).
 
 Steps never change the caller's :class:`ModelIR`, params or statistics: each returns a new state.
@@ -30,11 +32,13 @@ import fnmatch
 
 from tvm import relax
 
+from lowbit.codegen.entry_points import ENTRY_FUNCTIONS
 from lowbit.codegen.errors import LowbitError
 from lowbit.passes.awq import apply_awq
 from lowbit.passes.kv_cache import cache_in_place
 from lowbit.passes.linear_match import LinearUse, find_linears
-from lowbit.passes.model_ir import ENTRY_FUNCTIONS, ModelIR, sync_params
+from lowbit.passes.last_position import add_last_position_entry
+from lowbit.passes.model_ir import ModelIR, sync_params
 from lowbit.passes.quantize_linears import PackedLinear, QuantizeLinears, pack_linear
 from lowbit.passes.recipe import Recipe
 from lowbit.passes.schemes import kv_scheme, linear_scheme
@@ -212,6 +216,16 @@ class CacheInPlace(Step):
         return dataclasses.replace(state, ir=ir, cache=summary | scheme.describe())
 
 
+class LastPositionEntry(Step):
+    requires = "prefill with its linear layers as kernel calls"
+    guarantees = ("prefill_last: prefill's outputs with the logits of the last position only, the bindings that "
+                  "only feed them (found from the dataflow graph: final norm, output head) run on that position")
+
+    def run(self, state, context):
+        mod, _ = add_last_position_entry(state.ir.mod)
+        return dataclasses.replace(state, ir=dataclasses.replace(state.ir, mod=mod))
+
+
 class Finalize(Step):
     requires = "the quantized module"
     guarantees = "dead code removed; every entry function takes exactly the weights some entry function reads"
@@ -233,7 +247,7 @@ def build_steps(recipe: Recipe) -> list[Step]:
         steps.append(ScaleForWeights())
     if recipe.weights is not None and recipe.weights.stages > 1:
         steps.append(RoundInStages(recipe.weights.stages))
-    return steps + [QuantizeLinearLayers(recipe), CacheInPlace(), Finalize()]
+    return steps + [QuantizeLinearLayers(recipe), CacheInPlace(), LastPositionEntry(), Finalize()]
 
 
 @dataclasses.dataclass

@@ -47,7 +47,7 @@ from tvm import relax, tirx
 from lowbit.codegen.cache_layout import CAPACITY, ROLES
 from lowbit.codegen.errors import LowbitError
 
-from .model_ir import ENTRY_FUNCTIONS, ModelIR
+from .model_ir import ENTRY_FUNCTIONS, ModelIR, bindings_and_uses
 from .schemes.kv import KVScheme
 
 CACHE_LAYOUT = ("per layer, the key cache's tensors then the value cache's (kv_cache.buffers, 'capacity' positions); "
@@ -98,7 +98,7 @@ def _rewrite(mod: tvm.IRModule, name: str, ir: ModelIR, scheme: KVScheme) -> tup
     pasts = list(func.params[1:num_input])
     if len(pasts) != 2 * ir.kv.num_layers:
         raise LowbitError(f"{name}: expected {2 * ir.kv.num_layers} KV-cache inputs, found {len(pasts)}")
-    bindings, uses = _dataflow(func)
+    bindings, uses = bindings_and_uses(func)
     past_length = pasts[0].ty.shape[2]
     if not isinstance(past_length, tirx.Var):
         raise LowbitError(f"{name}: the KV-cache input's sequence length {past_length} is not symbolic")
@@ -125,24 +125,6 @@ def _rewrite(mod: tvm.IRModule, name: str, ir: ModelIR, scheme: KVScheme) -> tup
     mod = rewriter.builder_.get()
     mod[name] = relax.analysis.remove_all_unused(new)
     return mod, len(attentions)
-
-
-def _dataflow(func):
-    """Every binding's value by var, and every var's readers (binding vars, or None for the return)."""
-    bindings, uses = {}, {}
-
-    def note(reader):
-        def visit(expr):
-            if isinstance(expr, relax.Var):
-                uses.setdefault(expr, []).append(reader)
-        return visit
-
-    for block in func.body.blocks:
-        for binding in block.bindings:
-            bindings[binding.var] = binding.value
-            relax.analysis.post_order_visit(binding.value, note(binding.var))
-    relax.analysis.post_order_visit(func.body.body, note(None))
-    return bindings, uses
 
 
 def _is_op(value, op_name: str) -> bool:

@@ -18,9 +18,11 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from lowbit.codegen.entry_points import PROMPT, STEP
+
 from .bounded_gather import bounded_gather
 
-ENTRY_FUNCTIONS = ("prefill", "decode")
+ENTRY_FUNCTIONS = (PROMPT, STEP)  # what the frontends make and the passes rewrite (PROMPT_LAST: .last_position)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +80,24 @@ def make_entry_module(prefill: relax.Function, decode: relax.Function, num_input
         "decode": decode.with_attrs({"num_input": num_input, "global_symbol": "decode"}),
     })
     return relax.transform.Normalize()(bounded_gather(mod))
+
+
+def bindings_and_uses(func: relax.Function) -> tuple[dict, dict]:
+    """Every binding's value by var, and every var's readers (binding vars, or None for the return)."""
+    bindings, uses = {}, {}
+
+    def note(reader):
+        def visit(expr):
+            if isinstance(expr, relax.Var):
+                uses.setdefault(expr, []).append(reader)
+        return visit
+
+    for block in func.body.blocks:
+        for binding in block.bindings:
+            bindings[binding.var] = binding.value
+            relax.analysis.post_order_visit(binding.value, note(binding.var))
+    relax.analysis.post_order_visit(func.body.body, note(None))
+    return bindings, uses
 
 
 def kv_names(prefix: str, num_layers: int) -> list[str]:

@@ -96,11 +96,11 @@ def test_pipeline_steps_come_from_the_recipe():
 
     steps = explain("w4a16-awq-gptq-g128:keep=auto2;stages=2")
     assert [s["step"] for s in steps] == ["KeepLayers", "ScaleForWeights", "RoundInStages", "QuantizeLinearLayers",
-                                          "CacheInPlace", "Finalize"]
-    assert [s["needs_calibration"] for s in steps] == [True, True, True, True, False, False]
+                                          "CacheInPlace", "LastPositionEntry", "Finalize"]
+    assert [s["needs_calibration"] for s in steps] == [True, True, True, True, False, False, False]
     assert [s["step"] for s in explain("w8a8-smoothquant")][:1] == ["SmoothActivations"]
     plain = explain("w4a16-rtn-g128")
-    assert [s["step"] for s in plain] == ["QuantizeLinearLayers", "CacheInPlace", "Finalize"]
+    assert [s["step"] for s in plain] == ["QuantizeLinearLayers", "CacheInPlace", "LastPositionEntry", "Finalize"]
     assert not plain[0]["needs_calibration"]
     assert all(s["requires"] and s["guarantees"] for s in steps)
 
@@ -111,4 +111,4 @@ def test_explain_on_the_command_line_loads_nothing():
     done = lowbit_cli("compile", "no-such-model", "-r", "w8a8-smoothquant", "--explain", "--json")
     assert done.returncode == 0, done.stderr
     assert [s["step"] for s in json.loads(done.stdout)] == ["SmoothActivations", "QuantizeLinearLayers",
-                                                             "CacheInPlace", "Finalize"]
+                                                             "CacheInPlace", "LastPositionEntry", "Finalize"]

@@ -245,3 +245,62 @@ def test_gathered_experts_are_stored_packed_and_multiply_by_their_rounded_weight
     got = vm["prefill"](tvm.runtime.tensor(chosen), tvm.runtime.tensor(inputs),
                         *[tvm.runtime.tensor(quantize.params[p.name]) for p in params]).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def _head_module(vocab=N):
+    """A prompt function's tail: a position-wise op, a mean over positions (mixes them), a residual
+    add, RMSNorm, the head (quantized by QuantizeLinears), soft-capping; the pre-norm state is
+    returned too (read elsewhere, as a cache would be)."""
+    seq = tirx.Var("seq", "int64")
+    x = relax.Var("x", relax.TensorType([1, seq, K], "float32"))
+    gamma = relax.Var("norm.weight", relax.TensorType([K], "float32"))
+    w = relax.Var("head.weight", relax.TensorType([vocab, K], "float32"))
+
+    def body(b, x, gamma, w):
+        h = b.emit(relax.op.multiply(x, relax.const(2.0, "float32")))
+        mixed = b.emit(relax.op.add(h, b.emit(relax.op.mean(h, axis=[1], keepdims=True))))
+        normed = b.emit(relax.op.nn.rms_norm(mixed, gamma, axes=[-1]))
+        logits = b.emit(relax.op.matmul(normed, b.emit(relax.op.permute_dims(w, [1, 0]))))
+        capped = b.emit(relax.op.multiply(relax.op.tanh(relax.op.divide(logits, relax.const(30.0, "float32"))),
+                                          relax.const(30.0, "float32")))
+        return b.emit(relax.Tuple([capped, h]))
+    return _entry(body, x, gamma, w, num_input=1)
+
+
+def test_last_position_entry_runs_the_tail_on_the_last_row():
+    """prefill_last = prefill's last row, with the norm and the quantized head on one row (their
+    shapes bound to 1) while the mean over positions still reads every position."""
+    from lowbit.passes.last_position import add_last_position_entry
+    from lowbit.passes.model_ir import sync_params
+
+    chip = get_target("host")
+    rng = np.random.default_rng(0)
+    params = {"norm.weight": rng.standard_normal(K).astype(np.float32) + 1,
+              "head.weight": rng.standard_normal((N, K)).astype(np.float32)}
+    quantize = QuantizeLinears(Recipe("w4", WeightQuant(4, 32)), params, chip)
+    mod, chained = add_last_position_entry(quantize(_head_module()))
+    assert chained >= 6  # the residual add, the norm, the head's reshapes, kernel call and slice, capping
+    head_calls = [c for c in _kernel_calls(mod, "prefill_last") if len(c.ty.shape) == 2]
+    assert head_calls and all(isinstance(c.ty.shape[0], tirx.IntImm) and int(c.ty.shape[0]) == 1
+                              for c in head_calls)
+    mod, params = sync_params(relax.transform.DeadCodeElimination(["prefill", "prefill_last"])(mod), quantize.params)
+    vm = relax.VirtualMachine(tvm.compile(mod, target=chip.tvm()), tvm.cpu())
+    x = rng.standard_normal((1, 7, K)).astype(np.float32)
+    weights = [tvm.runtime.tensor(array) for array in params.values()]
+    full = vm["prefill"](tvm.runtime.tensor(x), *weights)
+    last = vm["prefill_last"](tvm.runtime.tensor(x), *weights)
+    assert last[0].numpy().shape == (1, 1, N)
+    np.testing.assert_allclose(last[0].numpy()[0, 0], full[0].numpy()[0, -1], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(last[1].numpy(), full[1].numpy())  # the other output whole
+
+
+def test_feed_returns_the_last_rows_logits_of_prefill(tiny_model_dir):
+    """Session.feed runs prefill_last: the logits of prefill's last row, for a prompt in chunks."""
+    built = prepare(str(tiny_model_dir), max_context=128).build(get_recipe("w4a16-rtn-g32"))
+    ids = list(np.random.default_rng(1).integers(0, 49152, 80))  # more than one feed chunk
+    session = built.session()
+    full = session.prefill(ids)
+    session.reset()
+    last = session.feed(ids)
+    np.testing.assert_allclose(last, full[-1], rtol=0, atol=1e-4 * np.abs(full[-1]).max())
+    assert session.position == len(ids)

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 
 from lowbit.codegen.errors import LowbitError
 
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 
 _Count = Annotated[int, Field(ge=1)]
 _Size = Annotated[int, Field(ge=0)]

@@ -14,6 +14,7 @@ from .artifact import LIBRARY, WEIGHTS, read_manifest
 from .threads import use_available_cores
 from lowbit.codegen.errors import LowbitError
 from lowbit.codegen.cache_layout import CacheBuffer, capacity_for, kv_report
+from lowbit.codegen.entry_points import ENTRY_FUNCTIONS, PROMPT, PROMPT_LAST, STEP
 
 INITIAL_CAPACITY = 256  # cache positions allocated for a new session that fixes no capacity
 PREFILL_CHUNK = 128  # the most prompt tokens per prefill call in generate
@@ -121,8 +122,9 @@ class Session:
     def _check_signature(self) -> None:
         """The entry functions take as many inputs as the manifest lists, then exactly its weights, in
         its order."""
-        if self.manifest["entry_functions"] != ["prefill", "decode"]:
-            raise LowbitError(f"{self.where}: entry_functions must be prefill and decode; recompile the artifact")
+        if self.manifest["entry_functions"] != list(ENTRY_FUNCTIONS):
+            raise LowbitError(f"{self.where}: entry_functions must be {', '.join(ENTRY_FUNCTIONS)}; "
+                              "recompile the artifact")
         kv = self.manifest["kv_cache"]
         if len(self.manifest["inputs"]) != 2 + len(kv["buffers"]) * kv["num_layers"]:
             raise LowbitError(f"{self.where}: manifest.json lists {len(self.manifest['inputs'])} inputs for "
@@ -227,7 +229,7 @@ class Session:
         self._reserve(self.position + count)
         inputs = [self._tvm.runtime.tensor(ids, self.device), self._tvm.runtime.ShapeTuple([self.position])]
         try:
-            vm = self._vm if entry == "decode" else self._prefill_vm
+            vm = self._vm if entry == STEP else self._prefill_vm
             outputs = vm[entry](*inputs, *self._cache, *self._weights)
         except (ValueError, TypeError) as exc:  # the kernels' own argument checks
             first = next(iter(str(exc).splitlines()), "")
@@ -241,12 +243,12 @@ class Session:
         logits ``[len(token_ids), vocab]``. :meth:`extend` continues the current one instead."""
         ids = self._checked_ids(token_ids)
         self.reset()
-        return self._run("prefill", ids)
+        return self._run(PROMPT, ids)
 
     def extend(self, token_ids) -> np.ndarray:
         """Continue the current conversation with ``token_ids`` (after earlier prefill, extend,
         decode or generate calls); returns their logits ``[len(token_ids), vocab]``."""
-        return self._run("prefill", self._checked_ids(token_ids))
+        return self._run(PROMPT, self._checked_ids(token_ids))
 
     def feed(self, token_ids) -> np.ndarray:
         """Continue the current conversation with a prompt of any length, in the chunks
@@ -256,13 +258,13 @@ class Session:
         first = 0
         while first < ids.shape[1]:
             chunk = prefill_chunk(self.position)
-            logits = self._run("prefill", ids[:, first:first + chunk])
+            logits = self._run(PROMPT_LAST, ids[:, first:first + chunk])
             first += chunk
         return logits[-1]
 
     def decode(self, token_id: int) -> np.ndarray:
         """Continue the current conversation with one token; returns its logits ``[vocab]``."""
-        return self._run("decode", self._checked_ids([token_id]))[0]
+        return self._run(STEP, self._checked_ids([token_id]))[0]
 
     # -- text ------------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
