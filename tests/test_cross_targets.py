@@ -66,10 +66,17 @@ def test_calibrated_recipes_compile_for_another_chip(tiny_model_dir, tmp_path, r
     for name, report in host.result.layers.items():
         host_tag, host_note = report.split(": ", 1)
         arm_tag, arm_note = manifest["layers"][name].split(": ", 1)
-        assert host_tag.rsplit("_t", 1)[0] == arm_tag.rsplit("_t", 1)[0] and host_note == arm_note, name
+        assert host_tag.rsplit("_t", 1)[0] == arm_tag.rsplit("_t", 1)[0], name
+        assert _unstacked(host_note) == _unstacked(arm_note), name  # tiles differ: so may what stacks
         host_codes, arm_codes = (_codes(weights, name, note) for weights, note in
                                  ((host.result.ir.params, host_note), (arm_weights, arm_note)))
         np.testing.assert_array_equal(host_codes[:, : arm_codes.shape[1]], arm_codes[:, : host_codes.shape[1]])
+
+
+def _unstacked(note: str) -> str:
+    """A layer's report line less where it sits in a stack of siblings (whole column tiles stack, and
+    the tile is the chip's)."""
+    return re.sub(r"(; )?channels \d+-\d+ of [^;\s]+", "", note)
 
 
 def _codes(weights: dict, name: str, note: str) -> np.ndarray:
