@@ -467,13 +467,20 @@ def _group_partials_per_tile(sch: s_tir.Schedule, tile: int):
     n_outer, n_inner = sch.split(n, [None, tile])
     sch.reorder(n_outer, m, g, n_inner)
     sch.parallel(n_outer)
+    return matmul, _partials_in_registers(sch, matmul, m, g), g, n_inner
+
+
+def _partials_in_registers(sch: s_tir.Schedule, matmul: s_tir.SBlockRV, outputs, group) -> s_tir.SBlockRV:
+    """``matmul``'s float outputs accumulated in registers under loop ``outputs`` (written back
+    after it), each group's ``partial`` sums computed in registers under loop ``group``; returns the
+    ``partial`` block."""
     acc = sch.cache_write(matmul, 0, "local")
-    sch.reverse_compute_at(acc, m)
+    sch.reverse_compute_at(acc, outputs)
     sch.vectorize(sch.get_loops(acc)[-1])
     partial = sch.get_sblock("partial")
-    sch.compute_at(partial, g)
+    sch.compute_at(partial, group)
     sch.set_scope(partial, 0, "local")
-    return matmul, partial, g, n_inner
+    return partial
 
 
 class Int4Gemv(_LinearRule):
@@ -605,12 +612,7 @@ class W4A8Linear(_LinearRule):
         sch.reorder(n_outer, m_outer, n_half, g, m_inner, n_inner)
         sch.parallel(n_outer)
         sch.annotate(m_outer, "pragma_loop_partition_hint", 1)  # whole row blocks, then the tail
-        acc = sch.cache_write(matmul, 0, "local")
-        sch.reverse_compute_at(acc, n_half)
-        sch.vectorize(sch.get_loops(acc)[-1])
-        partial = sch.get_sblock("partial")
-        sch.compute_at(partial, g)
-        sch.set_scope(partial, 0, "local")
+        partial = _partials_in_registers(sch, matmul, n_half, g)
         sch.unroll(m_inner)
         return matmul, partial, g, n_inner
 
