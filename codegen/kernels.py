@@ -147,6 +147,15 @@ def padded_rows(m):
     return m if isinstance(m, int) and m == 1 else (m + ROW_BLOCK - 1) // ROW_BLOCK * ROW_BLOCK
 
 
+def _input_row(i, m, rows) -> tuple:
+    """For row ``i`` of a dot product over ``rows = padded_rows(m)``: the input row it reads (a
+    padding row reads row ``m - 1``, always in bounds) and the conditions that it is a real row
+    (none where no row is padding)."""
+    if isinstance(m, int) and rows == m:
+        return i, []
+    return tirx.min(i, m - 1), [i < m]
+
+
 def w8a8_padded_k(k: int) -> int:
     """The input width a ``w8a8`` kernel computes over: ``k`` rounded up to whole byte quads."""
     return -(-k // QUAD) * QUAD
@@ -198,12 +207,10 @@ def w8a8_kernel(fmt: LinearFormat, t: int, m, k: int, tiles: int, dtype: str = "
         def row_scale(_i):
             return x_scale[0]
 
-    pads_rows = not (isinstance(m, int) and rows == m)
-
     def quantized(i, kk):  # zero past K and in padding rows
-        row = tirx.min(i, m - 1) if pads_rows else i
+        row, inside = _input_row(i, m, rows)
         code = tirx.max(tirx.min(tirx.round(x[row, tirx.min(kk, k - 1)] / row_scale(row)), qmax), -qmax)
-        inside = [*([i < m] if pads_rows else []), *([kk < k] if k_padded != k else [])]
+        inside = inside + ([kk < k] if k_padded != k else [])
         if inside:
             code = tirx.if_then_else(tirx.all(*inside), code, tirx.const(0.0, dtype))
         return code.astype("int8")
@@ -271,12 +278,13 @@ def w4a8_kernel(fmt: LinearFormat, t: int, m, k: int, tiles: int, dtype: str = "
     x_scale = te.compute((m, groups), lambda i, g: tirx.Select(
         absmax[i, g] > 0, absmax[i, g] / qmax, tirx.const(1.0, dtype)), name="act_scale")
     rows = padded_rows(m)
-    pads_rows = not (isinstance(m, int) and rows == m)
 
     def quantized(i, kk):  # zero in padding rows
-        row = tirx.min(i, m - 1) if pads_rows else i
+        row, inside = _input_row(i, m, rows)
         code = tirx.max(tirx.min(tirx.round(x_at(row, kk) / x_scale[row, kk // size]), qmax), -qmax)
-        return (tirx.if_then_else(i < m, code, tirx.const(0.0, dtype)) if pads_rows else code).astype("int8")
+        if inside:
+            code = tirx.if_then_else(tirx.all(*inside), code, tirx.const(0.0, dtype))
+        return code.astype("int8")
 
     xq = te.compute((rows, k_padded), quantized, name="act_quant")
     rs = te.reduce_axis((0, size), name="rs")

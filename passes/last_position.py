@@ -126,9 +126,8 @@ def _position_wise(var, value, seq, mod) -> bool:
     if op in UNARY:
         return axis == out
     if op in BINARY:  # operands broadcast from the right: seq must sit at the same place from the end
-        return all(_seq_axis(a, seq) is None or (_seq_axis(a, seq) is not None and _seq_axis(a, seq) >= 0
-                                                 and len(a.ty.shape) - _seq_axis(a, seq) == ndim - out)
-                   for a in args)
+        axes = [(a, _seq_axis(a, seq)) for a in args]
+        return all(at is None or (at >= 0 and len(a.ty.shape) - at == ndim - out) for a, at in axes)
     if op in REDUCTIONS or op in NORMS:
         axes = value.attrs.axis if op in REDUCTIONS else value.attrs.axes
         rank = len(args[0].ty.shape)

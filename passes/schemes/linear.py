@@ -140,7 +140,7 @@ class Int8Linear(LinearScheme):
 
     def pack(self, weight_nk, quantized, layout, statistics=None):
         codes = (quantized.codes.astype(np.int16) - 128).astype(np.int8)
-        return {"qweight": layout.pack(codes), "scales": layout.pack(quantized.scales)[:, 0, :].copy()}
+        return {"qweight": layout.pack(codes), "scales": _channel_scales(quantized, layout)}
 
     def describe(self, quantized, method, tensors) -> str:
         return f"int8 per channel, {method}"
@@ -225,7 +225,7 @@ class W8A8Linear(LinearScheme):
     def pack(self, weight_nk, quantized, layout, statistics=None):
         codes = quantized.codes
         tensors = {"qweight": layout.pack_byte_quads(codes, w8a8_padded_k(codes.shape[0]), pad_code=W8A8_ZERO),
-                   "scales": layout.pack(quantized.scales)[:, 0, :].copy()}
+                   "scales": _channel_scales(quantized, layout)}
         if self.activations.granularity == "tensor":
             tensors["act_scale"] = self.activation_grid.scale(None, statistics.absmax).reshape(1)
         return tensors
@@ -235,3 +235,8 @@ class W8A8Linear(LinearScheme):
         if "act_scale" in tensors:
             note += f" (static scale {tensors['act_scale'][0]:.4g})"
         return note
+
+
+def _channel_scales(quantized: QuantizedWeight, layout: ColumnTiles) -> np.ndarray:
+    """One scale per output channel (a per-channel grid's single group), ``[N / tile, tile]``."""
+    return layout.pack(quantized.scales)[:, 0, :].copy()
