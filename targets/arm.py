@@ -14,39 +14,43 @@ from .registry import register_target
 from .simd import simd_target
 
 
+def _quad_broadcast(B, start: int):
+    """Activations ``B[start:start + 4]`` repeated in each 32-bit lane of an ``int8x16`` vector."""
+    return T.reinterpret(T.broadcast(T.reinterpret(B.vload([start], "int8x4"), dtype="int32"), 4), dtype="int8x16")
+
+
+def _sdot(acc, codes, activations):
+    return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"), acc,
+                                   T.reinterpret(codes, dtype="int8x16"), activations, dtype="int32x4")
+
+
+# Single expressions, no named temporaries (each would become a workspace allocation per call:
+# see lowbit.targets.simd.REGISTERS).
 @T.prim_func(s_tir=True)
 def _nibble_dot_sdot(a: T.handle, b: T.handle, c: T.handle) -> None:
     A = T.match_buffer(a, (4, 4), "uint8", offset_factor=1)
     B = T.match_buffer(b, (8,), "int8", offset_factor=1)
-    C = T.match_buffer(c, (4,), "int32", offset_factor=1, scope="local")
+    C = T.match_buffer(c, (4,), "int32", offset_factor=1)
     with T.sblock("root"):
         T.reads(C[0:4], A[0:4, 0:4], B[0:8])
         T.writes(C[0:4])
-        quads = A.vload([0, 0], "uint8x16")
-        low = T.bitwise_and(quads, T.broadcast(T.uint8(15), 16))
-        high = T.shift_right(quads, T.broadcast(T.uint8(4), 16))
-        x_low = T.reinterpret(T.broadcast(T.reinterpret(B.vload([0], "int8x4"), dtype="int32"), 4), dtype="int8x16")
-        x_high = T.reinterpret(T.broadcast(T.reinterpret(B.vload([4], "int8x4"), dtype="int32"), 4), dtype="int8x16")
-        dot = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"),
-                                      C.vload([0], "int32x4"), T.reinterpret(low, dtype="int8x16"), x_low,
-                                      dtype="int32x4")
-        C[T.ramp(T.int32(0), 1, 4)] = T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"), dot,
-            T.reinterpret(high, dtype="int8x16"), x_high, dtype="int32x4")
+        C[T.ramp(T.int32(0), 1, 4)] = _sdot(
+            _sdot(C.vload([0], "int32x4"), T.bitwise_and(A.vload([0, 0], "uint8x16"), T.broadcast(T.uint8(15), 16)),
+                  _quad_broadcast(B, 0)),
+            T.shift_right(A.vload([0, 0], "uint8x16"), T.broadcast(T.uint8(4), 16)), _quad_broadcast(B, 4))
 
 
 @T.prim_func(s_tir=True)
 def _byte_dot_usdot(a: T.handle, b: T.handle, c: T.handle) -> None:
     A = T.match_buffer(a, (4, 4), "uint8", offset_factor=1)
     B = T.match_buffer(b, (4,), "int8", offset_factor=1)
-    C = T.match_buffer(c, (4,), "int32", offset_factor=1, scope="local")
+    C = T.match_buffer(c, (4,), "int32", offset_factor=1)
     with T.sblock("root"):
         T.reads(C[0:4], A[0:4, 0:4], B[0:4])
         T.writes(C[0:4])
-        x = T.reinterpret(T.broadcast(T.reinterpret(B.vload([0], "int8x4"), dtype="int32"), 4), dtype="int8x16")
         C[T.ramp(T.int32(0), 1, 4)] = T.call_llvm_pure_intrin(
             T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.usdot.v4i32.v16i8"), C.vload([0], "int32x4"),
-            T.reinterpret(A.vload([0, 0], "uint8x16"), dtype="int8x16"), x, dtype="int32x4")
+            T.reinterpret(A.vload([0, 0], "uint8x16"), dtype="int8x16"), _quad_broadcast(B, 0), dtype="int32x4")
 
 
 NIBBLE_DOT_SDOT = register_nibble_dot("lowbit_nibble_dot_sdot4", 4, _nibble_dot_sdot)

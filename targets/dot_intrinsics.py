@@ -29,7 +29,7 @@ def nibble_dot_desc(lanes: int):
     def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
         A = T.match_buffer(a, (lanes, 4), "uint8", offset_factor=1)
         B = T.match_buffer(b, (8,), "int8", offset_factor=1)
-        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1, scope="local")
+        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
         with T.sblock("root"):
             T.reads(C[0:lanes], A[0:lanes, 0:4], B[0:8])
             T.writes(C[0:lanes])
@@ -49,7 +49,7 @@ def byte_dot_desc(lanes: int):
     def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
         A = T.match_buffer(a, (lanes, 4), "uint8", offset_factor=1)
         B = T.match_buffer(b, (4,), "int8", offset_factor=1)
-        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1, scope="local")
+        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
         with T.sblock("root"):
             T.reads(C[0:lanes], A[0:lanes, 0:4], B[0:4])
             T.writes(C[0:lanes])

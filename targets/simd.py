@@ -31,6 +31,13 @@ from lowbit.codegen.kernels import GEMV_ATTR, KERNEL_ATTR, ROW_BLOCK, TILE_ATTR
 from .pipeline import cpu_pipeline
 from .registry import ChipTarget
 
+# The scope of the small buffers a schedule keeps in registers (accumulators, a tile's partial
+# sums). "global": TVM 0.27 puts only global-scope allocations of constant size under 1 KiB on the
+# stack (LowerTVMBuiltin), where LLVM promotes them to registers; any other scope ("local")
+# becomes a TVMBackendAllocWorkspace/FreeWorkspace pair, inside a parallel loop once per task
+# (7 per column tile in the W4A8 GEMV: 5,000 pairs per token for a 49,152-row output head).
+REGISTERS = "global"
+
 MATMUL_ROWS = 4  # output rows sharing each loaded vector of B (register tile height)
 VECTORS_PER_ROW = 2  # vectors of output columns per register tile row
 
@@ -71,7 +78,7 @@ class BatchMatmul(CPUScheduleRule):
         row_outer, row_inner = sch.split(rows, [None, row_tile])
         col_outer, col_inner = sch.split(cols, [None, col_tile])
         sch.reorder(*([outer] if outer is not None else []), row_outer, col_outer, k, row_inner, col_inner)
-        accumulator = sch.cache_write(block, 0, "local")
+        accumulator = sch.cache_write(block, 0, REGISTERS)
         sch.reverse_compute_at(accumulator, col_outer)
         sch.vectorize(sch.get_loops(accumulator)[-1])
         sch.parallel(sch.fuse(outer, row_outer) if outer is not None else row_outer)
@@ -258,7 +265,7 @@ def _tile_dot(sch: s_tir.Schedule, name: str) -> None:
     positions, one vector each (independent accumulators, no horizontal sums, each key tile read
     once for the heads that share it); a predicate-free main loop over whole tiles and one tail."""
     block = sch.get_sblock(name)
-    written = sch.cache_write(block, 0, "local")  # the tile's scores stay in registers
+    written = sch.cache_write(block, 0, REGISTERS)  # the tile's scores stay in registers
     head, position, *channels = sch.get_loops(block)
     tile, lane = sch.split(position, [None, TILE])
     sch.reorder(tile, *channels, head, lane)
@@ -302,7 +309,7 @@ def _accumulate_in_chunks(sch: s_tir.Schedule, name: str, heads_per_kv: int) -> 
     sch.reorder(chunk, kv_head, position, shared, *channels)
     task = sch.fuse(chunk, kv_head)
     sch.parallel(task)
-    sums = sch.cache_write(partial, 0, "local")
+    sums = sch.cache_write(partial, 0, REGISTERS)
     sch.reverse_compute_at(sums, task)
     sch.vectorize(sch.get_loops(sums)[-1])
     sch.unroll(shared)
@@ -440,7 +447,7 @@ class W8A8Linear(_LinearRule):
             sch.reorder(chunk, block_rows, ko, row, channels, j)
             rows = [row]
         outermost_reduction = ko if gemv else chunk
-        sch.set_scope(matmul, 0, "local")
+        sch.set_scope(matmul, 0, REGISTERS)
         vectors, lanes = sch.split(channels, [None, self.lanes])
         sch.reorder(ko, *rows, vectors, lanes, j)
         intrinsic = self.gemv_intrinsic if gemv else self.intrinsic
@@ -474,12 +481,12 @@ def _partials_in_registers(sch: s_tir.Schedule, matmul: s_tir.SBlockRV, outputs,
     """``matmul``'s float outputs accumulated in registers under loop ``outputs`` (written back
     after it), each group's ``partial`` sums computed in registers under loop ``group``; returns the
     ``partial`` block."""
-    acc = sch.cache_write(matmul, 0, "local")
+    acc = sch.cache_write(matmul, 0, REGISTERS)
     sch.reverse_compute_at(acc, outputs)
     sch.vectorize(sch.get_loops(acc)[-1])
     partial = sch.get_sblock("partial")
     sch.compute_at(partial, group)
-    sch.set_scope(partial, 0, "local")
+    sch.set_scope(partial, 0, REGISTERS)
     return partial
 
 
@@ -538,7 +545,7 @@ class DequantLinear(_LinearRule):
             sch.unroll(m_inner)
             sch.annotate(row_loop, "pragma_loop_partition_hint", 1)  # main loop without bounds checks + tail
         sch.compute_inline(sch.get_sblock("dequant"))
-        acc = sch.cache_write(matmul, 0, "local")
+        acc = sch.cache_write(matmul, 0, REGISTERS)
         sch.reverse_compute_at(acc, row_loop)
         sch.vectorize(sch.get_loops(acc)[-1])
         sch.vectorize(n_inner)

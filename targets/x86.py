@@ -29,6 +29,39 @@ PREFETCH_BYTES = 1024
 _PREFETCH_CHANNELS = PREFETCH_BYTES // 4  # the intrinsics' code buffers hold 4 bytes per channel
 
 
+def _quad_broadcast(B, start: int, lanes: int, dtype: str):
+    """Activations ``B[start:start + 4]`` repeated in every 32-bit lane of a ``dtype`` vector."""
+    return T.reinterpret(T.broadcast(T.reinterpret(B.vload([start], "int8x4"), dtype="int32"), lanes), dtype=dtype)
+
+
+def _nibbles(quads, bytes_: int, high: bool):
+    """The low or high nibble of each byte of ``quads`` (a ``uint8x{bytes_}`` vector)."""
+    if high:
+        quads = T.shift_right(quads, T.broadcast(T.uint8(4), bytes_))
+    return T.bitwise_and(quads, T.broadcast(T.uint8(15), bytes_))
+
+
+def _vpdpbusd(acc, unsigned, signed):
+    return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"), acc,
+                                   T.reinterpret(unsigned, dtype="int8x64"), signed, dtype="int32x16")
+
+
+def _pmaddubsw(unsigned, signed):
+    return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
+                                   T.reinterpret(unsigned, dtype="int8x32"), signed, dtype="int16x16")
+
+
+def _prefetch(A):
+    """Prefetch the codes ``PREFETCH_BYTES`` ahead of ``A`` (read, all cache levels, data)."""
+    return T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(A[_PREFETCH_CHANNELS, 0]),
+                              T.int32(0), T.int32(3), T.int32(1))
+
+
+# The implementations are single expressions: a named temporary in TVMScript becomes a buffer of
+# scope "local", which TVM 0.27 allocates from the workspace pool on every call of the step
+# (see lowbit.targets.simd.REGISTERS); LLVM loads the repeated code vector once.
+
+
 def _nibble_dot_vnni(prefetch: bool):
     """The VNNI step; with ``prefetch``, the codes ``PREFETCH_BYTES`` ahead are prefetched too."""
 
@@ -36,24 +69,16 @@ def _nibble_dot_vnni(prefetch: bool):
     def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
         A = T.match_buffer(a, (16, 4), "uint8", offset_factor=1)
         B = T.match_buffer(b, (8,), "int8", offset_factor=1)
-        C = T.match_buffer(c, (16,), "int32", offset_factor=1, scope="local")
+        C = T.match_buffer(c, (16,), "int32", offset_factor=1)
         with T.sblock("root"):
             T.reads(C[0:16], A[0:16, 0:4], B[0:8])
             T.writes(C[0:16])
             if prefetch:
-                T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(A[_PREFETCH_CHANNELS, 0]),
-                                              T.int32(0), T.int32(3), T.int32(1)))  # read, all caches, data
-            quads = A.vload([0, 0], "uint8x64")
-            low = T.bitwise_and(quads, T.broadcast(T.uint8(15), 64))
-            high = T.bitwise_and(T.shift_right(quads, T.broadcast(T.uint8(4), 64)), T.broadcast(T.uint8(15), 64))
-            x_low = T.reinterpret(T.broadcast(T.reinterpret(B.vload([0], "int8x4"), dtype="int32"), 16), dtype="int8x64")
-            x_high = T.reinterpret(T.broadcast(T.reinterpret(B.vload([4], "int8x4"), dtype="int32"), 16), dtype="int8x64")
-            dot = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
-                                          C.vload([0], "int32x16"), T.reinterpret(low, dtype="int8x64"), x_low,
-                                          dtype="int32x16")
-            C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"), dot, T.reinterpret(high, dtype="int8x64"),
-                x_high, dtype="int32x16")
+                T.evaluate(_prefetch(A))
+            C[T.ramp(T.int32(0), 1, 16)] = _vpdpbusd(
+                _vpdpbusd(C.vload([0], "int32x16"), _nibbles(A.vload([0, 0], "uint8x64"), 64, False),
+                          _quad_broadcast(B, 0, 16, "int8x64")),
+                _nibbles(A.vload([0, 0], "uint8x64"), 64, True), _quad_broadcast(B, 4, 16, "int8x64"))
 
     return impl
 
@@ -65,17 +90,14 @@ def _byte_dot_vnni(prefetch: bool):
     def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
         A = T.match_buffer(a, (16, 4), "uint8", offset_factor=1)
         B = T.match_buffer(b, (4,), "int8", offset_factor=1)
-        C = T.match_buffer(c, (16,), "int32", offset_factor=1, scope="local")
+        C = T.match_buffer(c, (16,), "int32", offset_factor=1)
         with T.sblock("root"):
             T.reads(C[0:16], A[0:16, 0:4], B[0:4])
             T.writes(C[0:16])
             if prefetch:
-                T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(A[_PREFETCH_CHANNELS, 0]),
-                                              T.int32(0), T.int32(3), T.int32(1)))  # read, all caches, data
-            x = T.reinterpret(T.broadcast(T.reinterpret(B.vload([0], "int8x4"), dtype="int32"), 16), dtype="int8x64")
-            C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"), C.vload([0], "int32x16"),
-                T.reinterpret(A.vload([0, 0], "uint8x64"), dtype="int8x64"), x, dtype="int32x16")
+                T.evaluate(_prefetch(A))
+            C[T.ramp(T.int32(0), 1, 16)] = _vpdpbusd(C.vload([0], "int32x16"), A.vload([0, 0], "uint8x64"),
+                                                     _quad_broadcast(B, 0, 16, "int8x64"))
 
     return impl
 
@@ -87,25 +109,17 @@ def _nibble_dot_avx2(prefetch: bool):
     def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
         A = T.match_buffer(a, (8, 4), "uint8", offset_factor=1)
         B = T.match_buffer(b, (8,), "int8", offset_factor=1)
-        C = T.match_buffer(c, (8,), "int32", offset_factor=1, scope="local")
+        C = T.match_buffer(c, (8,), "int32", offset_factor=1)
         with T.sblock("root"):
             T.reads(C[0:8], A[0:8, 0:4], B[0:8])
             T.writes(C[0:8])
             if prefetch:
-                T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(A[_PREFETCH_CHANNELS, 0]),
-                                              T.int32(0), T.int32(3), T.int32(1)))  # read, all caches, data
-            quads = A.vload([0, 0], "uint8x32")
-            low = T.bitwise_and(quads, T.broadcast(T.uint8(15), 32))
-            high = T.bitwise_and(T.shift_right(quads, T.broadcast(T.uint8(4), 32)), T.broadcast(T.uint8(15), 32))
-            x_low = T.reinterpret(T.broadcast(T.reinterpret(B.vload([0], "int8x4"), dtype="int32"), 8), dtype="int8x32")
-            x_high = T.reinterpret(T.broadcast(T.reinterpret(B.vload([4], "int8x4"), dtype="int32"), 8), dtype="int8x32")
-            pairs_low = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
-                                                T.reinterpret(low, dtype="int8x32"), x_low, dtype="int16x16")
-            pairs_high = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
-                                                 T.reinterpret(high, dtype="int8x32"), x_high, dtype="int16x16")
+                T.evaluate(_prefetch(A))
             C[T.ramp(T.int32(0), 1, 8)] = C.vload([0], "int32x8") + T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), pairs_low + pairs_high, T.broadcast(T.int16(1), 16),
-                dtype="int32x8")
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+                _pmaddubsw(_nibbles(A.vload([0, 0], "uint8x32"), 32, False), _quad_broadcast(B, 0, 8, "int8x32"))
+                + _pmaddubsw(_nibbles(A.vload([0, 0], "uint8x32"), 32, True), _quad_broadcast(B, 4, 8, "int8x32")),
+                T.broadcast(T.int16(1), 16), dtype="int32x8")
 
     return impl
 
