@@ -10,6 +10,8 @@ from an empty cache) against the fp32 build of the same import. Prints a markdow
 
 from __future__ import annotations
 
+import no_shadowing  # noqa: F401  (first: bench/kernels.py must not pass for the kernels package)
+
 import argparse
 import json
 import time

@@ -30,6 +30,8 @@ It prints markdown tables and writes them, with the command, date and machine, i
 
 from __future__ import annotations
 
+import no_shadowing  # noqa: F401  (first: bench/kernels.py must not pass for the kernels package)
+
 import argparse
 import datetime
 import hashlib

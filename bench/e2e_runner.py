@@ -18,6 +18,8 @@ cache as stored); ``{"cmd": "quit"}``. Every runner uses ``THREADS`` threads.
 
 from __future__ import annotations
 
+import no_shadowing  # noqa: F401  (first: bench/kernels.py must not pass for the kernels package)
+
 import json
 import os
 import sys

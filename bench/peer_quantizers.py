@@ -11,6 +11,8 @@ gap, mean KL vs float, top-1 agreement. Prints a markdown table; writes ``bench/
 
 from __future__ import annotations
 
+import no_shadowing  # noqa: F401  (first: bench/kernels.py must not pass for the kernels package)
+
 import argparse
 import json
 import time

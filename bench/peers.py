@@ -21,6 +21,8 @@ the GGUF-converted folder lacks: they read a copy that has it.
 
 from __future__ import annotations
 
+import no_shadowing  # noqa: F401  (first: bench/kernels.py must not pass for the kernels package)
+
 import json
 import os
 import shutil
@@ -67,14 +69,10 @@ def install() -> None:
 
 
 def hf_folder() -> Path:
-    """lowbit's cached fp32 SmolLM2 folder, copied with ``architectures`` in its config.json.
+    """lowbit's cached fp32 SmolLM2 folder, copied with ``architectures`` in its config.json."""
+    from lowbit.compiler.sources.models import resolve_model
 
-    Resolved in a child process run without this script's folder on ``sys.path`` (``-P``): there,
-    ``bench/kernels.py`` would shadow the ``kernels`` package that transformers probes for while it
-    converts the GGUF the first time (ImportError on a fresh machine)."""
-    resolve = "from lowbit.compiler.sources.models import resolve_model; print(resolve_model('smollm2-135m').folder)"
-    source = Path(subprocess.run([sys.executable, "-P", "-c", resolve], check=True, capture_output=True,
-                                 text=True, cwd=BENCH.parent.parent).stdout.strip().splitlines()[-1])
+    source = resolve_model("smollm2-135m").folder
     folder = MODELS / "smollm2-135m-hf"
     if not (folder / "config.json").is_file():
         staged = MODELS / ".hf.tmp"

@@ -13,6 +13,8 @@ allocation, Python), which is what a fused decode graph removes.
 
 from __future__ import annotations
 
+import no_shadowing  # noqa: F401  (first: bench/kernels.py must not pass for the kernels package)
+
 import argparse
 import collections
 import time
