@@ -22,6 +22,13 @@ GEMV_ATTR = "lowbit.gemv"  # True when M == 1 (decode)
 INT8_QMAX = 127  # int8 activation codes are clipped to [-127, 127]
 
 
+# The storage type of the int4 and w4a8 formats' per-group scales and zero points; kernels widen
+# them to the compute type. At group 32 a float32 scale costs 1 bit per weight, a fifth of what a
+# decode step streams; float16 halves that (llama.cpp's Q4_0 stores its scales so too). The grid
+# (lowbit.passes.schemes.grids) fits scales that float16 represents exactly.
+GROUP_SCALE_DTYPE = "float16"
+
+
 def kernel_name(fmt: LinearFormat, layout: ColumnTiles, m, n: int, k: int) -> str:
     variant = "gemv" if isinstance(m, int) and m == 1 else "gemm"
     return f"lowbit_{variant}_{fmt.tag}_{layout.tag}_n{n}_k{k}"
@@ -79,13 +86,14 @@ def _dequant_matmul_kernel(fmt: LinearFormat, t: int, m, k: int, tiles: int, dty
 
 def _int4_weights(fmt: LinearFormat, t: int, k: int, tiles: int, dtype: str):
     """The int4 format's placeholders and accessors: ``(inputs, codes(kk, nn), scale_at(g, nn),
-    zero_at(g, nn))``, codes as ``dtype``; the zero point is 8 without a ``zero`` input."""
+    zero_at(g, nn))``, all as ``dtype`` (scales and zero points stored in :data:`GROUP_SCALE_DTYPE`);
+    the zero point is 8 without a ``zero`` input."""
     groups = -(-k // fmt.group_size)  # the last group may be partial
     w = te.placeholder((tiles, k // INT4_PER_WORD, t), "uint32", name="W")
-    scale = te.placeholder((tiles, groups, t), dtype, name="scale")
+    scale = te.placeholder((tiles, groups, t), GROUP_SCALE_DTYPE, name="scale")
     inputs = [w, scale]
     if fmt.has_zeros:
-        zero = te.placeholder((tiles, groups, t), dtype, name="zero")
+        zero = te.placeholder((tiles, groups, t), GROUP_SCALE_DTYPE, name="zero")
         inputs.append(zero)
 
     def codes(kk, nn):
@@ -94,10 +102,10 @@ def _int4_weights(fmt: LinearFormat, t: int, k: int, tiles: int, dtype: str):
         return ((word >> shift) & tirx.const(0xF, "uint32")).astype(dtype)
 
     def scale_at(g, nn):
-        return scale[nn // t, g, nn % t]
+        return scale[nn // t, g, nn % t].astype(dtype)
 
     def zero_at(g, nn):
-        return zero[nn // t, g, nn % t] if fmt.has_zeros else tirx.const(8.0, dtype)
+        return zero[nn // t, g, nn % t].astype(dtype) if fmt.has_zeros else tirx.const(8.0, dtype)
 
     return inputs, codes, scale_at, zero_at
 
@@ -242,9 +250,9 @@ def w4a8_kernel(fmt: LinearFormat, t: int, m, k: int, tiles: int, dtype: str = "
 
     Arguments, in order: ``X[M, K]`` float, ``W[N/t, Kp/8, t, 4]`` uint8 nibble quads
     (:func:`~lowbit.codegen.packing.pack_int4_quads`; ``Kp`` is ``K`` rounded up to whole groups of
-    ``G = fmt.group_size``), ``scale[N/t, Kp/G, t]`` float, with ``has_zeros`` ``zero[N/t, Kp/G, t]``
-    float (else the zero point is 8), then the output ``Y[M, N]``. Computes, per row ``m`` and group
-    ``g`` (inputs past ``K`` count as zero)::
+    ``G = fmt.group_size``), ``scale[N/t, Kp/G, t]`` and, with ``has_zeros``, ``zero[N/t, Kp/G, t]``
+    in :data:`GROUP_SCALE_DTYPE` (else the zero point is 8), then the output ``Y[M, N]``. Computes,
+    per row ``m`` and group ``g`` (inputs past ``K`` count as zero)::
 
         sx[m, g]    = max_{k in g} |X[m, k]| / 127 (1 for an all-zero group)
         xq[m, k]    = int8(clip(round_half_even(X[m, k] / sx[m, g]), -127, 127))
@@ -264,10 +272,10 @@ def w4a8_kernel(fmt: LinearFormat, t: int, m, k: int, tiles: int, dtype: str = "
     qmax = tirx.const(float(INT8_QMAX), dtype)
     x = te.placeholder((m, k), dtype, name="X")
     w = te.placeholder((tiles, k_padded // 8, t, 4), "uint8", name="W")
-    scale = te.placeholder((tiles, groups, t), dtype, name="scale")
+    scale = te.placeholder((tiles, groups, t), GROUP_SCALE_DTYPE, name="scale")
     inputs = [w, scale]
     if fmt.has_zeros:
-        zero = te.placeholder((tiles, groups, t), dtype, name="zero")
+        zero = te.placeholder((tiles, groups, t), GROUP_SCALE_DTYPE, name="zero")
         inputs.append(zero)
 
     def x_at(i, kk):  # zero past K
@@ -298,11 +306,11 @@ def w4a8_kernel(fmt: LinearFormat, t: int, m, k: int, tiles: int, dtype: str = "
         * xq[i, g * size + ko * 8 + h * 4 + j].astype("int32"), axis=[ko, h, j]), name="partial")
 
     def zero_at(g, nn):
-        return zero[nn // t, g, nn % t] if fmt.has_zeros else tirx.const(8.0, dtype)
+        return zero[nn // t, g, nn % t].astype(dtype) if fmt.has_zeros else tirx.const(8.0, dtype)
 
     rg = te.reduce_axis((0, groups), name="g")
     y = te.compute((m, tiles * t), lambda i, nn: te.sum(
-        scale[nn // t, rg, nn % t] * x_scale[i, rg]
+        scale[nn // t, rg, nn % t].astype(dtype) * x_scale[i, rg]
         * (partial[i, rg, nn].astype(dtype) - zero_at(rg, nn) * xsum[i, rg].astype(dtype)), axis=rg), name="matmul")
     return te.create_prim_func([x, *inputs, y])
 
@@ -352,11 +360,11 @@ def _weight_element(fmt: LinearFormat, t: int, k: int, tiles: int, dtype: str):
         k_padded = w4a8_padded_k(k, size)
         groups = k_padded // size
         w = te.placeholder((tiles, k_padded // 8, t, 4), "uint8", name="W")
-        scale = te.placeholder((tiles, groups, t), dtype, name="scale")
+        scale = te.placeholder((tiles, groups, t), GROUP_SCALE_DTYPE, name="scale")
         inputs = [w, scale]
         zero = None
         if fmt.has_zeros:
-            zero = te.placeholder((tiles, groups, t), dtype, name="zero")
+            zero = te.placeholder((tiles, groups, t), GROUP_SCALE_DTYPE, name="zero")
             inputs.append(zero)
 
         def codes(kk, nn):
@@ -364,8 +372,8 @@ def _weight_element(fmt: LinearFormat, t: int, k: int, tiles: int, dtype: str):
             return ((byte >> ((kk // 4) % 2 * 4).astype("uint8")) & tirx.const(0xF, "uint8")).astype(dtype)
 
         def scale_at(g, nn):
-            return scale[nn // t, g, nn % t]
+            return scale[nn // t, g, nn % t].astype(dtype)
 
         def zero_at(g, nn):
-            return zero[nn // t, g, nn % t] if zero is not None else tirx.const(8.0, dtype)
+            return zero[nn // t, g, nn % t].astype(dtype) if zero is not None else tirx.const(8.0, dtype)
     return inputs, lambda kk, nn: (codes(kk, nn) - zero_at(kk // size, nn)) * scale_at(kk // size, nn)

@@ -54,7 +54,7 @@ def test_quantize_linears_calls_the_schemes_kernel_on_packed_weights():
     x = relax.Var("x", relax.TensorType([1, seq, K], "float32"))
     w = relax.Var("layer.weight", relax.TensorType([N, K], "float32"))
     wq = relax.Var("layer.weight.qweight", relax.TensorType(qweight.shape, "uint32"))
-    ws = relax.Var("layer.weight.scales", relax.TensorType(scales.shape, "float32"))
+    ws = relax.Var("layer.weight.scales", relax.TensorType(scales.shape, str(scales.dtype)))
     m = tirx.Var("m", "int64")
     name = kernel_name(fmt, layout, m, padded, K)
     kernel = linear_kernel(fmt, layout, m, padded, K).with_attrs({"op_pattern": 8, "global_symbol": name})

@@ -75,9 +75,9 @@ def test_w4a8_integer_results_are_exact(target, m, n, k, group, asym):
         pytest.skip(f"{target} code does not run on this CPU (needs {', '.join(chip.capabilities)}); "
                     "compiled and checked for its instructions only")
     x, codes, scales, zeros, want = _exact_case(np.random.default_rng(m * n + k), m, n, k, group, asym)
-    tensors = [layout.pack_quads(codes, w4a8_padded_k(k, group), pad_code=8), layout.pack(scales)]
+    tensors = [layout.pack_quads(codes, w4a8_padded_k(k, group), pad_code=8), layout.pack(scales).astype(np.float16)]
     if asym:
-        tensors.append(layout.pack(zeros))
+        tensors.append(layout.pack(zeros).astype(np.float16))
     got = _run(executable, [x, *tensors], m, layout.padded(n))[:, :n]
     np.testing.assert_array_equal(got, want.astype(np.float32))
 

@@ -16,7 +16,7 @@ import dataclasses
 
 import numpy as np
 
-from lowbit.codegen.kernels import INT8_QMAX
+from lowbit.codegen.kernels import GROUP_SCALE_DTYPE, INT8_QMAX
 
 
 @dataclasses.dataclass
@@ -39,6 +39,15 @@ class QuantizedWeight:
         zero = self.zeros[group_of_row] if self.zeros is not None else np.float32(2 ** (self.bits - 1))
         weight = (self.codes.astype(np.float32) - zero) * self.scales[group_of_row]
         return weight.T.copy()
+
+
+def storable(scales: np.ndarray) -> np.ndarray:
+    """``scales`` (float32) rounded to the nearest value of ``GROUP_SCALE_DTYPE``: never to zero (a
+    magnitude under its smallest subnormal, 6e-8, becomes that) nor past its largest finite value."""
+    dtype = np.dtype(GROUP_SCALE_DTYPE)
+    info = np.finfo(dtype)
+    magnitude = np.clip(np.abs(scales), info.smallest_subnormal, info.max)
+    return np.copysign(magnitude.astype(dtype), scales).astype(np.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,9 +77,9 @@ class WeightGrid:
             return np.where(absmax > 0, absmax / (half - 1), 1.0).astype(np.float32), None
         if self.symmetric:
             signed_max = np.take_along_axis(w, np.abs(w).argmax(axis=-2)[..., None, :], axis=-2)[..., 0, :]
-            return np.where(signed_max != 0, signed_max / -half, 1.0).astype(np.float32), None
+            return storable(np.where(signed_max != 0, signed_max / -half, 1.0)), None
         lo, hi = np.minimum(w.min(axis=-2), 0), np.maximum(w.max(axis=-2), 0)
-        scales = np.where(hi > lo, (hi - lo) / levels, 1.0).astype(np.float32)
+        scales = storable(np.where(hi > lo, (hi - lo) / levels, 1.0))
         return scales, np.clip(np.rint(-lo / scales), 0, levels).astype(np.float32)
 
     def round(self, w, scales, zeros):

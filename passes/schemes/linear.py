@@ -16,7 +16,7 @@ import tvm
 from tvm import relax, tirx
 
 from lowbit.codegen.formats import ColumnTiles, LinearFormat
-from lowbit.codegen.kernels import W8A8_ZERO, w4a8_padded_k, w8a8_padded_k
+from lowbit.codegen.kernels import GROUP_SCALE_DTYPE, W8A8_ZERO, w4a8_padded_k, w8a8_padded_k
 from lowbit.codegen.packing import INT4_PER_WORD, pack_int4
 
 from ..recipe import ActQuant, WeightQuant
@@ -172,9 +172,9 @@ class Int4Linear(LinearScheme):
         return quantized.codes
 
     def _with_scales(self, tensors: dict, quantized: QuantizedWeight, layout: ColumnTiles) -> dict:
-        tensors["scales"] = layout.pack(quantized.scales)
+        tensors["scales"] = layout.pack(quantized.scales).astype(GROUP_SCALE_DTYPE)  # exact: see WeightGrid.fit
         if not self.weights.symmetric:
-            tensors["zeros"] = layout.pack(quantized.zeros)
+            tensors["zeros"] = layout.pack(quantized.zeros).astype(GROUP_SCALE_DTYPE)  # integers 0..15
         return tensors
 
     def describe(self, quantized, method, tensors) -> str:
