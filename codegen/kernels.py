@@ -84,30 +84,36 @@ def _dequant_matmul_kernel(fmt: LinearFormat, t: int, m, k: int, tiles: int, dty
     return te.create_prim_func([x, *inputs, y])
 
 
+def _group_scales(fmt: LinearFormat, t: int, tiles: int, groups: int, dtype: str):
+    """The per-group ``scale`` (and, with ``has_zeros``, ``zero``) placeholders of the int4 and w4a8
+    formats, stored in :data:`GROUP_SCALE_DTYPE`, and their accessors ``scale_at(g, nn)`` and
+    ``zero_at(g, nn)`` widened to ``dtype``; the zero point is 8 without a ``zero`` input."""
+    scale = te.placeholder((tiles, groups, t), GROUP_SCALE_DTYPE, name="scale")
+    zero = te.placeholder((tiles, groups, t), GROUP_SCALE_DTYPE, name="zero") if fmt.has_zeros else None
+
+    def scale_at(g, nn):
+        return scale[nn // t, g, nn % t].astype(dtype)
+
+    def zero_at(g, nn):
+        return zero[nn // t, g, nn % t].astype(dtype) if zero is not None else tirx.const(8.0, dtype)
+
+    return [scale] if zero is None else [scale, zero], scale_at, zero_at
+
+
 def _int4_weights(fmt: LinearFormat, t: int, k: int, tiles: int, dtype: str):
     """The int4 format's placeholders and accessors: ``(inputs, codes(kk, nn), scale_at(g, nn),
     zero_at(g, nn))``, all as ``dtype`` (scales and zero points stored in :data:`GROUP_SCALE_DTYPE`);
     the zero point is 8 without a ``zero`` input."""
     groups = -(-k // fmt.group_size)  # the last group may be partial
     w = te.placeholder((tiles, k // INT4_PER_WORD, t), "uint32", name="W")
-    scale = te.placeholder((tiles, groups, t), GROUP_SCALE_DTYPE, name="scale")
-    inputs = [w, scale]
-    if fmt.has_zeros:
-        zero = te.placeholder((tiles, groups, t), GROUP_SCALE_DTYPE, name="zero")
-        inputs.append(zero)
+    scales, scale_at, zero_at = _group_scales(fmt, t, tiles, groups, dtype)
 
     def codes(kk, nn):
         word = w[nn // t, kk // INT4_PER_WORD, nn % t]
         shift = ((kk % INT4_PER_WORD) * 4).astype("uint32")
         return ((word >> shift) & tirx.const(0xF, "uint32")).astype(dtype)
 
-    def scale_at(g, nn):
-        return scale[nn // t, g, nn % t].astype(dtype)
-
-    def zero_at(g, nn):
-        return zero[nn // t, g, nn % t].astype(dtype) if fmt.has_zeros else tirx.const(8.0, dtype)
-
-    return inputs, codes, scale_at, zero_at
+    return [w, *scales], codes, scale_at, zero_at
 
 
 def int4_gemv_kernel(fmt: LinearFormat, t: int, k: int, tiles: int, dtype: str = "float32") -> tirx.PrimFunc:
@@ -272,11 +278,7 @@ def w4a8_kernel(fmt: LinearFormat, t: int, m, k: int, tiles: int, dtype: str = "
     qmax = tirx.const(float(INT8_QMAX), dtype)
     x = te.placeholder((m, k), dtype, name="X")
     w = te.placeholder((tiles, k_padded // 8, t, 4), "uint8", name="W")
-    scale = te.placeholder((tiles, groups, t), GROUP_SCALE_DTYPE, name="scale")
-    inputs = [w, scale]
-    if fmt.has_zeros:
-        zero = te.placeholder((tiles, groups, t), GROUP_SCALE_DTYPE, name="zero")
-        inputs.append(zero)
+    scales, scale_at, zero_at = _group_scales(fmt, t, tiles, groups, dtype)
 
     def x_at(i, kk):  # zero past K
         return x[i, kk] if k_padded == k else tirx.if_then_else(kk < k, x[i, tirx.min(kk, k - 1)], tirx.const(0.0, dtype))
@@ -305,14 +307,11 @@ def w4a8_kernel(fmt: LinearFormat, t: int, m, k: int, tiles: int, dtype: str = "
         ((w[nn // t, g * (size // 8) + ko, nn % t, j] >> (h * 4).astype("uint8")) & nibble).astype("int32")
         * xq[i, g * size + ko * 8 + h * 4 + j].astype("int32"), axis=[ko, h, j]), name="partial")
 
-    def zero_at(g, nn):
-        return zero[nn // t, g, nn % t].astype(dtype) if fmt.has_zeros else tirx.const(8.0, dtype)
-
     rg = te.reduce_axis((0, groups), name="g")
     y = te.compute((m, tiles * t), lambda i, nn: te.sum(
-        scale[nn // t, rg, nn % t].astype(dtype) * x_scale[i, rg]
+        scale_at(rg, nn) * x_scale[i, rg]
         * (partial[i, rg, nn].astype(dtype) - zero_at(rg, nn) * xsum[i, rg].astype(dtype)), axis=rg), name="matmul")
-    return te.create_prim_func([x, *inputs, y])
+    return te.create_prim_func([x, w, *scales, y])
 
 
 def gather_kernel(fmt: LinearFormat, layout: ColumnTiles, rows: int, k: int, index_shape: list,
@@ -360,20 +359,10 @@ def _weight_element(fmt: LinearFormat, t: int, k: int, tiles: int, dtype: str):
         k_padded = w4a8_padded_k(k, size)
         groups = k_padded // size
         w = te.placeholder((tiles, k_padded // 8, t, 4), "uint8", name="W")
-        scale = te.placeholder((tiles, groups, t), GROUP_SCALE_DTYPE, name="scale")
-        inputs = [w, scale]
-        zero = None
-        if fmt.has_zeros:
-            zero = te.placeholder((tiles, groups, t), GROUP_SCALE_DTYPE, name="zero")
-            inputs.append(zero)
+        scales, scale_at, zero_at = _group_scales(fmt, t, tiles, groups, dtype)
+        inputs = [w, *scales]
 
         def codes(kk, nn):
             byte = w[nn // t, kk // 8, nn % t, kk % 4]
             return ((byte >> ((kk // 4) % 2 * 4).astype("uint8")) & tirx.const(0xF, "uint8")).astype(dtype)
-
-        def scale_at(g, nn):
-            return scale[nn // t, g, nn % t].astype(dtype)
-
-        def zero_at(g, nn):
-            return zero[nn // t, g, nn % t].astype(dtype) if zero is not None else tirx.const(8.0, dtype)
     return inputs, lambda kk, nn: (codes(kk, nn) - zero_at(kk // size, nn)) * scale_at(kk // size, nn)
