@@ -1,7 +1,8 @@
 """The CPU families' lowering pipeline and the build driver: Relax with lowbit kernels -> a library.
 
 :func:`cpu_pipeline` is TVM's CPU pipeline (library dispatch, legalization, fusion, dataflow
-lowering, finalization) with one scheduling step after fusion: ``dlight.ApplyDefaultSchedule`` with
+lowering, finalization) with fast polynomial exponentials before legalization
+(:mod:`lowbit.targets.fast_math`) and one scheduling step after fusion: ``dlight.ApplyDefaultSchedule`` with
 the target's own rules first (lowbit's linear kernels, marked opaque so fusion leaves them whole,
 and the attention products; see :mod:`lowbit.targets.simd`), then dlight's generic CPU rules for
 the remaining generated kernels (norms, softmax, elementwise). A family whose targets have no rules
@@ -14,6 +15,8 @@ import tvm
 from tvm import relax
 
 from lowbit.codegen.errors import LowbitError
+
+from .fast_math import fast_math_passes
 
 
 @tvm.transform.module_pass(opt_level=0, name="lowbit.KeepUnfusableCallsApart")
@@ -56,6 +59,7 @@ def cpu_pipeline(chip) -> tvm.transform.Pass:
         with target:
             passes = (
                 cpu_generic.library_dispatch_passes(target)
+                + fast_math_passes()
                 + [
                     relax.transform.LegalizeOps(),
                     relax.transform.AnnotateTIROpPattern(),
