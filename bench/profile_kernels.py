@@ -1,7 +1,8 @@
 """Where a prefill's or a decode step's time goes: seconds per kernel of lowbit on SmolLM2-135M.
 
 Builds the model in memory with a recipe, then times, for ``--phase prefill``, one prefill of
-``--tokens`` tokens (after a warm-up), or for ``--phase decode``, ``--steps`` decode steps after a
+``--tokens`` tokens as generation runs it (``Session.feed``: prompt chunks, the output head on the
+last position only; after a warm-up), or for ``--phase decode``, ``--steps`` decode steps after a
 prefill of ``--tokens``. Prints the wall time without instrumentation, then with a VM instrument
 that times every kernel call: the kernels' sum and the slowest kernels (summed over the layers).
 Wall time minus the kernels' sum is the per-call overhead outside the kernels (VM dispatch,
@@ -47,7 +48,8 @@ def main() -> None:
         before()
         start = time.perf_counter()
         if args.phase == "prefill":
-            session.prefill(ids)
+            session.reset()
+            session.feed(ids)  # as generation prefills: the head on the last position only
         else:
             for step in range(args.steps):
                 session.decode(200 + step)
@@ -68,7 +70,8 @@ def main() -> None:
             calls[name] += 1
         return 0
 
-    session._vm.set_instrument(instrument)
+    # prefill runs on its own VM (naive allocator: a prompt's shapes vary), decode on the pooled one
+    (session._prefill_vm if args.phase == "prefill" else session._vm).set_instrument(instrument)
     instrumented = measure(before=lambda: (seconds.clear(), calls.clear()))
     kernels = sum(seconds.values())
     unit = "token" if args.phase == "decode" else "prefill"

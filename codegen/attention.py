@@ -28,7 +28,11 @@ Kernels:
   positions, those past the length masked out (their scores, and their values' weights, are never
   used), so a cache's capacity is a multiple of ``CHUNK``; scores are ``q . k * scale (+ bias)``,
   softmax as ``exp(x - max) / sum`` with TVM's ``fast_exp`` (relative error below 1e-6 on the
-  softmax's range, measured against numpy in the kernel tests).
+  softmax's range, measured against numpy in the kernel tests);
+* :func:`prompt_attention_kernel` is the same for ``seq`` query tokens (a prompt, or a chunk of
+  one) in one call: GEMM-shaped scores over whole ``ROWS`` x ``CHUNK`` blocks (rows past ``seq``
+  repeat the last query, positions past the length are masked), the softmax per row, then the
+  probabilities times the values; no copy of the cache, no repetition of KV heads.
 
 All carry ``lowbit.kernel`` so that a target's rules (:mod:`lowbit.targets.simd`) schedule them.
 """
@@ -46,10 +50,12 @@ from .kernels import KERNEL_ATTR
 APPEND_TAG = "kv_append"
 DEQUANTIZE_TAG = "kv_dequantize"
 DECODE_ATTENTION_TAG = "decode_attention"
+PROMPT_ATTENTION_TAG = "prompt_attention"
 HEADS_PER_KV_ATTR = "lowbit.heads_per_kv"  # an attention kernel's query heads per KV head
 INT8_LEVELS = 127
 TILE = 16  # key positions per tile: one 512-bit vector of float scores
 CHUNK = 64  # positions decode's attention computes in whole multiples of (a float or int8 cache's capacity too)
+ROWS = 4  # query rows a prompt's attention computes together (its register tile's height)
 
 
 def cache_shape(kv_heads: int, head_dim: int, extent, tiled: bool) -> tuple:
@@ -219,3 +225,67 @@ def decode_attention_kernel(q_heads: int, kv_heads: int, head_dim: int, scale: f
     inputs = [q, *keys.tensors, *values.tensors] + ([] if bias is None else [bias])
     func = te.create_prim_func([*inputs, length, out])
     return func.with_attr(KERNEL_ATTR, DECODE_ATTENTION_TAG).with_attr(HEADS_PER_KV_ATTR, group)
+
+
+def prompt_attention_kernel(q_heads: int, kv_heads: int, head_dim: int, scale: float, bias_heads: int | None,
+                            keys: CacheReader, values: CacheReader, dtype: str = "float32") -> tirx.PrimFunc:
+    """Attention of ``seq`` query tokens; arguments ``(q, *keys.tensors, *values.tensors[, bias], length, out)``.
+
+    ``q[1, q_heads, seq, head_dim]``; the keys (tiled) and values, positions ``[0, length)`` read;
+    ``bias[1, bias_heads, seq, length]`` (``bias_heads`` 1 or ``q_heads``; ``None``: no bias, every
+    query sees every position) added to the scaled scores, so causality and any window are the
+    graph's mask, as imported; ``out[1, q_heads, seq, head_dim]``. Requires ``q_heads`` a multiple
+    of ``kv_heads``, ``length`` at most the caches' capacity and every row's bias finite somewhere
+    (true of a causal mask: a token always sees itself).
+
+    The scores, the softmax and the value sums are computed over ``ROWS``-aligned rows (rows past
+    ``seq`` repeat the last query and are not stored) and ``CHUNK``-aligned positions (masked), so
+    no loop of the three stages carries a predicate.
+    """
+    group = q_heads // kv_heads
+    seq = tirx.Var("seq", "int64")
+    length = tirx.Var("length", "int64")
+    rows = (seq + ROWS - 1) // ROWS * ROWS
+    padded = (length + CHUNK - 1) // CHUNK * CHUNK
+    last_row, last = seq - 1, length - 1
+    q = te.placeholder((1, q_heads, seq, head_dim), dtype, "q")
+    bias = None if bias_heads is None else te.placeholder((1, bias_heads, seq, length), dtype, "bias")
+
+    d = te.reduce_axis((0, head_dim), "d")
+    dots = te.compute((q_heads, rows, padded), lambda h, i, j: te.sum(
+        q[0, h, tirx.min(i, last_row), d] * keys.element(h // group, j // TILE, d, j % TILE), axis=d), "dots")
+
+    if bias is not None:  # on whole blocks once, so that the softmax's vector loops read it contiguously
+        mask = te.compute((bias_heads, rows, padded), lambda h, i, j: tirx.Select(
+            j < length, bias[0, h, tirx.min(i, last_row), tirx.min(j, last)], tirx.const(0, dtype)), "mask")
+
+    def logit(h, i, j):
+        scaled = dots[h, i, j] * tirx.const(scale, dtype)
+        if keys.factor is not None:
+            scaled = scaled * keys.factor(h // group, j)
+        if bias is not None:
+            scaled = scaled + mask[h if bias_heads > 1 else 0, i, j]
+        return tirx.Select(j < length, scaled, tirx.min_value(dtype))
+
+    logits = te.compute((q_heads, rows, padded), logit, "logits")
+    j = te.reduce_axis((0, padded), "j")
+    peak = te.compute((q_heads, rows), lambda h, i: te.max(logits[h, i, j], axis=j), "peak")
+    shifted = te.compute((q_heads, rows, padded), lambda h, i, k: logits[h, i, k] - peak[h, i], "shifted")
+    weights = topi.fast_exp(shifted)
+    j = te.reduce_axis((0, padded), "j")
+    total = te.compute((q_heads, rows), lambda h, i: te.sum(weights[h, i, j], axis=j), "total")
+
+    def probability(h, i, k):
+        p = weights[h, i, k] / total[h, i]
+        if values.factor is not None:
+            p = p * values.factor(h // group, k)  # inside the capacity; past the length, masked
+        return tirx.Select(k < length, p, tirx.const(0, dtype))
+
+    probabilities = te.compute((q_heads, rows, padded), probability, "probabilities")
+    j = te.reduce_axis((0, padded), "j")
+    mixed = te.compute((q_heads, rows, head_dim), lambda h, i, e: te.sum(
+        probabilities[h, i, j] * values.element(h // group, tirx.min(j, last), e), axis=j), "mixed")
+    out = te.compute((1, q_heads, seq, head_dim), lambda _b, h, i, e: mixed[h, i, e], "out")
+    inputs = [q, *keys.tensors, *values.tensors] + ([] if bias is None else [bias])
+    func = te.create_prim_func([*inputs, length, out])
+    return func.with_attr(KERNEL_ATTR, PROMPT_ATTENTION_TAG).with_attr(HEADS_PER_KV_ATTR, group)

@@ -337,8 +337,9 @@ def _print_manifest(m: dict) -> None:
     print(f"target   {m['target']['name']}: {m['target'].get('description', '')}")
     kv = m["kv_cache"]
     print(f"context  {m['max_context']} tokens")
-    print(f"kv cache {kv['num_layers']} layers x {kv['num_kv_heads']} heads x {kv['head_dim']}, {_kv_line(m)}; decode "
-          f"attention fused in {kv['attention_fused']} of {kv['attention_layers']} layers")
+    print(f"kv cache {kv['num_layers']} layers x {kv['num_kv_heads']} heads x {kv['head_dim']}, {_kv_line(m)}; "
+          f"attention fused in {kv['attention_fused']} (decode) and {kv.get('prompt_attention_fused', 0)} (prompt) "
+          f"of {kv['attention_layers']} layers")
     print("         per layer: " + ", ".join(f"{b['name']} {b['dtype']}{b['shape']}" for b in kv["buffers"]))
     print(f"weights  {m['weight_bytes'] / 1e6:.1f} MB")
     formats: dict[str, int] = {}

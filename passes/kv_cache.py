@@ -15,16 +15,18 @@ one symbolic ``capacity >= past + seq`` for every cache), then the same weights,
 * the new keys and values are written (quantized, if the scheme does) at positions
   ``[past, past + seq)`` of their cache in place by the scheme's append kernel; no step
   concatenates or allocates a cache;
-* an attention of one query token over a concatenation (decode) is recognized from the dataflow
-  graph: ``softmax(matmul(q, K') * scale + bias)`` then ``matmul(., V')``, where ``K'`` and ``V'``
-  are the cached keys and values through layout ops only (expand/broadcast/reshape/permute, i.e.
+* an attention over a concatenation is recognized from the dataflow graph:
+  ``softmax(matmul(q, K') * scale + bias)`` then ``matmul(., V')``, where ``K'`` and ``V'`` are
+  the cached keys and values through layout ops only (expand/broadcast/reshape/permute, i.e.
   grouped-query repetition and the transpose), proved to read KV head ``h // group`` for query head
-  ``h`` by evaluating those ops on an index tensor. It becomes the scheme's decode attention
-  kernel, reading both caches in place as stored (a quantized cache is never widened to a copy);
-* every other reader of a concatenation (a prompt's attention; a decode attention the kernel does
-  not compute) reads the cache's ``[0, past + seq)`` prefix back as floats (a slice, or the scheme's
-  read-back kernel), so the function computes what it computed before, up to the cache's
-  quantization, whether or not its attention was recognized.
+  ``h`` by evaluating those ops on an index tensor. Of one query token (decode) it becomes the
+  scheme's decode attention kernel, of a prompt's tokens the scheme's prompt attention kernel
+  (where the scheme has one; the bias, e.g. the causal mask, is passed as the graph computes it),
+  reading both caches in place as stored (a quantized cache is never widened to a copy);
+* every other reader of a concatenation (an attention a kernel does not compute) reads the cache's
+  ``[0, past + seq)`` prefix back as floats (a slice, or the scheme's read-back kernel), so the
+  function computes what it computed before, up to the cache's quantization, whether or not its
+  attention was recognized.
 
 Why not TVM's own KV cache (``relax.frontend.nn.llm``'s paged/flat cache and its builtins, what
 MLC-LLM runs on): it is driven by models written against ``relax.frontend.nn`` that call its
@@ -45,6 +47,7 @@ import tvm
 from tvm import relax, tirx
 
 from lowbit.codegen.cache_layout import CAPACITY, ROLES
+from lowbit.codegen.entry_points import PROMPT, STEP
 from lowbit.codegen.errors import LowbitError
 
 from .model_ir import ENTRY_FUNCTIONS, ModelIR, bindings_and_uses
@@ -60,15 +63,20 @@ _LAYOUT_OPS = ("relax.expand_dims", "relax.broadcast_to", "relax.reshape", "rela
 
 @dataclasses.dataclass(frozen=True)
 class _Attention:
-    """A recognized decode attention: its output binding's var and what the kernel reads."""
+    """A recognized attention (decode's or a prompt's): its output binding's var and what the kernel reads."""
 
     output: relax.Var
-    query: relax.Expr
+    query: relax.Expr  # [1, q_heads, rows, head_dim]: one row (decode) or a prompt's
     key: relax.Var  # the concatenations it reads
     value: relax.Var
     scale: float
     bias: relax.Expr | None
     chain: frozenset  # bindings the kernel replaces (dead once it runs)
+
+    @property
+    def decodes(self) -> bool:
+        """One query row: decode's attention kernel; otherwise the prompt's."""
+        return _static_one(self.query.ty.shape[2])
 
 
 def cache_names(scheme: KVScheme, num_layers: int) -> list[str]:
@@ -79,8 +87,8 @@ def cache_names(scheme: KVScheme, num_layers: int) -> list[str]:
 
 def cache_in_place(ir: ModelIR, scheme: KVScheme) -> tuple[ModelIR, dict]:
     """``ir`` with its entry functions rewritten as the module docstring says for ``scheme``, and a
-    summary ``{"attention_fused": layers whose decode attention is one kernel, "attention_layers":
-    layers}``."""
+    summary ``{"attention_fused": layers whose decode attention is one kernel,
+    "prompt_attention_fused": layers whose prompt attention is one kernel, "attention_layers": layers}``."""
     mod = ir.mod
     summary = {}
     for name in ENTRY_FUNCTIONS:
@@ -88,7 +96,8 @@ def cache_in_place(ir: ModelIR, scheme: KVScheme) -> tuple[ModelIR, dict]:
     names = cache_names(scheme, ir.kv.num_layers)
     new_ir = dataclasses.replace(ir, mod=mod, input_names=["input_ids", PAST_LENGTH] + names,
                                  output_names=["logits"] + names)
-    return new_ir, {"attention_fused": summary["decode"], "attention_layers": ir.kv.num_layers}
+    return new_ir, {"attention_fused": summary[STEP], "prompt_attention_fused": summary[PROMPT],
+                    "attention_layers": ir.kv.num_layers}
 
 
 def _rewrite(mod: tvm.IRModule, name: str, ir: ModelIR, scheme: KVScheme) -> tuple[tvm.IRModule, int]:
@@ -109,7 +118,7 @@ def _rewrite(mod: tvm.IRModule, name: str, ir: ModelIR, scheme: KVScheme) -> tup
     for var, value in bindings.items():
         if _is_op(value, "relax.nn.softmax"):
             found = _match_attention(var, bindings, uses, concats, probe)
-            if found is not None:
+            if found is not None and (found.decodes or scheme.has_prompt_attention):
                 attentions[found.output] = found
 
     capacity = tirx.Var(CAPACITY, "int64")
@@ -155,10 +164,10 @@ def _single_reader(var, uses):
 
 
 def _match_attention(softmax_var, bindings, uses, concats, probe) -> _Attention | None:
-    """The decode attention around ``softmax_var``, or ``None`` if it is not one the kernel computes."""
+    """The attention around ``softmax_var``, or ``None`` if it is not one the kernels compute."""
     softmax = bindings[softmax_var]
     ty = softmax_var.ty
-    if int(softmax.attrs.axis) not in (-1, ty.ndim - 1) or ty.ndim != 4 or not _static_one(ty.shape[2]):
+    if int(softmax.attrs.axis) not in (-1, ty.ndim - 1) or ty.ndim != 4:
         return None
     chain = [softmax_var]
     scale, bias, scaled = 1.0, None, False
@@ -282,13 +291,14 @@ def _apply_layout(call, array, probe):
 
 
 def _bias_fits(bias, query, scores) -> bool:
-    """A ``[1, 1 or q_heads, 1, length]`` bias, as the kernel indexes it."""
+    """A ``[1, 1 or q_heads, rows, length]`` bias, as the kernels index it."""
     ty = bias.ty
     if not isinstance(ty, relax.TensorType) or ty.ndim != 4 or ty.shape is None:
         return False
     analyzer = tvm.sym.Analyzer()
     one, heads, row, length = ty.shape
-    return (_static_one(one) and _static_one(row) and analyzer.can_prove_equal(length, scores.ty.shape[3])
+    return (_static_one(one) and analyzer.can_prove_equal(row, scores.ty.shape[2])
+            and analyzer.can_prove_equal(length, scores.ty.shape[3])
             and (_static_one(heads) or analyzer.can_prove_equal(heads, query.ty.shape[1])))
 
 
@@ -362,12 +372,14 @@ class _CacheRewriter(relax.PyExprMutator):
         kv = self.kv
         q_heads = int(attention.query.ty.shape[1])
         bias_heads = None if attention.bias is None else int(attention.bias.ty.shape[1])
-        key = (f"decode_attention_q{q_heads}_kv{kv.num_kv_heads}_d{kv.head_dim}"
+        kind = "decode" if attention.decodes else "prompt"
+        key = (f"{kind}_attention_q{q_heads}_kv{kv.num_kv_heads}_d{kv.head_dim}"
                f"_s{attention.scale:.6g}".replace(".", "p").replace("-", "m") + f"_b{bias_heads or 0}")
-        kernel = self._kernel(key, lambda: self.scheme.attention_kernel(q_heads, attention.scale, bias_heads))
+        make = self.scheme.attention_kernel if attention.decodes else self.scheme.prompt_attention_kernel
+        kernel = self._kernel(key, lambda: make(q_heads, attention.scale, bias_heads))
         length = attention.key.ty.shape[2]
         args = [self.visit_expr(attention.query), *self.written[attention.key], *self.written[attention.value]]
         if attention.bias is not None:
             args.append(self.visit_expr(attention.bias))
-        out_ty = relax.TensorType([1, q_heads, 1, kv.head_dim], kv.dtype)
+        out_ty = relax.TensorType([*list(attention.query.ty.shape)[:3], kv.head_dim], kv.dtype)
         self._bind(attention.output, relax.call_tir(kernel, [*args, relax.prim_value(length)], out_ty))

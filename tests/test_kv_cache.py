@@ -9,7 +9,8 @@ import tvm
 from tvm import relax, tirx
 
 from lowbit.codegen.attention import (CHUNK, TILE, decode_attention_kernel, float_cache, int8_cache,
-                                     kv8_append_kernel, kv8_dequantize_kernel, kv_append_kernel, kv_read_kernel)
+                                     kv8_append_kernel, kv8_dequantize_kernel, kv_append_kernel, kv_read_kernel,
+                                     prompt_attention_kernel)
 from lowbit.codegen.kivi import Kivi
 from lowbit.passes.kv_cache import cache_in_place
 from lowbit.passes.model_ir import KVLayout, ModelIR, kv_names, make_entry_module
@@ -206,6 +207,59 @@ def test_int8_decode_attention_reads_codes_in_place():
     np.testing.assert_allclose(out.numpy(), _attention_reference(q, *dequantized, scale, bias), rtol=1e-5, atol=1e-6)
 
 
+def _causal_bias(heads: int, seq: int, past: int, rng) -> np.ndarray:
+    """A causal mask ``[1, heads, seq, past + seq]`` (row ``i`` sees ``[0, past + i]``), with a few
+    more positions masked at random per head so a per-head bias is told from a shared one."""
+    seen = np.arange(past + seq)[None, :] <= past + np.arange(seq)[:, None]
+    seen = seen[None] & ((rng.random((heads, seq, past + seq)) > 0.2) | (np.arange(past + seq) == 0))
+    return np.where(seen, 0.0, -3.0e38).astype(np.float32)[None]
+
+
+@pytest.mark.parametrize("stored, bias_heads, seq, past", [("float32", 1, 7, 30), ("float32", 6, 5, 0),
+                                                           ("float32", None, 9, 60), ("float16", 1, 4, 13)])
+def test_prompt_attention_matches_numpy_and_reads_only_the_prefix(stored, bias_heads, seq, past):
+    """A prompt's attention (6 query heads on 2 KV heads, head_dim 64) over ``past + seq`` of 128
+    positions, row counts that are and are not a multiple of the kernel's row block, one and
+    several chunks of positions; the positions past the length hold NaN."""
+    rng = np.random.default_rng(3)
+    length, scale, dim = past + seq, 0.2, 64
+    q = rng.standard_normal((1, 6, seq, dim)).astype(np.float32)
+    keys, values = (np.full((1, 2, 2 * CHUNK, dim), np.nan, stored) for _ in range(2))
+    keys[:, :, :length] = rng.standard_normal((1, 2, length, dim))
+    values[:, :, :length] = rng.standard_normal((1, 2, length, dim))
+    bias = None if bias_heads is None else _causal_bias(bias_heads, seq, past, rng)
+    want = _attention_reference(q, *(x[:, :, :length].astype(np.float32) for x in (keys, values)), scale, bias)
+    out = tvm.runtime.tensor(np.zeros((1, 6, seq, dim), np.float32))
+    kernel = prompt_attention_kernel(6, 2, dim, scale, bias_heads, float_cache(2, dim, "k", True, stored=stored),
+                                     float_cache(2, dim, "v", False, stored=stored))
+    args = [q, _tiles(keys), values] + ([] if bias is None else [bias])
+    _run_kernel(kernel, *map(tvm.runtime.tensor, args), length, out)
+    np.testing.assert_allclose(out.numpy(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_int8_prompt_attention_reads_codes_in_place():
+    """kv8: the prompt's attention over the codes (scales applied per position) equals numpy's over
+    the dequantized cache; positions past the length hold NaN scales."""
+    rng = np.random.default_rng(7)
+    seq, past, dim = 6, 41, 64
+    length = past + seq
+    q = rng.standard_normal((1, 6, seq, dim)).astype(np.float32)
+    caches, dequantized = [], []
+    for _ in ("key", "value"):
+        codes, scales = _int8_reference(rng.standard_normal((1, 2, length, dim)).astype(np.float32))
+        dequantized.append(codes * scales[..., None])
+        padded_codes = np.full((1, 2, CHUNK, dim), -128, np.int8)
+        padded_scales = np.full((1, 2, CHUNK), np.nan, np.float32)
+        padded_codes[:, :, :length], padded_scales[:, :, :length] = codes, scales
+        caches += [padded_codes, padded_scales]
+    bias = _causal_bias(1, seq, past, rng)
+    out = tvm.runtime.tensor(np.zeros((1, 6, seq, dim), np.float32))
+    kernel = prompt_attention_kernel(6, 2, dim, 0.125, 1, int8_cache(2, dim, "k", True), int8_cache(2, dim, "v", False))
+    caches[0] = _tiles(caches[0])
+    _run_kernel(kernel, *map(tvm.runtime.tensor, [q, *caches, bias]), length, out)
+    np.testing.assert_allclose(out.numpy(), _attention_reference(q, *dequantized, 0.125, bias), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("length", [4, 37, 43])
 def test_int4_decode_attention_matches_numpy_over_the_dequantized_cache(length):
     """kv4 attention over the quantized part and the window (lengths with nothing quantized yet, and
@@ -287,7 +341,7 @@ def _caches(scheme, capacity: int) -> list:
 def test_cache_in_place_computes_what_the_imported_graph_computes(softcap):
     ir = _model(softcap)
     rewritten, summary = cache_in_place(ir, kv_scheme(None, ir.kv))
-    assert summary["attention_fused"] == (0 if softcap else 1)
+    assert summary["attention_fused"] == summary["prompt_attention_fused"] == (0 if softcap else 1)
     assert rewritten.input_names[:2] == ["input_ids", "past_length"]
     before = relax.VirtualMachine(build(ir.mod, HOST), tvm.cpu())
     after = relax.VirtualMachine(build(rewritten.mod, HOST), tvm.cpu())
@@ -310,8 +364,8 @@ def test_cache_in_place_computes_what_the_imported_graph_computes(softcap):
                                           (KVQuant(4, group=16, residual=3), 0.2)], ids=["kv16", "kv8", "kv4"])
 def test_quantized_cache_decodes_as_its_read_back_path_does(quant, bound):
     """From the same cache state, decode (the fused kernel reading codes in place) and a one-token
-    prefill (the read-back kernel, then the imported attention) give the same output to float
-    rounding, step after step across quantized groups; both stay within ``bound`` (relative, max)
+    prefill (the prompt kernel; kv4: the read-back kernel, then the imported attention) give the
+    same output to float rounding, step after step across quantized groups; both stay within ``bound`` (relative, max)
     of the float graph."""
     ir = _model(softcap=False)
     scheme = kv_scheme(quant, ir.kv)

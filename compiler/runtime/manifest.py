@@ -50,6 +50,7 @@ class KVCacheInfo(_Record):
     capacity_multiple: _Count  # every allocated capacity is a multiple of it
     buffers: list[CacheBufferInfo]  # one layer's cache tensors, in the order entry functions take them
     attention_fused: _Size  # layers whose decode attention is one kernel over the cache
+    prompt_attention_fused: _Size = 0  # layers whose prompt attention is one (absent from artifacts before it)
     attention_layers: _Count
 
 

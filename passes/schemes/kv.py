@@ -3,9 +3,9 @@
 A scheme says which tensors one cache (a layer's keys, or its values) is made of
 (:class:`CacheBuffer`: a name suffix, a shape with a ``capacity`` axis of positions, a dtype) and
 which kernels the in-place cache rewrite (:mod:`lowbit.passes.kv_cache`) calls on them: the
-append that writes (and quantizes) new positions, the read of a prefix back as floats (for a
-prompt's attention and any reader that is not decode's fused attention), and decode's attention
-over the cache as stored. Recipes select a scheme with ``+kv16`` / ``+kv8`` / ``+kv4``; adding one is a class
+append that writes (and quantizes) new positions, the read of a prefix back as floats (for any
+reader that is not a fused attention), and decode's (and, where the scheme has one, a prompt's)
+attention over the cache as stored. Recipes select a scheme with ``+kv16`` / ``+kv8`` / ``+kv4``; adding one is a class
 here plus its kernels in :mod:`lowbit.codegen`.
 """
 
@@ -47,6 +47,13 @@ class KVScheme:
         arguments ``(q, *key buffers, *value buffers[, bias], length, out)``."""
         raise NotImplementedError
 
+    has_prompt_attention = False
+
+    def prompt_attention_kernel(self, q_heads: int, scale: float, bias_heads: int | None):
+        """A prompt's attention (see :func:`lowbit.codegen.attention.prompt_attention_kernel`), same
+        arguments as :meth:`attention_kernel`; only where ``has_prompt_attention``."""
+        raise NotImplementedError
+
     def kernel_suffix(self) -> str:
         """What tells this scheme's kernels apart from another's in a symbol name."""
         return self.name.replace(":", "_").replace(";", "_").replace("=", "")
@@ -74,9 +81,16 @@ class _TiledCache(KVScheme):
     def reader(self, role: str) -> attention.CacheReader:
         raise NotImplementedError
 
+    has_prompt_attention = True
+
     def attention_kernel(self, q_heads, scale, bias_heads):
         kv = self.kv
         return attention.decode_attention_kernel(q_heads, kv.num_kv_heads, kv.head_dim, scale, bias_heads,
+                                                 *(self.reader(role) for role in ROLES), kv.dtype)
+
+    def prompt_attention_kernel(self, q_heads, scale, bias_heads):
+        kv = self.kv
+        return attention.prompt_attention_kernel(q_heads, kv.num_kv_heads, kv.head_dim, scale, bias_heads,
                                                  *(self.reader(role) for role in ROLES), kv.dtype)
 
 
