@@ -30,7 +30,7 @@ import dataclasses
 from tvm import te, tirx, topi
 from tvm.script import tirx as T
 
-from .attention import APPEND_TAG, DEQUANTIZE_TAG, HEADS_PER_KV_ATTR, TILE, cache_index, cache_shape
+from .attention import APPEND_TAG, CHUNK, DEQUANTIZE_TAG, HEADS_PER_KV_ATTR, TILE, cache_index, cache_shape
 from .kernels import KERNEL_ATTR
 
 KIVI_ATTENTION_TAG = "decode_attention_kivi"
@@ -162,19 +162,35 @@ class Kivi:
     def _stat_index(self, role, j, channel):
         return (j // self.group, channel) if role == "key" else (j, channel // self.group)
 
-    def dequantize_kernel(self, role: str, dtype: str = "float32") -> tirx.PrimFunc:
-        """Positions ``[0, length)`` as floats; arguments ``(codes, scale, min, window, length, out)``."""
+    def dequantize_kernel(self, role: str, dtype: str = "float32", float_layout: bool = False) -> tirx.PrimFunc:
+        """Positions ``[0, length)`` as floats; arguments ``(codes, scale, min, window, length, out)``.
+
+        ``out`` is ``[1, kv_heads, length, head_dim]``, or with ``float_layout`` the float cache's
+        layout for ``role`` (:func:`.attention.cache_shape`: keys tiled) over ``length`` rounded up
+        to a whole ``CHUNK``, the positions past ``length`` zero: what the float prompt attention reads.
+        """
         codes, scale, low, win = self._reader(role)
         length = tirx.Var("length", "int64")
         end = self.quantized_end(length)
 
-        def element(_b, h, j, c):
+        def element(h, j, c):
             row, column = self._stat_index(role, j, c)
             quantized = (self._code(codes, h, j, c, dtype) * scale[0, h, row, column].astype(dtype)
                          + low[0, h, row, column].astype(dtype))
             return tirx.if_then_else(j < end, quantized, win[0, h, j % self.window, c].astype(dtype))
 
-        out = te.compute((1, self.kv_heads, length, self.head_dim), element, "dequantize")
+        if not float_layout:
+            out = te.compute((1, self.kv_heads, length, self.head_dim), lambda _b, h, j, c: element(h, j, c),
+                             "dequantize")
+        elif role == "key":
+            tiles = (length + CHUNK - 1) // CHUNK * CHUNK // TILE
+            out = te.compute(cache_shape(self.kv_heads, self.head_dim, tiles, True), lambda _b, h, t, c, i: tirx.Select(
+                t * TILE + i < length, element(h, tirx.min(t * TILE + i, length - 1), c), tirx.const(0, dtype)),
+                "dequantize")
+        else:
+            padded = (length + CHUNK - 1) // CHUNK * CHUNK
+            out = te.compute(cache_shape(self.kv_heads, self.head_dim, padded, False), lambda _b, h, j, c: tirx.Select(
+                j < length, element(h, tirx.min(j, length - 1), c), tirx.const(0, dtype)), "dequantize")
         return te.create_prim_func([codes, scale, low, win, length, out]).with_attr(KERNEL_ATTR, DEQUANTIZE_TAG)
 
     # -- decode attention ----------------------------------------------------------------------------

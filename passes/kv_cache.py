@@ -46,6 +46,7 @@ import tvm
 
 from tvm import relax, tirx
 
+from lowbit.codegen.attention import CHUNK, TILE, cache_shape
 from lowbit.codegen.cache_layout import CAPACITY, ROLES
 from lowbit.codegen.entry_points import PROMPT, STEP
 from lowbit.codegen.errors import LowbitError
@@ -316,7 +317,10 @@ class _CacheRewriter(relax.PyExprMutator):
         self.copied = {var for var in concats
                        if var not in fused_sources
                        or any(r is not None and r not in self.fused_chain for r in uses.get(var, []))}
+        self.prompt_sources = {v for a in attentions.values() if not a.decodes for v in (a.key, a.value)}
         self.written = {}  # concatenation var -> the cache's tensors after the write
+        self.prompt_read = {}  # concatenation var -> what a prompt attention reads of it
+        self.layouts = {}  # role -> the scheme's prompt layout kernel (None: the cache as written)
         self.kernels = {}
 
     def _kernel(self, key, make):
@@ -358,6 +362,8 @@ class _CacheRewriter(relax.PyExprMutator):
         written = [call] if len(buffers) == 1 else [
             self.builder_.emit(relax.TupleGetItem(call, i), f"{var.name}_cache{i}") for i in range(len(buffers))]
         self.written[var] = written
+        if var in self.prompt_sources:
+            self.prompt_read[var] = self._prompt_layout(var, role, written)
         if var in self.copied:
             end = var.ty.shape[2]
             read_back = self.scheme.prefix_kernel(role)
@@ -367,6 +373,20 @@ class _CacheRewriter(relax.PyExprMutator):
                 kernel = self._kernel(f"kv_read_{part}h{kv.num_kv_heads}_d{kv.head_dim}", lambda: read_back)
                 self._bind(var, relax.call_tir(kernel, [*written, relax.prim_value(end)],
                                                relax.TensorType([1, kv.num_kv_heads, end, kv.head_dim], kv.dtype)))
+
+    def _prompt_layout(self, var, role, written) -> list:
+        """The cache's tensors as the scheme's prompt attention reads them: as written, or read
+        back by the scheme's prompt layout kernel (positions ``[0, past + seq)``)."""
+        if role not in self.layouts:
+            self.layouts[role] = self.scheme.prompt_layout_kernel(role)
+        if self.layouts[role] is None:
+            return written
+        kv, end = self.kv, var.ty.shape[2]
+        kernel = self._kernel(f"kv_prompt_{role}_h{kv.num_kv_heads}_d{kv.head_dim}", lambda: self.layouts[role])
+        padded = (end + CHUNK - 1) // CHUNK * CHUNK
+        shape = cache_shape(kv.num_kv_heads, kv.head_dim, padded // TILE if role == "key" else padded, role == "key")
+        call = relax.call_tir(kernel, [*written, relax.prim_value(end)], relax.TensorType(list(shape), kv.dtype))
+        return [self.builder_.emit(call, f"{var.name}_prompt")]
 
     def _attend(self, attention):
         kv = self.kv
@@ -378,7 +398,8 @@ class _CacheRewriter(relax.PyExprMutator):
         make = self.scheme.attention_kernel if attention.decodes else self.scheme.prompt_attention_kernel
         kernel = self._kernel(key, lambda: make(q_heads, attention.scale, bias_heads))
         length = attention.key.ty.shape[2]
-        args = [self.visit_expr(attention.query), *self.written[attention.key], *self.written[attention.value]]
+        read = self.written if attention.decodes else self.prompt_read
+        args = [self.visit_expr(attention.query), *read[attention.key], *read[attention.value]]
         if attention.bias is not None:
             args.append(self.visit_expr(attention.bias))
         out_ty = relax.TensorType([*list(attention.query.ty.shape)[:3], kv.head_dim], kv.dtype)

@@ -281,6 +281,26 @@ def test_int4_decode_attention_matches_numpy_over_the_dequantized_cache(length):
     np.testing.assert_allclose(out.numpy(), _attention_reference(q, *dequantized, 0.125), rtol=1e-5, atol=1e-6)
 
 
+def test_int4_prompt_layout_is_the_read_back_prefix_in_the_float_cache_layout():
+    """kv4's prompt attention reads the prefix back in the float cache's layout: the same values as
+    the plain read-back, keys tiled, positions up to the next whole chunk zero."""
+    kivi = Kivi(kv_heads=2, head_dim=64, group=16, residual=5)
+    rng = np.random.default_rng(8)
+    length = 43
+    padded = -(-length // CHUNK) * CHUNK
+    for role in ("key", "value"):
+        buffers = _appended(kivi, role, rng.standard_normal((1, 2, length, 64)).astype(np.float32),
+                            (length - 2, 1, 1), capacity=48)
+        plain = tvm.runtime.tensor(np.zeros((1, 2, length, 64), np.float32))
+        _run_kernel(kivi.dequantize_kernel(role), *buffers, length, plain)
+        want = np.zeros((1, 2, padded, 64), np.float32)
+        want[:, :, :length] = plain.numpy()
+        shape = (1, 2, padded // TILE, 64, TILE) if role == "key" else (1, 2, padded, 64)
+        out = tvm.runtime.tensor(np.full(shape, np.nan, np.float32))
+        _run_kernel(kivi.dequantize_kernel(role, float_layout=True), *buffers, length, out)
+        np.testing.assert_array_equal(out.numpy(), _tiles(want) if role == "key" else want)
+
+
 # -- the rewrite on a hand-built one-layer attention --------------------------------------------
 VOCAB, Q_HEADS, KV_HEADS, DIM = 32, 4, 2, 16
 

@@ -5,7 +5,8 @@ A scheme says which tensors one cache (a layer's keys, or its values) is made of
 which kernels the in-place cache rewrite (:mod:`lowbit.passes.kv_cache`) calls on them: the
 append that writes (and quantizes) new positions, the read of a prefix back as floats (for any
 reader that is not a fused attention), and decode's (and, where the scheme has one, a prompt's)
-attention over the cache as stored. Recipes select a scheme with ``+kv16`` / ``+kv8`` / ``+kv4``; adding one is a class
+attention over the cache as stored (kv4's prompt attention: over its prefix read back in the float
+cache's layout). Recipes select a scheme with ``+kv16`` / ``+kv8`` / ``+kv4``; adding one is a class
 here plus its kernels in :mod:`lowbit.codegen`.
 """
 
@@ -51,8 +52,14 @@ class KVScheme:
 
     def prompt_attention_kernel(self, q_heads: int, scale: float, bias_heads: int | None):
         """A prompt's attention (see :func:`lowbit.codegen.attention.prompt_attention_kernel`), same
-        arguments as :meth:`attention_kernel`; only where ``has_prompt_attention``."""
+        arguments as :meth:`attention_kernel` but each cache's tensors as :meth:`prompt_layout_kernel`
+        gives them; only where ``has_prompt_attention``."""
         raise NotImplementedError
+
+    def prompt_layout_kernel(self, role: str):
+        """``None`` when the prompt's attention reads the cache's own tensors; otherwise a kernel
+        with arguments ``(*buffers, length, out)`` that reads the prefix back into what it reads."""
+        return None
 
     def kernel_suffix(self) -> str:
         """What tells this scheme's kernels apart from another's in a symbol name."""
@@ -178,6 +185,18 @@ class Int4Cache(KVScheme):
 
     def attention_kernel(self, q_heads, scale, bias_heads):
         return self.layout.attention_kernel(q_heads, scale, bias_heads, self.kv.dtype)
+
+    has_prompt_attention = True  # over the prefix read back into the float cache's layout
+
+    def prompt_attention_kernel(self, q_heads, scale, bias_heads):
+        kv = self.kv
+        readers = (attention.float_cache(kv.num_kv_heads, kv.head_dim, f"{role}_prefix", role == "key", kv.dtype)
+                   for role in ROLES)
+        return attention.prompt_attention_kernel(q_heads, kv.num_kv_heads, kv.head_dim, scale, bias_heads,
+                                                 *readers, kv.dtype)
+
+    def prompt_layout_kernel(self, role):
+        return self.layout.dequantize_kernel(role, self.kv.dtype, float_layout=True)
 
 
 def kv_scheme(quant: KVQuant | None, kv: KVLayout) -> KVScheme:
