@@ -184,6 +184,20 @@ def test_decode_attention_matches_numpy_and_reads_only_the_prefix(stored, bias_h
     np.testing.assert_allclose(out.numpy(), want, rtol=1e-5, atol=1e-6)
 
 
+def _int8_caches(rng, length: int, dim: int):
+    """Random keys and values of 2 KV heads as int8 caches of one chunk (``[codes, scales]`` each,
+    keys tiled; past ``length`` the codes are -128 and the scales NaN), and their dequantized values."""
+    caches, dequantized = [], []
+    for role in ("key", "value"):
+        codes, scales = _int8_reference(rng.standard_normal((1, 2, length, dim)).astype(np.float32))
+        dequantized.append(codes * scales[..., None])
+        padded_codes = np.full((1, 2, CHUNK, dim), -128, np.int8)
+        padded_scales = np.full((1, 2, CHUNK), np.nan, np.float32)
+        padded_codes[:, :, :length], padded_scales[:, :, :length] = codes, scales
+        caches += [_tiles(padded_codes) if role == "key" else padded_codes, padded_scales]
+    return caches, dequantized
+
+
 def test_int8_decode_attention_reads_codes_in_place():
     """kv8 attention (head_dim 64: the vectorized dot products) equals numpy's attention over the
     dequantized cache; positions past the length hold NaN scales."""
@@ -192,17 +206,9 @@ def test_int8_decode_attention_reads_codes_in_place():
     q = rng.standard_normal((1, 6, 1, dim)).astype(np.float32)
     bias = np.zeros((1, 1, 1, length), np.float32)
     bias[..., 3] = -3.0e38
-    caches, dequantized = [], []
-    for _ in ("key", "value"):
-        codes, scales = _int8_reference(rng.standard_normal((1, 2, length, dim)).astype(np.float32))
-        dequantized.append(codes * scales[..., None])
-        padded_codes = np.full((1, 2, CHUNK, dim), -128, np.int8)
-        padded_scales = np.full((1, 2, CHUNK), np.nan, np.float32)
-        padded_codes[:, :, :length], padded_scales[:, :, :length] = codes, scales
-        caches += [padded_codes, padded_scales]
+    caches, dequantized = _int8_caches(rng, length, dim)
     out = tvm.runtime.tensor(np.zeros((1, 6, 1, dim), np.float32))
     kernel = decode_attention_kernel(6, 2, dim, scale, 1, int8_cache(2, dim, "k", True), int8_cache(2, dim, "v", False))
-    caches[0] = _tiles(caches[0])
     _run_kernel(kernel, *map(tvm.runtime.tensor, [q, *caches, bias]), length, out)
     np.testing.assert_allclose(out.numpy(), _attention_reference(q, *dequantized, scale, bias), rtol=1e-5, atol=1e-6)
 
@@ -244,18 +250,10 @@ def test_int8_prompt_attention_reads_codes_in_place():
     seq, past, dim = 6, 41, 64
     length = past + seq
     q = rng.standard_normal((1, 6, seq, dim)).astype(np.float32)
-    caches, dequantized = [], []
-    for _ in ("key", "value"):
-        codes, scales = _int8_reference(rng.standard_normal((1, 2, length, dim)).astype(np.float32))
-        dequantized.append(codes * scales[..., None])
-        padded_codes = np.full((1, 2, CHUNK, dim), -128, np.int8)
-        padded_scales = np.full((1, 2, CHUNK), np.nan, np.float32)
-        padded_codes[:, :, :length], padded_scales[:, :, :length] = codes, scales
-        caches += [padded_codes, padded_scales]
+    caches, dequantized = _int8_caches(rng, length, dim)
     bias = _causal_bias(1, seq, past, rng)
     out = tvm.runtime.tensor(np.zeros((1, 6, seq, dim), np.float32))
     kernel = prompt_attention_kernel(6, 2, dim, 0.125, 1, int8_cache(2, dim, "k", True), int8_cache(2, dim, "v", False))
-    caches[0] = _tiles(caches[0])
     _run_kernel(kernel, *map(tvm.runtime.tensor, [q, *caches, bias]), length, out)
     np.testing.assert_allclose(out.numpy(), _attention_reference(q, *dequantized, 0.125, bias), rtol=1e-5, atol=1e-5)
 
