@@ -235,8 +235,9 @@ def prompt_attention_kernel(q_heads: int, kv_heads: int, head_dim: int, scale: f
     ``bias[1, bias_heads, seq, length]`` (``bias_heads`` 1 or ``q_heads``; ``None``: no bias, every
     query sees every position) added to the scaled scores, so causality and any window are the
     graph's mask, as imported; ``out[1, q_heads, seq, head_dim]``. Requires ``q_heads`` a multiple
-    of ``kv_heads``, ``length`` at most the caches' capacity and every row's bias finite somewhere
-    (true of a causal mask: a token always sees itself).
+    of ``kv_heads``, caches of a capacity of at least ``length`` rounded up to a whole ``CHUNK``
+    (what is stored past ``length`` is never used, NaN included) and every row's bias finite
+    somewhere (true of a causal mask: a token always sees itself).
 
     The scores, the softmax and the value sums are computed over ``ROWS``-aligned rows (rows past
     ``seq`` repeat the last query and are not stored) and ``CHUNK``-aligned positions (masked), so
