@@ -11,6 +11,7 @@ from typing import Any
 
 from lowbit.codegen.errors import LowbitError
 from lowbit.codegen.formats import W8A8_KINDS, ColumnTiles, LinearFormat
+from lowbit.codegen.host_cpu import missing_here
 
 
 DOT_ACCUMULATORS = 4  # accumulator vectors per column tile of the w4a8 kernels
@@ -83,10 +84,7 @@ class ChipTarget:
 
     def runs_on_this_machine(self) -> bool:
         """Whether code built for this target can execute here: the machine type and every capability."""
-        if platform.machine() not in self.machines:
-            return False
-        flags = _cpu_flags()
-        return all(self.cpu_flags.get(c, c) in flags for c in self.capabilities)
+        return not missing_here(self.machines, self.capabilities, self.cpu_flags)
 
     def library_compiler(self) -> Callable | None:
         """What links ``model.so`` for this target: ``None`` for the host's compiler, else TVM's
@@ -110,6 +108,8 @@ class ChipTarget:
             "family": self.family,
             "tvm_target": self.tvm_target,
             "capabilities": list(self.capabilities),
+            "machines": list(self.machines),
+            "cpu_flags": {c: self.cpu_flags.get(c, c) for c in self.capabilities},
             "description": self.description,
             "linear_tile": self.linear_tile,
             "int4_dot": self.int4_dot,
@@ -152,15 +152,3 @@ def get_target(name: str) -> ChipTarget:
         raise LowbitError(
             f"unknown target {name!r}; valid targets: host, {', '.join(sorted(_REGISTRY))}"
         ) from None
-
-
-def _cpu_flags() -> set[str]:
-    """The host CPU's feature flags (x86 ``flags``, AArch64 ``Features`` in ``/proc/cpuinfo``)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()

@@ -43,6 +43,23 @@ def test_compile_run_inspect_json(tmp_path, tiny_model_dir):
     assert manifest["recipe"]["name"] == "w8a16-rtn" and "model.so" in manifest["files"]
 
 
+def test_artifact_for_instructions_this_cpu_lacks_is_refused_before_it_loads(tmp_path, tiny_model_dir):
+    """An x86 target this CPU cannot run (cross-compiled here) would die with SIGILL in its first
+    kernel; ``run`` refuses it with exit code 2 naming the target and the missing feature."""
+    from lowbit.targets import list_targets
+
+    lacking = [t for t in list_targets() if t.family == "x86" and t.can_build and not t.runs_on_this_machine()]
+    if not lacking:
+        pytest.skip("this CPU runs every x86 target lowbit has")
+    target = lacking[0]
+    out = tmp_path / "other-cpu"
+    done = lowbit("compile", tiny_model_dir, "-r", "w4a8-rtn-g32", "-t", target.name, "-o", out)
+    assert done.returncode == 0, done.stderr
+    done = lowbit("run", out, "--prompt", "Hello", "--max-new-tokens", "2")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"compiled for target {target.name}" in done.stderr and "-t host" in done.stderr
+
+
 def test_sampling_is_seeded(tiny_artifact):
     session = load(tiny_artifact)
     a = session.generate("Once upon a time", 8, temperature=1.0, top_p=0.9, seed=3)

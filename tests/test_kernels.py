@@ -109,14 +109,16 @@ def test_w8a8_kernel_matches_integer_reference(kind, m_rows, n, k):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
-DOT_PATHS = {"x86-vnni": "vpdpbusd", "x86-avx2": None, "arm-dotprod": None}  # target -> its byte dot instruction
+DOT_PATHS = {"x86-vnni": "vpdpbusd", "x86-avxvnni": "{vex}\tvpdpbusd", "x86-avx2": None,
+             "arm-dotprod": None}  # target -> its byte dot instruction
 
 
 @pytest.mark.parametrize("target", sorted(DOT_PATHS))
 @pytest.mark.parametrize("m_rows", [1, 6])  # GEMV; a GEMM with a partial row block
 def test_w8a8_kernel_per_isa_path(target, m_rows):
     """Each x86/ARM target's W8A8 kernel, compiled whatever the CPU (VNNI's byte dot instruction
-    checked in the assembly: AVX2 and plain NEON vectorize the definition), run where the CPU can."""
+    checked in the assembly, AVX-VNNI's in its VEX encoding: AVX2 and plain NEON vectorize the
+    definition), run where the CPU can."""
     chip = get_target(target)
     rng = np.random.default_rng(m_rows)
     n, k = 96, 130  # N not a multiple of the tile, K not of the byte quad

@@ -83,7 +83,7 @@ def test_recipe_toml(tmp_path):
 
 def test_targets_registry():
     names = {t.name for t in list_targets()}
-    assert {"x86-avx2", "x86-vnni", "arm-dotprod", "arm-i8mm", "cuda-sm80", "cuda-sm90"} <= names
+    assert {"x86-avx2", "x86-avxvnni", "x86-vnni", "arm-dotprod", "arm-i8mm", "cuda-sm80", "cuda-sm90"} <= names
     host = get_target("host")
     assert host.runs_on_this_machine() and host.family == "x86"
     assert get_target("arm-i8mm").tvm().attrs["mtriple"] == "aarch64-linux-gnu"

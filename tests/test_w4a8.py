@@ -19,7 +19,8 @@ from lowbit.passes.quantize_linears import pack_linear
 from lowbit.passes.schemes import linear_scheme
 from lowbit.targets import get_target, schedule
 
-PATHS = {"x86-vnni": "vpdpbusd", "x86-avx2": "vpmaddubsw", "arm-dotprod": "sdot"}  # target -> its dot instruction
+PATHS = {"x86-vnni": "vpdpbusd", "x86-avxvnni": "{vex}\tvpdpbusd", "x86-avx2": "vpmaddubsw",
+         "arm-dotprod": "sdot"}  # target -> its dot instruction
 
 
 def _build(chip, fmt, m, n, k):

@@ -34,6 +34,11 @@ class Named(_Record):
     name: _Name
 
 
+class TargetInfo(Named):
+    machines: list[_Name] | None = None  # platform.machine() values that run its code
+    cpu_flags: dict[_Name, _Name] | None = None  # capability -> the /proc/cpuinfo flag that proves it
+
+
 class CacheBufferInfo(_Record):
     name: _Name  # after cache.{layer}.
     shape: list[Annotated[int, Field(ge=1)] | Annotated[str, StringConstraints(pattern=r"^capacity(/[1-9][0-9]*)?$")]]
@@ -69,7 +74,7 @@ class Manifest(_Record):
     format_version: int
     model: ModelInfo
     recipe: Named
-    target: Named
+    target: TargetInfo
     inputs: list[_Name]
     outputs: list[_Name]
     entry_functions: list[_Name]

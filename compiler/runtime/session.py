@@ -15,6 +15,7 @@ from .threads import use_available_cores
 from lowbit.codegen.errors import LowbitError
 from lowbit.codegen.cache_layout import CacheBuffer, capacity_for, kv_report
 from lowbit.codegen.entry_points import ENTRY_FUNCTIONS, PROMPT, PROMPT_LAST, STEP
+from lowbit.codegen.host_cpu import missing_here
 
 INITIAL_CAPACITY = 256  # cache positions allocated for a new session that fixes no capacity
 PREFILL_CHUNK = 128  # the most prompt tokens per prefill call in generate
@@ -56,6 +57,7 @@ class Session:
         path = Path(artifact_dir)
         # verifies the signature (if asked) and every checksum before anything loads
         manifest = read_manifest(path, trusted_keys)
+        _check_cpu(path, manifest["target"])
         arrays = _load_weights(path, manifest)
         tokenizer = path / "tokenizer.json"
         self._setup(_load_library(path), arrays, manifest, tokenizer if tokenizer.is_file() else None,
@@ -334,6 +336,19 @@ def _is_whole(value) -> bool:
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool)
+
+
+def _check_cpu(path: Path, target: dict) -> None:
+    """Refuse an artifact whose code needs what this CPU lacks, before its library is loaded (a
+    missing instruction would kill the process with SIGILL). Artifacts that do not record their
+    machines and CPU flags (before format 5's ``target.cpu_flags``) are not checked."""
+    if "machines" not in target or "cpu_flags" not in target:
+        return
+    missing = missing_here(target["machines"], target["cpu_flags"], target["cpu_flags"])
+    if missing:
+        raise LowbitError(f"artifact {path} was compiled for target {target['name']}, which needs "
+                          f"{', '.join(missing)}; this CPU lacks it: recompile it here with -t host "
+                          "(`lowbit targets` lists what runs here)")
 
 
 def _load_library(path: Path):
