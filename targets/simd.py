@@ -259,9 +259,11 @@ def _schedule_prompt_attention(sch: s_tir.Schedule, lanes: int) -> s_tir.Schedul
     """:func:`lowbit.codegen.attention.prompt_attention_kernel`, in three parallel stages over whole
     blocks (no predicates): the scores as a GEMM (``ROWS`` query rows by two key tiles in
     registers, accumulated over channels); the softmax, one task per query head (rows and heads
-    fused would index by a symbolic division, which reductions do not allow), row by row, its loops over
-    positions vectorized (max and sum as lane partials); the value sums as a GEMM (``ROWS`` rows
-    by up to two vectors of channels, accumulated over positions)."""
+    fused would index by a symbolic division, which reductions do not allow), row by row, its
+    loops over positions vectorized (max and sum as lane partials); the value sums as a GEMM
+    (``ROWS`` rows by up to two vectors of channels, accumulated over positions). The bias's copy
+    onto whole blocks (``mask``: one row of positions per query row when the bias is shared by
+    the heads) stays a plain loop nest."""
     _register_tile(sch, "dots", 2, TILE)
     for name in ("logits", "shifted"):
         sch.compute_inline(sch.get_sblock(name))
@@ -276,8 +278,8 @@ def _schedule_prompt_attention(sch: s_tir.Schedule, lanes: int) -> s_tir.Schedul
     for name, partial in partials.items():
         _finish_partials(sch, name, partial)
     head_dim = int(sch.get(sch.get_loops(sch.get_sblock("mixed"))[2]).extent)
-    lanes = lanes if head_dim % lanes == 0 else head_dim  # (an odd head size: one vector LLVM splits)
-    _register_tile(sch, "mixed", 2 if head_dim % (2 * lanes) == 0 else 1, lanes)
+    channel_lanes = lanes if head_dim % lanes == 0 else head_dim  # (an odd head size: one vector LLVM splits)
+    _register_tile(sch, "mixed", 2 if head_dim % (2 * channel_lanes) == 0 else 1, channel_lanes)
     *_, channels = sch.get_loops(sch.get_sblock("out"))
     sch.vectorize(channels)
     return sch
