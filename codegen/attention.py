@@ -64,6 +64,17 @@ def cache_shape(kv_heads: int, head_dim: int, extent, tiled: bool) -> tuple:
     return (1, kv_heads, extent, head_dim, TILE) if tiled else (1, kv_heads, extent, head_dim)
 
 
+def whole_chunks(length):
+    """``length`` positions rounded up to a whole number of ``CHUNK`` s (what the attention kernels compute over)."""
+    return (length + CHUNK - 1) // CHUNK * CHUNK
+
+
+def padded_cache_shape(kv_heads: int, head_dim: int, length, tiled: bool) -> tuple:
+    """The shape of a float cache (keys ``tiled``) holding ``length`` positions in whole chunks."""
+    padded = whole_chunks(length)
+    return cache_shape(kv_heads, head_dim, padded // TILE if tiled else padded, tiled)
+
+
 def cache_index(tiled: bool, h, position, channel) -> tuple:
     return (0, h, position // TILE, channel, position % TILE) if tiled else (0, h, position, channel)
 
@@ -186,7 +197,7 @@ def decode_attention_kernel(q_heads: int, kv_heads: int, head_dim: int, scale: f
     """
     group = q_heads // kv_heads
     length = tirx.Var("length", "int64")
-    padded = (length + CHUNK - 1) // CHUNK * CHUNK  # whole chunks: no loop over positions needs a predicate
+    padded = whole_chunks(length)  # no loop over positions needs a predicate
     last = length - 1
     q = te.placeholder((1, q_heads, 1, head_dim), dtype, "q")
     bias = None if bias_heads is None else te.placeholder((1, bias_heads, 1, length), dtype, "bias")
@@ -247,7 +258,7 @@ def prompt_attention_kernel(q_heads: int, kv_heads: int, head_dim: int, scale: f
     seq = tirx.Var("seq", "int64")
     length = tirx.Var("length", "int64")
     rows = (seq + ROWS - 1) // ROWS * ROWS
-    padded = (length + CHUNK - 1) // CHUNK * CHUNK
+    padded = whole_chunks(length)
     last_row, last = seq - 1, length - 1
     q = te.placeholder((1, q_heads, seq, head_dim), dtype, "q")
     bias = None if bias_heads is None else te.placeholder((1, bias_heads, seq, length), dtype, "bias")

@@ -30,7 +30,8 @@ import dataclasses
 from tvm import te, tirx, topi
 from tvm.script import tirx as T
 
-from .attention import APPEND_TAG, CHUNK, DEQUANTIZE_TAG, HEADS_PER_KV_ATTR, TILE, cache_index, cache_shape
+from .attention import (APPEND_TAG, DEQUANTIZE_TAG, HEADS_PER_KV_ATTR, TILE, cache_index, cache_shape,
+                        padded_cache_shape)
 from .kernels import KERNEL_ATTR
 
 KIVI_ATTENTION_TAG = "decode_attention_kivi"
@@ -166,8 +167,8 @@ class Kivi:
         """Positions ``[0, length)`` as floats; arguments ``(codes, scale, min, window, length, out)``.
 
         ``out`` is ``[1, kv_heads, length, head_dim]``, or with ``float_layout`` the float cache's
-        layout for ``role`` (:func:`.attention.cache_shape`: keys tiled) over ``length`` rounded up
-        to a whole ``CHUNK``, the positions past ``length`` zero: what the float prompt attention reads.
+        layout for ``role`` (:func:`.attention.padded_cache_shape`: keys tiled, ``length`` rounded
+        up to whole chunks), the positions past ``length`` zero: what the float prompt attention reads.
         """
         codes, scale, low, win = self._reader(role)
         length = tirx.Var("length", "int64")
@@ -182,15 +183,14 @@ class Kivi:
         if not float_layout:
             out = te.compute((1, self.kv_heads, length, self.head_dim), lambda _b, h, j, c: element(h, j, c),
                              "dequantize")
-        elif role == "key":
-            tiles = (length + CHUNK - 1) // CHUNK * CHUNK // TILE
-            out = te.compute(cache_shape(self.kv_heads, self.head_dim, tiles, True), lambda _b, h, t, c, i: tirx.Select(
-                t * TILE + i < length, element(h, tirx.min(t * TILE + i, length - 1), c), tirx.const(0, dtype)),
-                "dequantize")
         else:
-            padded = (length + CHUNK - 1) // CHUNK * CHUNK
-            out = te.compute(cache_shape(self.kv_heads, self.head_dim, padded, False), lambda _b, h, j, c: tirx.Select(
-                j < length, element(h, tirx.min(j, length - 1), c), tirx.const(0, dtype)), "dequantize")
+            tiled = role == "key"
+
+            def padded(_b, h, *index):  # (tile, channel, position in tile) or (position, channel)
+                j, c = (index[0] * TILE + index[2], index[1]) if tiled else index
+                return tirx.Select(j < length, element(h, tirx.min(j, length - 1), c), tirx.const(0, dtype))
+
+            out = te.compute(padded_cache_shape(self.kv_heads, self.head_dim, length, tiled), padded, "dequantize")
         return te.create_prim_func([codes, scale, low, win, length, out]).with_attr(KERNEL_ATTR, DEQUANTIZE_TAG)
 
     # -- decode attention ----------------------------------------------------------------------------

@@ -21,7 +21,7 @@ one symbolic ``capacity >= past + seq`` for every cache), then the same weights,
   grouped-query repetition and the transpose), proved to read KV head ``h // group`` for query head
   ``h`` by evaluating those ops on an index tensor. Of one query token (decode) it becomes the
   scheme's decode attention kernel, of a prompt's tokens the scheme's prompt attention kernel
-  (where the scheme has one; the bias, e.g. the causal mask, is passed as the graph computes it),
+  (the bias, e.g. the causal mask, passed as the graph computes it),
   reading both caches in place as stored (a quantized cache is never widened to a copy);
 * every other reader of a concatenation (an attention a kernel does not compute) reads the cache's
   ``[0, past + seq)`` prefix back as floats (a slice, or the scheme's read-back kernel), so the
@@ -46,7 +46,7 @@ import tvm
 
 from tvm import relax, tirx
 
-from lowbit.codegen.attention import CHUNK, TILE, cache_shape
+from lowbit.codegen.attention import padded_cache_shape
 from lowbit.codegen.cache_layout import CAPACITY, ROLES
 from lowbit.codegen.entry_points import PROMPT, STEP
 from lowbit.codegen.errors import LowbitError
@@ -119,7 +119,7 @@ def _rewrite(mod: tvm.IRModule, name: str, ir: ModelIR, scheme: KVScheme) -> tup
     for var, value in bindings.items():
         if _is_op(value, "relax.nn.softmax"):
             found = _match_attention(var, bindings, uses, concats, probe)
-            if found is not None and (found.decodes or scheme.has_prompt_attention):
+            if found is not None:
                 attentions[found.output] = found
 
     capacity = tirx.Var(CAPACITY, "int64")
@@ -383,8 +383,7 @@ class _CacheRewriter(relax.PyExprMutator):
             return written
         kv, end = self.kv, var.ty.shape[2]
         kernel = self._kernel(f"kv_prompt_{role}_h{kv.num_kv_heads}_d{kv.head_dim}", lambda: self.layouts[role])
-        padded = (end + CHUNK - 1) // CHUNK * CHUNK
-        shape = cache_shape(kv.num_kv_heads, kv.head_dim, padded // TILE if role == "key" else padded, role == "key")
+        shape = padded_cache_shape(kv.num_kv_heads, kv.head_dim, end, role == "key")
         call = relax.call_tir(kernel, [*written, relax.prim_value(end)], relax.TensorType(list(shape), kv.dtype))
         return [self.builder_.emit(call, f"{var.name}_prompt")]
 

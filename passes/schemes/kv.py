@@ -4,9 +4,8 @@ A scheme says which tensors one cache (a layer's keys, or its values) is made of
 (:class:`CacheBuffer`: a name suffix, a shape with a ``capacity`` axis of positions, a dtype) and
 which kernels the in-place cache rewrite (:mod:`lowbit.passes.kv_cache`) calls on them: the
 append that writes (and quantizes) new positions, the read of a prefix back as floats (for any
-reader that is not a fused attention), and decode's (and, where the scheme has one, a prompt's)
-attention over the cache as stored (kv4's prompt attention: over its prefix read back in the float
-cache's layout). Recipes select a scheme with ``+kv16`` / ``+kv8`` / ``+kv4``; adding one is a class
+reader that is not a fused attention), and decode's and a prompt's attention over the cache as
+stored (kv4's prompt attention: over its prefix read back in the float cache's layout). Recipes select a scheme with ``+kv16`` / ``+kv8`` / ``+kv4``; adding one is a class
 here plus its kernels in :mod:`lowbit.codegen`.
 """
 
@@ -48,12 +47,10 @@ class KVScheme:
         arguments ``(q, *key buffers, *value buffers[, bias], length, out)``."""
         raise NotImplementedError
 
-    has_prompt_attention = False
-
     def prompt_attention_kernel(self, q_heads: int, scale: float, bias_heads: int | None):
         """A prompt's attention (see :func:`lowbit.codegen.attention.prompt_attention_kernel`), same
         arguments as :meth:`attention_kernel` but each cache's tensors as :meth:`prompt_layout_kernel`
-        gives them; only where ``has_prompt_attention``."""
+        gives them."""
         raise NotImplementedError
 
     def prompt_layout_kernel(self, role: str):
@@ -87,8 +84,6 @@ class _TiledCache(KVScheme):
 
     def reader(self, role: str) -> attention.CacheReader:
         raise NotImplementedError
-
-    has_prompt_attention = True
 
     def attention_kernel(self, q_heads, scale, bias_heads):
         kv = self.kv
@@ -186,9 +181,7 @@ class Int4Cache(KVScheme):
     def attention_kernel(self, q_heads, scale, bias_heads):
         return self.layout.attention_kernel(q_heads, scale, bias_heads, self.kv.dtype)
 
-    has_prompt_attention = True  # over the prefix read back into the float cache's layout
-
-    def prompt_attention_kernel(self, q_heads, scale, bias_heads):
+    def prompt_attention_kernel(self, q_heads, scale, bias_heads):  # over the prefix read back as float tiles
         kv = self.kv
         readers = (attention.float_cache(kv.num_kv_heads, kv.head_dim, f"{role}_prefix", role == "key", kv.dtype)
                    for role in ROLES)
