@@ -88,7 +88,8 @@ class Calibrator:
     def _instrumented(self, params: dict[str, np.ndarray]):
         calibrate, sites = instrument_linear_inputs(self.ir.mod["prefill"])
         quantize = QuantizeLinears(Recipe("fp32"), params, self.host)
-        mod = quantize(tvm.IRModule({"calibrate": calibrate}))
+        kernels = {gv: f for gv, f in self.ir.mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
+        mod = quantize(tvm.IRModule({**kernels, "calibrate": calibrate}))  # kernels: some importers' PrimFuncs
         mod = relax.transform.DeadCodeElimination(["calibrate"])(mod)
         mod, params = sync_params(mod, quantize.params)
         return mod, params, sites

@@ -68,17 +68,22 @@ def rename_params(func: relax.Function, names: list[str]) -> relax.Function:
     return relax.Function(params, body, func.ret_ty, func.is_pure, func.attrs)
 
 
-def make_entry_module(prefill: relax.Function, decode: relax.Function, num_input: int) -> tvm.IRModule:
-    """Build the ``prefill`` / ``decode`` pair from two independent copies of one imported function.
+def make_entry_module(imported: tvm.IRModule, num_input: int) -> tvm.IRModule:
+    """The ``prefill`` / ``decode`` pair from an importer's module: its ``main`` as ``prefill``, a copy
+    of it with fresh variables (no Var may belong to two functions) as ``decode``, ``seq`` bound to 1
+    there, and every other function of the module (the PrimFuncs some converters emit) kept.
 
-    The first input of each is ``input_ids[1, seq]``; ``decode`` gets ``seq`` bound to 1.
+    The first input of ``main`` is ``input_ids[1, seq]``.
     """
-    seq = decode.params[0].ty.shape[1]
-    decode = decode.bind_symbolic_vars({seq: 1})
-    mod = tvm.IRModule({
-        "prefill": prefill.with_attrs({"num_input": num_input, "global_symbol": "prefill"}),
-        "decode": decode.with_attrs({"num_input": num_input, "global_symbol": "decode"}),
-    })
+    prefill = imported["main"]
+    decode = relax.utils.copy_with_new_vars(prefill)
+    decode = decode.bind_symbolic_vars({decode.params[0].ty.shape[1]: 1})
+    # A converter's TE kernel (ONNX Clip, Pad, Einsum) shares the importing function's shape variables;
+    # TVM 0.27's FuseTIR fails on it inside a fused function, so it is marked opaque (8): built unfused.
+    mod = tvm.IRModule({gv: func.with_attr("op_pattern", 8) if isinstance(func, tvm.tirx.PrimFunc) else func
+                        for gv, func in imported.functions.items() if gv.name_hint != "main"})
+    mod["prefill"] = prefill.with_attrs({"num_input": num_input, "global_symbol": "prefill"})
+    mod["decode"] = decode.with_attrs({"num_input": num_input, "global_symbol": "decode"})
     return relax.transform.Normalize()(bounded_gather(mod))
 
 

@@ -303,10 +303,11 @@ def test_int4_prompt_layout_is_the_read_back_prefix_in_the_float_cache_layout():
 VOCAB, Q_HEADS, KV_HEADS, DIM = 32, 4, 2, 16
 
 
-def _attention_model(softcap: bool) -> relax.Function:
-    """``input_ids`` -> logits ``[1, seq, Q_HEADS * DIM]``: q/k/v looked up from tables, the cache
-    concatenated and returned, grouped-query attention as torch.export imports it; with
-    ``softcap``, ``tanh`` on the scores (an attention the fused kernel does not compute)."""
+def _attention_model(softcap: bool) -> tvm.IRModule:
+    """A module whose ``main`` maps ``input_ids`` -> logits ``[1, seq, Q_HEADS * DIM]``: q/k/v
+    looked up from tables, the cache concatenated and returned, grouped-query attention as
+    torch.export imports it; with ``softcap``, ``tanh`` on the scores (an attention the fused
+    kernel does not compute)."""
     seq, past = tirx.Var("seq", "int64"), tirx.Var("past", "int64")
     ids = relax.Var("input_ids", relax.TensorType([1, seq], "int64"))
     cache_in = [relax.Var(n, relax.TensorType([1, KV_HEADS, past, DIM], "float32"))
@@ -338,14 +339,14 @@ def _attention_model(softcap: bool) -> relax.Function:
             logits = bb.emit(relax.op.reshape(relax.op.permute_dims(mixed, [0, 2, 1, 3]), [1, seq, Q_HEADS * DIM]))
             out = bb.emit_output(relax.Tuple([logits, keys, values]))
         bb.emit_func_output(out)
-    return bb.get()["main"]
+    return bb.get()
 
 
 def _model(softcap: bool) -> ModelIR:
     rng = np.random.default_rng(2)
     params = {n: rng.standard_normal((VOCAB, h * DIM)).astype(np.float32)
               for n, h in (("wq", Q_HEADS), ("wk", KV_HEADS), ("wv", KV_HEADS))}
-    mod = make_entry_module(_attention_model(softcap), _attention_model(softcap), 3)
+    mod = make_entry_module(_attention_model(softcap), 3)
     return ModelIR(mod, params, ["input_ids"] + kv_names("past_key_values", 1), ["logits"] + kv_names("present", 1),
                    KVLayout(1, KV_HEADS, DIM), VOCAB, 64)
 

@@ -41,30 +41,25 @@ def import_onnx_model(path, max_context: int | None = None) -> ModelIR:
     unprefixed = {init.name.removeprefix("onnx::"): init.name for init in graph.initializer}
     context = max_context or DEFAULT_MAX_CONTEXT
 
-    def import_once():
-        seq, past = tirx.Var("seq", "int64"), tirx.Var("past", "int64")
-        shapes = _shape_dict(inputs, kv, seq, past)
-        try:
-            importer = _Importer(shape_dict=shapes, dtype_dict=None, keep_params_in_input=True, sanitize=False)
-            mod = importer.from_onnx(graph, _opset(model))
-        except Exception as exc:  # converters raise many types; all mean "this graph does not import"
-            first_line = next(iter(str(exc).splitlines()), "")
-            raise LowbitError(f"ONNX file {path}: TVM could not import it: {type(exc).__name__}: {first_line}") from exc
-        mod, detached = relax.frontend.detach_params(mod)
-        func = _bind_optional_inputs(mod["main"], seq, past)
-        func = _reorder_inputs(func, input_names)
-        # TVM names a weight's parameter like its initializer, less any "onnx::" prefix.
-        names = [unprefixed[v.name] for v in func.params[len(input_names):]]
-        func = rename_params(func, names).with_attrs({
-            "tir_var_lower_bound": {"seq": 1, "past": 0},
-            "tir_var_upper_bound": {"seq": context - 1, "past": context - 1},
-        })
-        return func, dict(zip(names, detached["main"]))
-
-    # Two imports, so that prefill and decode share no variables (Relax requires it).
-    prefill, weights = import_once()
-    decode, _ = import_once()
-    mod = make_entry_module(prefill, decode, len(input_names))
+    seq, past = tirx.Var("seq", "int64"), tirx.Var("past", "int64")
+    shapes = _shape_dict(inputs, kv, seq, past)
+    try:
+        importer = _Importer(shape_dict=shapes, dtype_dict=None, keep_params_in_input=True, sanitize=False)
+        mod = importer.from_onnx(graph, _opset(model))
+    except Exception as exc:  # converters raise many types; all mean "this graph does not import"
+        first_line = next(iter(str(exc).splitlines()), "")
+        raise LowbitError(f"ONNX file {path}: TVM could not import it: {type(exc).__name__}: {first_line}") from exc
+    mod, detached = relax.frontend.detach_params(mod)
+    func = _bind_optional_inputs(mod["main"], seq, past)
+    func = _reorder_inputs(func, input_names)
+    # TVM names a weight's parameter like its initializer, less any "onnx::" prefix.
+    names = [unprefixed[v.name] for v in func.params[len(input_names):]]
+    mod["main"] = rename_params(func, names).with_attrs({
+        "tir_var_lower_bound": {"seq": 1, "past": 0},
+        "tir_var_upper_bound": {"seq": context - 1, "past": context - 1},
+    })
+    weights = dict(zip(names, detached["main"]))
+    mod = make_entry_module(mod, len(input_names))
     mod, params = sync_params(mod, {n: t.numpy() for n, t in weights.items()})
     return ModelIR(mod=mod, params=params, input_names=input_names, output_names=output_names, kv=kv,
                    vocab_size=vocab_size, max_context=context)

@@ -254,21 +254,15 @@ def import_torch_model(model, max_context: int | None = None) -> ModelIR:
     placeholder_to_fqn = {**signature.inputs_to_parameters, **signature.inputs_to_buffers}
     num_input = 1 + 2 * kv.num_layers
 
-    def import_once():
-        # The un-decomposed graph keeps linear/sdpa whole and imports ~40x faster than a decomposed one.
-        mod = from_exported_program(
-            program, keep_params_as_input=True, run_ep_decomposition=False, custom_convert_map=EXTRA_CONVERTERS
-        )
-        mod, detached = relax.frontend.detach_params(mod)
-        main = mod["main"]
-        names = [placeholder_to_fqn.get(v.name, v.name).removeprefix("lm.") for v in main.params[num_input:]]
-        return rename_params(main, names), dict(zip(names, detached["main"]))
-
-    # Two imports, so that prefill and decode share no variables (Relax requires it).
-    prefill, weights = import_once()
-    decode, _ = import_once()
-    params = {n: t.numpy() for n, t in weights.items()}
-    mod = make_entry_module(prefill, decode, num_input)
+    # The un-decomposed graph keeps linear/sdpa whole and imports ~40x faster than a decomposed one.
+    mod = from_exported_program(
+        program, keep_params_as_input=True, run_ep_decomposition=False, custom_convert_map=EXTRA_CONVERTERS
+    )
+    mod, detached = relax.frontend.detach_params(mod)
+    names = [placeholder_to_fqn.get(v.name, v.name).removeprefix("lm.") for v in mod["main"].params[num_input:]]
+    mod["main"] = rename_params(mod["main"], names)
+    params = {n: t.numpy() for n, t in zip(names, detached["main"])}
+    mod = make_entry_module(mod, num_input)
     mod, params = sync_params(mod, params)
     return ModelIR(
         mod=mod,
