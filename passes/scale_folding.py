@@ -13,7 +13,8 @@ the dataflow graph (a networkx view of the entry function's bindings), never fro
   ``beta /= s``; a cast around the norm (computed in float32) is looked through.
 * ``linear``: ``X = multiply(a, y)`` (or ``X = y``) where ``y`` is, possibly through reshapes, the
   output of a linear layer whose output and weight have no other reader: that layer's output
-  channels ``/= s``.
+  channels ``/= s``, and its bias with them when ``y`` is ``output + bias`` (a 1-D weight read only
+  there).
 * ``linear`` through attention (v -> o): ``X`` is the attention output ``P @ V`` (through reshapes,
   permutes, the KV-cache concat and grouped-query broadcasts) and ``V`` a linear layer's output.
   ``P @ V`` scales with each channel of ``V``, so ``V``'s producer can absorb the scale, but under
@@ -23,12 +24,14 @@ the dataflow graph (a networkx view of the entry function's bindings), never fro
   (:meth:`SmoothingGroup.admissible` makes it so). The KV cache then holds the scaled values,
   consistently for prefill and decode.
 * ``linear`` by an output slice: on either path above, ``V`` (or ``y``) may be a slice of a fused
-  linear's output (a section of its ``split``, or a ``strided_slice`` on its last axis when every
-  reader of that output slices disjoint channel ranges: Phi-3's ``gate_up_proj`` and
-  ``qkv_proj``): the target's rows in the slice's range absorb the scale (its ``channel_map``),
-  the other slices' channels are untouched.
-* anything else (a norm weight shared, a multiply by a non-linear term on both sides, a bias
-  between, a group weight read elsewhere such as a tied embedding): no target; not smoothable.
+  linear's output, possibly reshaped and permuted before it is sliced (a section of a ``split``
+  read by nothing else, or a ``strided_slice`` on the last axis when every reader of the sliced
+  tensor takes disjoint ranges: Phi-3's ``gate_up_proj`` and ``qkv_proj``, GPT-NeoX's per-head
+  interleaved ``query_key_value``): the target's rows behind the slice absorb the scale (its
+  ``channel_map``), the other slices' channels are untouched.
+* anything else (a norm weight shared, a multiply by a non-linear term on both sides, an
+  activation or a clip between, a group weight read elsewhere such as a tied embedding): no
+  target; not smoothable.
 
 Requires: an entry function of a :class:`~lowbit.passes.model_ir.ModelIR`, before quantization.
 Guarantees: the parameters :func:`fold_scales` returns for an admissible scale make the function
@@ -57,7 +60,7 @@ class FoldTarget:
     transposed: bool = True  # linear targets: weight stored [N, K] (True) or [K, N]
     channel_map: tuple[int, ...] | None = None  # through attention: X channel -> the target's output channel
     offset: float = 0.0  # norm targets: the norm multiplies by (weight + offset), e.g. Gemma's 1 + weight
-    also: tuple[str, ...] = ()  # norm targets: parameters divided by s too (a LayerNorm's bias)
+    also: tuple[str, ...] = ()  # parameters divided by s too: a LayerNorm's bias, a linear target's bias
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,14 +212,18 @@ def _fold_target(x, width, var2val, weights, graph, linear_of_output) -> FoldTar
 
 
 def _linear_target(var, var2val, weights, graph, linear_of_output) -> FoldTarget | None:
-    """``var`` is (reshapes of) a linear layer's output, read only along this path, or the output
-    of attention whose values are one (see the module docstring)."""
+    """``var`` is (reshapes of) a linear layer's output, or of its output plus its bias, read only
+    along this path, or the output of attention whose values are one (see the module docstring)."""
     start = var
     while isinstance(var, relax.Var) and _single_reader(graph, var):
-        if var in linear_of_output:
-            use = linear_of_output[var]
-            return FoldTarget("linear", use.name, use.transposed) if _single_reader(graph, weights[use.name]) else None
         value = var2val.get(var)
+        biased = _biased_output(value, weights, graph, linear_of_output)
+        if var in linear_of_output or biased is not None:
+            output, also = (var, ()) if biased is None else (biased[0], (biased[1],))
+            use = linear_of_output[output]
+            if not _single_reader(graph, weights[use.name]):
+                return None
+            return FoldTarget("linear", use.name, use.transposed, also=also)
         if _op_name(value) not in _PASS_THROUGH:
             return _attention_value_target(start, var2val, weights, graph, linear_of_output)
         var = value.args[0]
@@ -225,23 +232,26 @@ def _linear_target(var, var2val, weights, graph, linear_of_output) -> FoldTarget
 
 def _attention_value_target(x, var2val, weights, graph, linear_of_output) -> FoldTarget | None:
     """``x = P @ V`` (through layout ops, the cache concat and broadcasts) with ``V`` a linear
-    layer's output: a target with the channel map, or ``None`` if any op on the way is not one of
-    those or any other op reads the path (returning the cache as an output is fine)."""
-    chain, var, sliced = [], x, False
+    layer's output (or its output plus its bias), or ``x`` (through layout ops) a slice of such an
+    output taken by disjoint slices (:func:`_sliced_source`, then layout ops up to the linear): a
+    target with the channel map, or ``None`` if any op on the way is not one of those or any other op
+    reads the path (returning the cache as an output is fine)."""
+    chain, var, sliced_tensor, bias = [], x, None, ()
     while var not in linear_of_output:
-        if not isinstance(var, relax.Var) or not _single_reader(graph, var):
+        if not isinstance(var, relax.Var) or not (_single_reader(graph, var) or var.same_as(sliced_tensor)):
             return None
         value = var2val.get(var)
         op = _op_name(value)
+        if (biased := _biased_output(value, weights, graph, linear_of_output)) is not None:
+            var, bias = biased[0], (biased[1],)
+            break
         if op in _LAYOUT_OPS:
             upstream = value.args[0]
-        elif (fused := _sliced_output(value, graph, var2val, linear_of_output)) is not None:
-            chain.append((var, value))
-            var, sliced = fused, True
-            break
-        elif op == "relax.matmul" and not _has_matmul(chain):  # V is the right operand of P @ V
+        elif sliced_tensor is None and (source := _sliced_source(value, graph, var2val)) is not None:
+            upstream = sliced_tensor = source
+        elif sliced_tensor is None and op == "relax.matmul" and not _has_matmul(chain):  # V of P @ V
             upstream = value.args[1]
-        elif op == "relax.concat":  # the KV cache: past values (a function input) then the new ones
+        elif sliced_tensor is None and op == "relax.concat":  # the KV cache: past values (an input), new ones
             parts = [part for part in _tuple_fields(value.args[0], var2val) if not _is_param(part, graph)]
             if len(parts) != 1:
                 return None
@@ -250,10 +260,10 @@ def _attention_value_target(x, var2val, weights, graph, linear_of_output) -> Fol
             return None
         chain.append((var, value))
         var = upstream
-    if not (_has_matmul(chain) or sliced):
+    if not (_has_matmul(chain) or sliced_tensor is not None):
         return None
     use = linear_of_output[var]
-    if not (sliced or _single_reader(graph, var)) or not _single_reader(graph, weights[use.name]):
+    if not (_single_reader(graph, var) or var.same_as(sliced_tensor)) or not _single_reader(graph, weights[use.name]):
         return None
     try:
         channel_map = _trace_channels(var, chain[::-1], var2val)
@@ -261,7 +271,22 @@ def _attention_value_target(x, var2val, weights, graph, linear_of_output) -> Fol
         return None
     if channel_map is None:
         return None
-    return FoldTarget("linear", use.name, use.transposed, tuple(int(c) for c in channel_map))
+    return FoldTarget("linear", use.name, use.transposed, tuple(int(c) for c in channel_map), also=bias)
+
+
+def _biased_output(value, weights, graph, linear_of_output):
+    """``(y, bias name)`` if ``value`` is ``add(y, b)`` with ``y`` a linear layer's output and ``b``
+    a 1-D weight of ``y``'s width (the layer's bias), each read only there; else ``None``. Scaling
+    the layer's output channels then scales the sum's if the bias is scaled with them."""
+    if _op_name(value) != "relax.add":
+        return None
+    for output, bias in (value.args, value.args[::-1]):
+        param = weights.get(getattr(bias, "name", None))
+        if output in linear_of_output and _single_reader(graph, output) and param is not None \
+                and bias.same_as(param) and len(param.ty.shape) == 1 \
+                and int(param.ty.shape[0]) == int(output.ty.shape[-1]) and _single_reader(graph, param):
+            return output, param.name
+    return None
 
 
 def _slice_ranges(value) -> list[tuple[int, int, int, int]]:
@@ -288,18 +313,17 @@ def _disjoint_channel_slices(output, graph, var2val) -> bool:
     return all(a_end <= b_begin for (_, a_end), (b_begin, _) in zip(ranges, ranges[1:]))
 
 
-def _sliced_output(value, graph, var2val, linear_outputs):
-    """The fused linear's output (one of ``linear_outputs``) whose channels ``value`` takes alone
-    among its readers: a section of its ``split``, or a ``strided_slice`` when every reader slices
-    disjoint ranges; else ``None``."""
-    source = None
+def _sliced_source(value, graph, var2val):
+    """The tensor whose channels ``value`` takes alone among its readers: the input of the ``split``
+    whose section it is (read by nothing else), or that of a ``strided_slice`` when every reader of
+    it slices disjoint ranges of the last axis; else ``None``."""
     if isinstance(value, relax.TupleGetItem):
         split = var2val.get(value.tuple_value) if isinstance(value.tuple_value, relax.Var) else None
-        source = split.args[0] if _op_name(split) == "relax.split" else None
-    elif _op_name(value) == "relax.strided_slice" and value.args[0] in linear_outputs \
-            and _disjoint_channel_slices(value.args[0], graph, var2val):
-        source = value.args[0]
-    return source if source in linear_outputs else None
+        if _op_name(split) == "relax.split" and _single_reader(graph, split.args[0]):
+            return split.args[0]
+    elif _op_name(value) == "relax.strided_slice" and _disjoint_channel_slices(value.args[0], graph, var2val):
+        return value.args[0]
+    return None
 
 
 def _split_section(ids: np.ndarray, item: relax.TupleGetItem, var2val) -> np.ndarray:
@@ -413,10 +437,11 @@ def fold_scales(params: dict[str, np.ndarray], group: SmoothingGroup, s: np.ndar
         folded[target.name] = ((params[target.name] + target.offset) / s - target.offset).astype(np.float32)
         for name in target.also:
             folded[name] = (params[name] / s).astype(np.float32)
-    elif target.transposed:  # [N, K]: output channels are rows
-        folded[target.name] = (params[target.name] / s_target[:, None]).astype(np.float32)
     else:
-        folded[target.name] = (params[target.name] / s_target[None, :]).astype(np.float32)
+        divisor = s_target[:, None] if target.transposed else s_target[None, :]  # [N, K]: output channels are rows
+        folded[target.name] = (params[target.name] / divisor).astype(np.float32)
+        for name in target.also:  # the layer's bias
+            folded[name] = (params[name] / s_target).astype(np.float32)
     for use in group.linears:
         weight = params[use.name]
         folded[use.name] = (weight * s[None, :] if use.transposed else weight * s[:, None]).astype(np.float32)
