@@ -52,14 +52,14 @@ def clip_search(weight: np.ndarray, hessian: np.ndarray, grid: WeightGrid) -> tu
     chosen = []
     for start in range(0, k, group):
         w = weight[:, start:start + group]
-        h = torch.from_numpy(hessian[start:start + group, start:start + group])
+        h = torch.from_numpy(hessian[start:start + group, start:start + group].astype(np.float32))
         lo, hi = (np.minimum(w.min(axis=1, keepdims=True), 0), np.maximum(w.max(axis=1, keepdims=True), 0))
         if grid.symmetric:
             hi = np.maximum(-lo, hi)
             lo = -hi
         trials = per_group.simulate(np.clip(w, lo * ratios, hi * ratios))  # [ratios, N, group]
-        delta = torch.from_numpy(trials - w).double()
-        errors = torch.einsum("rnk,rnk->rn", delta @ h, delta).numpy()
+        delta = torch.from_numpy(np.asarray(trials - w, np.float32))
+        errors = torch.einsum("rnk,rnk->rn", delta @ h, delta).numpy()  # float32, as in output_error
         best = np.asarray(CLIP_RATIOS, np.float32)[errors.argmin(axis=0)]
         clamped[:, start:start + group] = np.clip(w, lo * best[:, None], hi * best[:, None])
         chosen.append(best)

@@ -9,7 +9,8 @@ and packing are shared. Lazy batch updates in blocks of ``block`` columns, neste
 ``damp * mean(diag H)`` added to the diagonal (raised tenfold, up to three times, if the Cholesky
 factorization still fails, and reported); ``act_order`` quantizes columns in order of decreasing
 ``diag H`` with *static* groups (group grids fixed from the original weight up front), so the
-stored layout stays in the natural column order. Memory: one ``[K, K]`` Hessian at a time.
+stored layout stays in the natural column order. Memory: one ``[K, K]`` Hessian at a time, and
+the float32 inverse factors of the last four (layers reading one input share theirs).
 
 Act-order matters on LLMs: a few massive activation channels dominate ``H`` (its effective rank is
 2-8 of 576 on SmolLM2's attention and MLP inputs), and GPTQ in natural order lowers each layer's
@@ -46,19 +47,23 @@ class GPTQResult:
 def quantize_gptq(weight: np.ndarray, hessian: np.ndarray, grid: WeightGrid, damp: float = 0.01,
                   block: int = 128, act_order: bool = False, name: str = "weight") -> GPTQResult:
     """GPTQ of ``weight[N, K]`` on ``grid`` under ``hessian[K, K]``; see the module docstring."""
-    # The per-column updates are small: one thread is several times faster than a contended pool.
+    # The per-column updates are small: one thread is several times faster than a contended pool
+    # (and the factorization too, when other processes share the cores).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _gptq(weight, hessian, grid, damp, block, act_order, name)
+        return _gptq(weight, _ordered_factor(hessian, damp, act_order, name), grid, block, act_order)
     finally:
         torch.set_num_threads(threads)
 
 
 def output_error(weight: np.ndarray, quantized: QuantizedWeight, hessian: np.ndarray) -> float:
-    """``tr(dW H dW^T)``: the mean squared output error under inputs with second moment ``H``."""
-    delta = torch.from_numpy(quantized.dequantize() - weight).double()
-    return float(torch.einsum("nk,nk->", delta @ torch.from_numpy(hessian), delta))
+    """``tr(dW H dW^T)``: the mean squared output error under inputs with second moment ``H``; the
+    product in float32 (its rounding is far below the differences between the candidates compared),
+    the sum in float64."""
+    delta = torch.from_numpy(np.asarray(quantized.dequantize() - weight, np.float32))
+    product = delta @ torch.from_numpy(hessian.astype(np.float32))
+    return float(torch.einsum("nk,nk->n", product, delta).double().sum())
 
 
 def quantize_gptq_validated(weight: np.ndarray, statistics, grid: WeightGrid, damp: float = 0.01,
@@ -87,26 +92,17 @@ def _note(result: GPTQResult, damp: float, act_order: bool) -> str:
     return f"gptq{' act-order' if act_order else ''} damp {damp:g}{raised}"
 
 
-def _gptq(weight, hessian, grid: WeightGrid, damp, block, act_order, name) -> GPTQResult:
+def _gptq(weight, factor: "_Factor", grid: WeightGrid, block, act_order) -> GPTQResult:
     n, k = weight.shape
     group = grid.group(k)
+    order, dead, Hinv, used_damp = factor.order, factor.dead, factor.upper, factor.used_damp
     W = torch.tensor(weight, dtype=torch.float32).clone()
-    H = torch.tensor(hessian, dtype=torch.float64).clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
     W[:, dead] = 0.0
 
     groups = -(-k // group)
-    if act_order:  # static groups: every group's scales fixed from the original weight up front
-        fixed = grid.fit(grid.grouped(W.numpy()))
-        order = torch.argsort(torch.diag(H), descending=True)
-    else:
-        fixed = None
-        order = torch.arange(k)
+    # act-order: static groups, every group's scales fixed from the original weight up front
+    fixed = grid.fit(grid.grouped(W.numpy())) if act_order else None
     W = W[:, order]
-    H = H[order][:, order]
-    Hinv, used_damp = _inverse_hessian_factor(H, damp, name)
-    Hinv = Hinv.float()
 
     scales = np.zeros((groups, n), np.float32)
     zeros = None if grid.symmetric else np.zeros((groups, n), np.float32)
@@ -151,6 +147,42 @@ def _round_column(grid: WeightGrid, w: np.ndarray, scale: np.ndarray, zero_row: 
     q = grid.round(w, scale, zero_row)
     zero = 2 ** (grid.bits - 1) if zero_row is None else zero_row
     return q, (w - (q - zero) * scale) / diagonal
+
+
+@dataclasses.dataclass(frozen=True)
+class _Factor:
+    """What GPTQ needs of a Hessian: the column order (decreasing ``diag H`` under act-order), the
+    inputs that never fire, the upper Cholesky factor (float32) of the inverse of the dampened,
+    reordered Hessian, and the dampening used."""
+
+    hessian: np.ndarray  # the Hessian it was computed from (to recognize it again)
+    damp: float
+    act_order: bool
+    order: torch.Tensor
+    dead: torch.Tensor
+    upper: torch.Tensor
+    used_damp: float
+
+
+_RECENT: list[_Factor] = []  # the latest factors, newest last: layers reading one input share one
+_RECENT_KEPT = 4
+
+
+def _ordered_factor(hessian: np.ndarray, damp: float, act_order: bool, name: str) -> _Factor:
+    """The :class:`_Factor` of ``hessian``, computed once for equal Hessians among the last
+    :data:`_RECENT_KEPT` (q/k/v and gate/up read one input, so GPTQ sees the same Hessian for each)."""
+    for factor in _RECENT:
+        if factor.damp == damp and factor.act_order == act_order and factor.hessian.shape == hessian.shape \
+                and np.array_equal(factor.hessian, hessian):
+            return factor
+    H = torch.tensor(hessian, dtype=torch.float64).clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    order = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(H.shape[0])
+    upper, used = _inverse_hessian_factor(H[order][:, order], damp, name)
+    factor = _Factor(hessian.copy(), damp, act_order, order, dead, upper.float(), used)
+    _RECENT[:] = _RECENT[1 - _RECENT_KEPT:] + [factor]
+    return factor
 
 
 def _inverse_hessian_factor(H: torch.Tensor, damp: float, name: str):
