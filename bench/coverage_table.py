@@ -114,8 +114,9 @@ def table(results: dict[str, tuple[str, str]]) -> str:
     onnx = [outcome for test_id, (outcome, _) in results.items() if test_id.startswith("tests.test_onnx_frontend::")]
     lines = rows + ["", LEGEND + "."]
     if onnx:
-        lines += ["", f"ONNX frontend (tests/test_onnx_frontend.py: a TorchScript and an optimum-style Llama export, "
-                  f"ONNX Runtime contrib ops named in the error): {onnx.count('passed')} of {len(onnx)} passed."]
+        lines += ["", "ONNX frontend (tests/test_onnx_frontend.py: a TorchScript Llama export, optimum-style exports "
+                  "of Llama, Qwen2 and Qwen3, ONNX Runtime contrib ops named in the error): "
+                  f"{onnx.count('passed')} of {len(onnx)} passed."]
     lines += [""] + [f"[^{i}]: {reason}" for i, reason in enumerate(footnotes, 1)] if footnotes else []
     return "\n".join(lines).rstrip() + "\n"
 

@@ -9,9 +9,8 @@ window in the mask); w8a16-rtn, w4a16-rtn-g32, w8a8-smoothquant, w4a16-awq-g32 a
 (the last three calibrated on 4 windows of 32 random ids) quantize every linear layer (fused
 ``qkv_proj`` / ``gate_up_proj`` and a mixture's expert tables included) and stay within
 :data:`MAX_KL` of float on random ids, prefill and a decode step; SmoothQuant's and AWQ's scales, and random scales in every fold target the graph analysis finds, folded into
-the float parameters leave the float logits unchanged (prefill and a decode step, 1e-4); for
-Llama, Qwen2 and Phi-3 the model exported to ONNX by torch.onnx (dynamo) compiles and matches
-onnxruntime.
+the float parameters leave the float logits unchanged (prefill and a decode step, 1e-4); the
+model exported to ONNX by torch.onnx (dynamo) compiles and matches onnxruntime.
 
 Tolerances: rtol 1e-4 with atol 1e-5 of the largest logit (measured at initializer_range 0.02: 3e-7
 to 1.4e-6, Gemma 2 the largest). transformers' default initializer_range 0.02 gives logits of std
@@ -25,10 +24,11 @@ KL, since SmoothQuant adds int8 activations to it). Random data gives AWQ nothin
 find: its KL is RTN's, give or take.
 
 Folds: Phi-3's o_proj and down_proj fold into the value and up slices of its fused qkv_proj and
-gate_up_proj (9 of 9 groups). Qwen2's v -> o (a bias between), GPT-NeoX's attention output (fused
-interleaved qkv, reshaped before it is sliced) and its MLP (GELU), OLMo's weightless LayerNorms
-and its clipped qkv, tied output heads (Gemma) and Mixtral's router (its input also read by the
-experts) have no fold target; each such layer's note says why from the graph. Qwen3-MoE passes the parity checks (3e-7 / 4e-7 / 1e-6) and is left out for time: it
+gate_up_proj (9 of 9 groups); Qwen2's o_proj into v_proj and its bias; GPT-NeoX's attention output
+into the value rows of its fused query_key_value (reshaped per head before it is split) and its
+bias. GPT-NeoX's MLP (GELU), OLMo's weightless LayerNorms and its clipped qkv, tied output heads
+(Gemma) and Mixtral's router (its input also read by the experts) have no fold target; each such
+layer's note says why from the graph. Qwen3-MoE passes the parity checks (3e-7 / 4e-7 / 1e-6) and is left out for time: it
 takes the same experts path as Mixtral. A mixture's expert tables (3-D weights gathered per token)
 are stored on the recipe's weight grid by round to nearest and dequantized as they are gathered
 (weight-only: int8 weights under w8a8-smoothquant); Mixtral's KL with them quantized: w8a16-rtn
@@ -59,10 +59,6 @@ FORMAT = {"w8a16-rtn": "int8", "w4a16-rtn-g32": "int4_g32", "w8a8-smoothquant": 
           "w4a16-gptq-g32": "int4_g32"}
 EXPERT_FORMAT = {"w8a8-smoothquant": "int8"}  # a mixture's gathered experts: weight-only, see below
 CALIBRATION = (4, 32)  # random windows x ids: what the calibrated recipes see
-# The calibrated recipes run on families that between them have every fold situation (plain GQA,
-# Gemma's 1 + weight norm and MQA, fused projections, experts); the folds themselves are checked on
-# every family below (test_*_leaves_the_float_model_unchanged). Suite time: 10 s per build.
-CALIBRATED_FAMILIES = ("llama", "gemma3", "phi3", "mixtral")
 FOLD_RTOL = 1e-4  # a fold changes the float logits by float rounding only
 # initializer_range 0.2 (transformers' default 0.02 gives logits of std 0.16 and near-uniform
 # distributions, where every KL is tiny): logits of std about 1.6, entropy 2.4-5 nats of ln 512 = 6.2
@@ -227,8 +223,6 @@ def test_recipe_quantizes_every_linear_and_stays_close(arch, recipe):
     from lowbit.compiler import get_recipe
 
     recipe_obj = get_recipe(recipe)
-    if recipe_obj.needs_calibration and arch.name not in CALIBRATED_FAMILIES:
-        pytest.skip(f"calibrated recipes run on {', '.join(CALIBRATED_FAMILIES)} only (suite time)")
     prepared = arch.calibrated if recipe_obj.needs_calibration else arch.prepared
     built = prepared.build(recipe_obj)
     linears = {f"{name}.weight" for name, module in arch.reference.named_modules()
@@ -290,10 +284,18 @@ def test_awq_scaling_leaves_the_float_model_unchanged(arch):
     _assert_same_function(arch, params, "AWQ's scaling")
 
 
+# Smoothing groups with a fold target, of each family's 9 (7 for Mixtral: its experts are no linear
+# layers): Gemma's tied output head has none; GPT-NeoX's MLP input is a GELU's output; OLMo's
+# LayerNorms have no weights and its values are clipped, so only its down projections have one.
+FOLDABLE = {"llama": 9, "mistral": 9, "qwen2": 9, "qwen3": 9, "gemma2": 8, "gemma3": 8, "phi3": 9, "gpt_neox": 7,
+            "olmo": 2, "mixtral": 5}
+
+
 def test_every_fold_target_the_graph_offers_is_exact(arch):
     """Random admissible scales (e^U(-1, 1) per channel) folded into every fold target the graph
-    analysis finds (norm weights, linear outputs, value projections through attention): the float
-    model is unchanged. The groups without a target carry the reason."""
+    analysis finds (norm weights, linear outputs and their biases, value projections through
+    attention, slices of fused projections): the float model is unchanged; :data:`FOLDABLE` groups
+    have a target. The groups without one carry the reason."""
     from lowbit.passes.scale_folding import find_smoothing_groups, fold_scales
 
     params = arch.prepared.ir.params
@@ -309,7 +311,7 @@ def test_every_fold_target_the_graph_offers_is_exact(arch):
     print(f"{arch.name}: {len(folded)} of {len(groups)} groups foldable: "
           + "; ".join(f"{g.linears[0].name} -> {g.target.kind} {g.target.name}" for g in folded) + " | not: "
           + "; ".join(f"{g.linears[0].name}: {g.reason}" for g in groups if g.target is None))
-    assert folded, f"{arch.name}: no fold target found"
+    assert len(folded) == FOLDABLE[arch.name], f"{arch.name}: {len(folded)} of {len(groups)} groups foldable"
     _assert_same_function(arch, params, "random scales in every fold target")
 
 
@@ -323,20 +325,23 @@ def _mean_kl(float_logits: np.ndarray, logits: np.ndarray) -> float:
     return float((np.exp(p) * (p - q)).sum(axis=-1).mean())
 
 
-ONNX_FAMILIES = ("llama", "qwen2", "phi3")
+# What TVM's ONNX importer cannot take, by family: the start of the error lowbit reports. Mixtral's
+# experts as torch.onnx writes them (batched_mm: TopK, GatherND, Squeeze) reach a Reshape whose input
+# TVM's converters leave without a shape.
+ONNX_IMPORT_GAPS = {"mixtral": "TVM could not import it: InternalError: Check failed: (data_ty->shape.has_value())"}
 
 
 def _onnx_export(arch, path):
     """The model exported by torch.onnx's dynamo exporter in the decoder layout (``input_ids``,
     ``past_key_values.{i}.key/value`` -> ``logits``, ``present.{i}.key/value``), ``seq`` and
     ``past`` dynamic."""
-    from lowbit.compiler.frontend.torch_export import _ExplicitCacheLM, kv_layout_of
+    from lowbit.compiler.frontend.torch_export import _batched_experts, _ExplicitCacheLM, kv_layout_of
 
     kv = kv_layout_of(arch.reference.config)
     names = [f"{i}.{part}" for i in range(kv.num_layers) for part in ("key", "value")]
     past = [torch.zeros((1, kv.num_kv_heads, 3, kv.head_dim)) for _ in names]
     seq, length = torch.export.Dim("seq", min=1, max=63), torch.export.Dim("past", min=0, max=63)
-    with torch.no_grad():
+    with torch.no_grad(), _batched_experts(arch.reference):  # torch.onnx has no function for grouped_mm either
         torch.onnx.export(_ExplicitCacheLM(arch.reference, kv.num_layers).eval(),
                           (torch.zeros((1, 4), dtype=torch.long), *past), str(path), dynamo=True,
                           dynamic_shapes={"input_ids": {1: seq}, "past": tuple({2: length} for _ in past)},
@@ -363,14 +368,19 @@ def _onnxruntime_logits(path, ids, steps):
 def test_onnx_export_compiles_and_matches_onnxruntime(arch, tmp_path):
     """The same model exported to ONNX (torch.onnx, dynamo) compiles with lowbit, fp32, and its
     prefill and 3 decode steps match onnxruntime's on that file."""
-    if arch.name not in ONNX_FAMILIES:
-        pytest.skip(f"the ONNX export is checked on {', '.join(ONNX_FAMILIES)} only (about 30 s each)")
     from lowbit.compiler import get_recipe, prepare
 
     path = _onnx_export(arch, tmp_path / f"{arch.name}.onnx")
     ids, steps = _prompt(), [7, 300, 42]
     want = _onnxruntime_logits(path, ids, steps)
-    session = prepare(str(path), max_context=64).build(get_recipe("fp32")).session()
+    try:
+        prepared = prepare(str(path), max_context=64)
+    except LowbitError as error:  # checked: the import fails with lowbit's message, not a crash
+        if arch.name not in ONNX_IMPORT_GAPS or ONNX_IMPORT_GAPS[arch.name] not in str(error):
+            raise
+        pytest.skip(f"{arch.name}: TVM 0.27's ONNX importer cannot import torch.onnx's export ({error}; "
+                    "lowbit stops there with exit code 2)".replace(str(path), f"{arch.name}.onnx"))
+    session = prepared.build(get_recipe("fp32")).session()
     got = [session.prefill(ids)] + [session.decode(t) for t in steps]
     errors = [_relative_error(g, w if i == 0 else w[-1]) for i, (g, w) in enumerate(zip(got, want))]
     print(f"{arch.name} ONNX vs onnxruntime: relative errors {', '.join(f'{e:.1e}' for e in errors)}")
