@@ -52,7 +52,7 @@ def quantize_gptq(weight: np.ndarray, hessian: np.ndarray, grid: WeightGrid, dam
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _gptq(weight, _ordered_factor(hessian, damp, act_order, name), grid, block, act_order)
+        return _gptq(weight, _ordered_factor(hessian, damp, act_order, name), grid, block)
     finally:
         torch.set_num_threads(threads)
 
@@ -92,7 +92,7 @@ def _note(result: GPTQResult, damp: float, act_order: bool) -> str:
     return f"gptq{' act-order' if act_order else ''} damp {damp:g}{raised}"
 
 
-def _gptq(weight, factor: "_Factor", grid: WeightGrid, block, act_order) -> GPTQResult:
+def _gptq(weight, factor: "_Factor", grid: WeightGrid, block) -> GPTQResult:
     n, k = weight.shape
     group = grid.group(k)
     order, dead, Hinv, used_damp = factor.order, factor.dead, factor.upper, factor.used_damp
@@ -101,7 +101,7 @@ def _gptq(weight, factor: "_Factor", grid: WeightGrid, block, act_order) -> GPTQ
 
     groups = -(-k // group)
     # act-order: static groups, every group's scales fixed from the original weight up front
-    fixed = grid.fit(grid.grouped(W.numpy())) if act_order else None
+    fixed = grid.fit(grid.grouped(W.numpy())) if factor.act_order else None
     W = W[:, order]
 
     scales = np.zeros((groups, n), np.float32)

@@ -78,8 +78,9 @@ def make_entry_module(imported: tvm.IRModule, num_input: int) -> tvm.IRModule:
     prefill = imported["main"]
     decode = relax.utils.copy_with_new_vars(prefill)
     decode = decode.bind_symbolic_vars({decode.params[0].ty.shape[1]: 1})
-    # A converter's TE kernel (ONNX Clip, Pad, Einsum) shares the importing function's shape variables;
-    # TVM 0.27's FuseTIR fails on it inside a fused function, so it is marked opaque (8): built unfused.
+    # A converter's TE kernel (ONNX Clip, Pad, Einsum): TVM 0.27's FuseTIR fails to fuse it with its
+    # neighbours (OLMo's Clip: "Inconsistent buffers ... mapped to the same relax var"), so it is
+    # marked opaque (8) and built unfused.
     mod = tvm.IRModule({gv: func.with_attr("op_pattern", 8) if isinstance(func, tvm.tirx.PrimFunc) else func
                         for gv, func in imported.functions.items() if gv.name_hint != "main"})
     mod["prefill"] = prefill.with_attrs({"num_input": num_input, "global_symbol": "prefill"})

@@ -325,9 +325,9 @@ def _mean_kl(float_logits: np.ndarray, logits: np.ndarray) -> float:
     return float((np.exp(p) * (p - q)).sum(axis=-1).mean())
 
 
-# What TVM's ONNX importer cannot take, by family: the start of the error lowbit reports. Mixtral's
-# experts as torch.onnx writes them (batched_mm: TopK, GatherND, Squeeze) reach a Reshape whose input
-# TVM's converters leave without a shape.
+# What TVM's ONNX importer cannot take, by family: the start of the error lowbit reports. In Mixtral's
+# experts as torch.onnx writes them (batched_mm), a Reshape reads a product whose shape TVM's
+# converters leave unknown.
 ONNX_IMPORT_GAPS = {"mixtral": "TVM could not import it: InternalError: Check failed: (data_ty->shape.has_value())"}
 
 

@@ -58,9 +58,8 @@ def import_onnx_model(path, max_context: int | None = None) -> ModelIR:
         "tir_var_lower_bound": {"seq": 1, "past": 0},
         "tir_var_upper_bound": {"seq": context - 1, "past": context - 1},
     })
-    weights = dict(zip(names, detached["main"]))
-    mod = make_entry_module(mod, len(input_names))
-    mod, params = sync_params(mod, {n: t.numpy() for n, t in weights.items()})
+    params = {n: t.numpy() for n, t in zip(names, detached["main"])}
+    mod, params = sync_params(make_entry_module(mod, len(input_names)), params)
     return ModelIR(mod=mod, params=params, input_names=input_names, output_names=output_names, kv=kv,
                    vocab_size=vocab_size, max_context=context)
 

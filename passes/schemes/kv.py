@@ -181,12 +181,9 @@ class Int4Cache(KVScheme):
     def attention_kernel(self, q_heads, scale, bias_heads):
         return self.layout.attention_kernel(q_heads, scale, bias_heads, self.kv.dtype)
 
-    def prompt_attention_kernel(self, q_heads, scale, bias_heads):  # over the prefix read back as float tiles
-        kv = self.kv
-        readers = (attention.float_cache(kv.num_kv_heads, kv.head_dim, f"{role}_prefix", role == "key", kv.dtype)
-                   for role in ROLES)
-        return attention.prompt_attention_kernel(q_heads, kv.num_kv_heads, kv.head_dim, scale, bias_heads,
-                                                 *readers, kv.dtype)
+    def prompt_attention_kernel(self, q_heads, scale, bias_heads):
+        """The float cache's prompt attention, over the prefix :meth:`prompt_layout_kernel` reads back."""
+        return FloatCache(self.kv).prompt_attention_kernel(q_heads, scale, bias_heads)
 
     def prompt_layout_kernel(self, role):
         return self.layout.dequantize_kernel(role, self.kv.dtype, float_layout=True)
