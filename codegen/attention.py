@@ -34,6 +34,16 @@ Kernels:
   repeat the last query, positions past the length are masked), the softmax per row, then the
   probabilities times the values; no copy of the cache, no repetition of KV heads.
 
+A layer whose attention sees only the last ``window`` positions (a sliding-window layer) may keep
+its cache as a ring: position ``p`` at slot ``p % capacity``, the capacity at least ``window`` plus
+the tokens one call writes, so that every position a query of the call can see is still held once
+the call's keys are written. The ``ring`` variants of the kernels index slots that way: the
+append writes at ``(past + i) % capacity``, the read-back reads position ``j`` from slot
+``j % capacity`` (positions the ring no longer holds read a later position's entry: what reads
+them must mask them, as a window's mask does), and the attention kernels run over the slots
+holding the last ``min(length, capacity)`` positions, each slot's score biased by its position's
+bias (the graph's mask, by position), which masks whatever the window excludes.
+
 All carry ``lowbit.kernel`` so that a target's rules (:mod:`lowbit.targets.simd`) schedule them.
 """
 
@@ -79,14 +89,35 @@ def cache_index(tiled: bool, h, position, channel) -> tuple:
     return (0, h, position // TILE, channel, position % TILE) if tiled else (0, h, position, channel)
 
 
+def held_positions(length, capacity, ring: bool):
+    """``(held, position)`` of a cache of ``capacity`` positions after ``length`` were written:
+    how many slots hold a position (``[0, held)``) and the position slot ``s`` holds. Not a ring:
+    ``length`` and ``s``. A ring: the last ``min(length, capacity)`` positions, ``position(s)`` the
+    one of them at slot ``s``, that is ``start - start % capacity + s`` (plus ``capacity`` for the
+    slots before ``start``'s, which wrapped) with ``start = length - held``."""
+    if not ring:
+        return length, lambda s: s
+    held = tirx.min(length, capacity)
+    start = length - held
+    wrapped = tirx.floormod(start, capacity)
+    return held, lambda s: start - wrapped + s + tirx.Select(s < wrapped, capacity, tirx.const(0, "int64"))
+
+
+def slot_of(position, capacity, ring: bool):
+    """The slot a cache of ``capacity`` positions keeps ``position`` in."""
+    return tirx.floormod(position, capacity) if ring else position
+
+
 @dataclasses.dataclass(frozen=True)
 class CacheReader:
     """How an attention kernel reads one cache: its tensors (in argument order), the element without
-    its per-position factor (keys: ``(kv_head, tile, channel, position in tile)``; values:
-    ``(kv_head, position, channel)``) and that factor ``(kv_head, position)``, or ``None``."""
+    its per-position factor (keys: ``(kv_head, tile, channel, slot in tile)``; values:
+    ``(kv_head, slot, channel)``) and that factor ``(kv_head, slot)``, or ``None``; ``capacity``: the
+    slots it has."""
 
     tensors: tuple
     element: Callable
+    capacity: tirx.PrimExpr
     factor: Callable | None = None
 
 
@@ -95,23 +126,31 @@ def float_cache(kv_heads: int, head_dim: int, name: str, tiled: bool, dtype: str
     """A float cache stored as ``stored`` (default ``dtype``), read as ``dtype``."""
     stored = stored or dtype
     cache = te.placeholder(cache_shape(kv_heads, head_dim, tirx.Var("capacity", "int64"), tiled), stored, name)
+    capacity = _slots(cache, tiled)
     if stored == dtype:
-        return CacheReader((cache,), lambda *index: cache[(0, *index)])
-    return CacheReader((cache,), lambda *index: cache[(0, *index)].astype(dtype))
+        return CacheReader((cache,), lambda *index: cache[(0, *index)], capacity)
+    return CacheReader((cache,), lambda *index: cache[(0, *index)].astype(dtype), capacity)
+
+
+def _slots(tensor, tiled: bool):
+    """The positions a cache tensor of :func:`cache_shape` has room for."""
+    return tensor.shape[2] * TILE if tiled else tensor.shape[2]
 
 
 def int8_cache(kv_heads: int, head_dim: int, name: str, tiled: bool, dtype: str = "float32") -> CacheReader:
     codes = te.placeholder(cache_shape(kv_heads, head_dim, tirx.Var("capacity", "int64"), tiled), "int8", name)
     scales = te.placeholder((1, kv_heads, tirx.Var("positions", "int64")), "float32", f"{name}_scale")
-    return CacheReader((codes, scales), lambda *index: codes[(0, *index)].astype(dtype),
+    return CacheReader((codes, scales), lambda *index: codes[(0, *index)].astype(dtype), _slots(codes, tiled),
                        lambda h, j: scales[0, h, j].astype(dtype))
 
 
 def kv_append_kernel(kv_heads: int, head_dim: int, tiled: bool, dtype: str = "float32",
-                     stored: str | None = None) -> tirx.PrimFunc:
+                     stored: str | None = None, ring: bool = False) -> tirx.PrimFunc:
     """``cache[position past + i] = new[0, h, i, d]`` (rounded to nearest even when the cache is
-    ``stored`` in a narrower float than ``dtype``); arguments ``(cache, new, past)``, in place on ``cache``."""
+    ``stored`` in a narrower float than ``dtype``; at slot ``(past + i) % capacity`` in a ``ring``);
+    arguments ``(cache, new, past)``, in place on ``cache``."""
     stored = stored or dtype
+    per_entry = TILE if tiled else 1  # positions per entry of the capacity axis
 
     @T.prim_func(private=True, s_tir=True)
     def append(var_cache: T.handle, var_new: T.handle, past: T.int64):
@@ -122,13 +161,16 @@ def kv_append_kernel(kv_heads: int, head_dim: int, tiled: bool, dtype: str = "fl
         for h, i, d in T.grid(kv_heads, seq, head_dim):
             with T.sblock("append"):
                 vh, vi, vd = T.axis.remap("SSS", [h, i, d])
-                cache[cache_index(tiled, vh, past + vi, vd)] = T.Cast(stored, new[0, vh, vi, vd])
+                cache[cache_index(tiled, vh, slot_of(past + vi, capacity * per_entry, ring), vd)] = T.Cast(
+                    stored, new[0, vh, vi, vd])
 
     return append.with_attr(KERNEL_ATTR, APPEND_TAG)
 
 
-def kv8_append_kernel(kv_heads: int, head_dim: int, tiled: bool, dtype: str = "float32") -> tirx.PrimFunc:
-    """``new`` quantized into positions ``[past, past + seq)``; arguments ``(codes, scales, new, past)``,
+def kv8_append_kernel(kv_heads: int, head_dim: int, tiled: bool, dtype: str = "float32",
+                      ring: bool = False) -> tirx.PrimFunc:
+    """``new`` quantized into positions ``[past, past + seq)`` (slots, in a ``ring``, as
+    :func:`kv_append_kernel` writes them); arguments ``(codes, scales, new, past)``,
     in place on ``codes`` and ``scales``. ``scale = max_d |new| / 127``, ``code = round(new * (127 /
     max))`` (half to even; 0 for an all-zero row)."""
 
@@ -153,52 +195,59 @@ def kv8_append_kernel(kv_heads: int, head_dim: int, tiled: bool, dtype: str = "f
         for h, i in T.grid(kv_heads, seq):
             with T.sblock("scale"):
                 vh, vi = T.axis.remap("SS", [h, i])
-                scales[0, vh, past + vi] = peak[vh, vi] / T.float32(INT8_LEVELS)
+                scales[0, vh, slot_of(past + vi, positions, ring)] = peak[vh, vi] / T.float32(INT8_LEVELS)
         for h, i, d in T.grid(kv_heads, seq, head_dim):
             with T.sblock("quantize"):
                 vh, vi, vd = T.axis.remap("SSS", [h, i, d])
-                codes[cache_index(tiled, vh, past + vi, vd)] = T.Cast("int8", T.nearbyint(
+                codes[cache_index(tiled, vh, slot_of(past + vi, positions, ring), vd)] = T.Cast("int8", T.nearbyint(
                     T.Cast("float32", new[0, vh, vi, vd]) * inverse(peak[vh, vi])))
 
     return append.with_attr(KERNEL_ATTR, APPEND_TAG)
 
 
-def _read_back(reader: CacheReader, kv_heads: int, head_dim: int, tiled: bool) -> tirx.PrimFunc:
+def _read_back(reader: CacheReader, kv_heads: int, head_dim: int, tiled: bool, ring: bool) -> tirx.PrimFunc:
     length = tirx.Var("length", "int64")
 
     def element(_b, h, j, d):
-        value = reader.element(h, j // TILE, d, j % TILE) if tiled else reader.element(h, j, d)
-        return value if reader.factor is None else value * reader.factor(h, j)
+        slot = slot_of(j, reader.capacity, ring)
+        value = reader.element(h, slot // TILE, d, slot % TILE) if tiled else reader.element(h, slot, d)
+        return value if reader.factor is None else value * reader.factor(h, slot)
 
     out = te.compute((1, kv_heads, length, head_dim), element, "dequantize")
     return te.create_prim_func([*reader.tensors, length, out]).with_attr(KERNEL_ATTR, DEQUANTIZE_TAG)
 
 
 def kv_read_kernel(kv_heads: int, head_dim: int, tiled: bool, dtype: str = "float32",
-                   stored: str | None = None) -> tirx.PrimFunc:
-    """Positions ``[0, length)`` of a float cache (stored as ``stored``, read as ``dtype``);
-    arguments ``(cache, length, out)``."""
-    return _read_back(float_cache(kv_heads, head_dim, "cache", tiled, dtype, stored), kv_heads, head_dim, tiled)
+                   stored: str | None = None, ring: bool = False) -> tirx.PrimFunc:
+    """Positions ``[0, length)`` of a float cache (stored as ``stored``, read as ``dtype``; a
+    ``ring``'s slots as the module docstring says); arguments ``(cache, length, out)``."""
+    return _read_back(float_cache(kv_heads, head_dim, "cache", tiled, dtype, stored), kv_heads, head_dim, tiled,
+                      ring)
 
 
-def kv8_dequantize_kernel(kv_heads: int, head_dim: int, tiled: bool, dtype: str = "float32") -> tirx.PrimFunc:
-    """Positions ``[0, length)`` of an int8 cache as floats; arguments ``(codes, scales, length, out)``."""
-    return _read_back(int8_cache(kv_heads, head_dim, "codes", tiled, dtype), kv_heads, head_dim, tiled)
+def kv8_dequantize_kernel(kv_heads: int, head_dim: int, tiled: bool, dtype: str = "float32",
+                          ring: bool = False) -> tirx.PrimFunc:
+    """Positions ``[0, length)`` of an int8 cache as floats (a ``ring``'s slots as the module
+    docstring says); arguments ``(codes, scales, length, out)``."""
+    return _read_back(int8_cache(kv_heads, head_dim, "codes", tiled, dtype), kv_heads, head_dim, tiled, ring)
 
 
 def decode_attention_kernel(q_heads: int, kv_heads: int, head_dim: int, scale: float, bias_heads: int | None,
-                            keys: CacheReader, values: CacheReader, dtype: str = "float32") -> tirx.PrimFunc:
+                            keys: CacheReader, values: CacheReader, dtype: str = "float32",
+                            ring: bool = False) -> tirx.PrimFunc:
     """Attention of one query token; arguments ``(q, *keys.tensors, *values.tensors[, bias], length, out)``.
 
     ``q[1, q_heads, 1, head_dim]``; the keys (tiled) and values, positions ``[0, length)`` read;
     ``bias[1, bias_heads, 1, length]`` (``bias_heads`` 1 or ``q_heads``, or no bias when ``None``)
     added to the scaled scores; ``out[1, q_heads, 1, head_dim]``. Requires ``q_heads`` a multiple of
-    ``kv_heads`` and ``length`` at most the caches' capacity.
+    ``kv_heads`` and ``length`` at most the caches' capacity, or, in a ``ring``, the positions the
+    bias does not mask among the last ``capacity``.
     """
     group = q_heads // kv_heads
     length = tirx.Var("length", "int64")
-    padded = whole_chunks(length)  # no loop over positions needs a predicate
-    last = length - 1
+    held, position = held_positions(length, keys.capacity, ring)
+    padded = whole_chunks(held)  # no loop over slots needs a predicate
+    last = held - 1
     q = te.placeholder((1, q_heads, 1, head_dim), dtype, "q")
     bias = None if bias_heads is None else te.placeholder((1, bias_heads, 1, length), dtype, "bias")
 
@@ -211,8 +260,8 @@ def decode_attention_kernel(q_heads: int, kv_heads: int, head_dim: int, scale: f
         if keys.factor is not None:
             scaled = scaled * keys.factor(h // group, j)
         if bias is not None:
-            scaled = scaled + bias[0, h if bias_heads > 1 else 0, 0, tirx.min(j, last)]
-        return tirx.Select(j < length, scaled, tirx.min_value(dtype))
+            scaled = scaled + bias[0, h if bias_heads > 1 else 0, 0, position(tirx.min(j, last))]
+        return tirx.Select(j < held, scaled, tirx.min_value(dtype))
 
     logits = te.compute((q_heads, padded), logit, "logits")
     j = te.reduce_axis((0, padded), "j")
@@ -226,7 +275,7 @@ def decode_attention_kernel(q_heads: int, kv_heads: int, head_dim: int, scale: f
         p = weights[h, i] / total[h]
         if values.factor is not None:
             p = p * values.factor(h // group, i)
-        return tirx.Select(i < length, p, tirx.const(0, dtype))
+        return tirx.Select(i < held, p, tirx.const(0, dtype))
 
     probabilities = te.compute((q_heads, padded), probability, "probabilities")
     j = te.reduce_axis((0, padded), "j")  # a masked position weighs 0 on the last written value
@@ -239,7 +288,8 @@ def decode_attention_kernel(q_heads: int, kv_heads: int, head_dim: int, scale: f
 
 
 def prompt_attention_kernel(q_heads: int, kv_heads: int, head_dim: int, scale: float, bias_heads: int | None,
-                            keys: CacheReader, values: CacheReader, dtype: str = "float32") -> tirx.PrimFunc:
+                            keys: CacheReader, values: CacheReader, dtype: str = "float32",
+                            ring: bool = False) -> tirx.PrimFunc:
     """Attention of ``seq`` query tokens; arguments ``(q, *keys.tensors, *values.tensors[, bias], length, out)``.
 
     ``q[1, q_heads, seq, head_dim]``; the keys (tiled) and values, positions ``[0, length)`` read;
@@ -248,7 +298,8 @@ def prompt_attention_kernel(q_heads: int, kv_heads: int, head_dim: int, scale: f
     graph's mask, as imported; ``out[1, q_heads, seq, head_dim]``. Requires ``q_heads`` a multiple
     of ``kv_heads``, caches of a capacity of at least ``length`` rounded up to a whole ``CHUNK``
     (what is stored past ``length`` is never used, NaN included) and every row's bias finite
-    somewhere (true of a causal mask: a token always sees itself).
+    somewhere (true of a causal mask: a token always sees itself). A ``ring`` reads its slots as
+    :func:`decode_attention_kernel` does.
 
     The scores, the softmax and the value sums are computed over ``ROWS``-aligned rows (rows past
     ``seq`` repeat the last query and are not stored) and ``CHUNK``-aligned positions (masked), so
@@ -258,8 +309,9 @@ def prompt_attention_kernel(q_heads: int, kv_heads: int, head_dim: int, scale: f
     seq = tirx.Var("seq", "int64")
     length = tirx.Var("length", "int64")
     rows = (seq + ROWS - 1) // ROWS * ROWS
-    padded = whole_chunks(length)
-    last_row, last = seq - 1, length - 1
+    held, position = held_positions(length, keys.capacity, ring)
+    padded = whole_chunks(held)
+    last_row, last = seq - 1, held - 1
     q = te.placeholder((1, q_heads, seq, head_dim), dtype, "q")
     bias = None if bias_heads is None else te.placeholder((1, bias_heads, seq, length), dtype, "bias")
 
@@ -269,7 +321,7 @@ def prompt_attention_kernel(q_heads: int, kv_heads: int, head_dim: int, scale: f
 
     if bias is not None:  # on whole blocks once, so that the softmax's vector loops read it contiguously
         mask = te.compute((bias_heads, rows, padded), lambda h, i, j: tirx.Select(
-            j < length, bias[0, h, tirx.min(i, last_row), tirx.min(j, last)], tirx.const(0, dtype)), "mask")
+            j < held, bias[0, h, tirx.min(i, last_row), position(tirx.min(j, last))], tirx.const(0, dtype)), "mask")
 
     def logit(h, i, j):
         scaled = dots[h, i, j] * tirx.const(scale, dtype)
@@ -277,7 +329,7 @@ def prompt_attention_kernel(q_heads: int, kv_heads: int, head_dim: int, scale: f
             scaled = scaled * keys.factor(h // group, j)
         if bias is not None:
             scaled = scaled + mask[h if bias_heads > 1 else 0, i, j]
-        return tirx.Select(j < length, scaled, tirx.min_value(dtype))
+        return tirx.Select(j < held, scaled, tirx.min_value(dtype))
 
     logits = te.compute((q_heads, rows, padded), logit, "logits")
     j = te.reduce_axis((0, padded), "j")
@@ -291,7 +343,7 @@ def prompt_attention_kernel(q_heads: int, kv_heads: int, head_dim: int, scale: f
         p = weights[h, i, k] / total[h, i]
         if values.factor is not None:
             p = p * values.factor(h // group, k)  # inside the capacity; past the length, masked
-        return tirx.Select(k < length, p, tirx.const(0, dtype))
+        return tirx.Select(k < held, p, tirx.const(0, dtype))
 
     probabilities = te.compute((q_heads, rows, padded), probability, "probabilities")
     j = te.reduce_axis((0, padded), "j")

@@ -44,6 +44,28 @@ def capacity_for(positions: int, multiple: int) -> int:
     return -(-positions // multiple) * multiple
 
 
+RING_CALL_TOKENS = 128  # the most tokens one call writes into a ring: the runtime splits longer calls
+
+
+def ring_capacity_name(window: int | None) -> str:
+    """The symbolic capacity of the caches of the layers of ``window`` (``None``: every position)."""
+    return CAPACITY if window is None else f"{CAPACITY}_window{window}"
+
+
+def layer_capacity(capacity: int, window: int | None, multiple: int) -> int:
+    """What a layer's cache is allocated for when the full layers' is ``capacity``: that, or for a
+    ring of ``window``, room for the window plus :data:`RING_CALL_TOKENS` (so that the positions a
+    call's queries may see are still held once its keys are written), if that is less."""
+    if window is None:
+        return capacity
+    return min(capacity, capacity_for(window + RING_CALL_TOKENS, multiple))
+
+
+def layer_windows(kv_cache: dict) -> list:
+    """Per layer of a manifest's ``kv_cache``, the window of its ring, or ``None``."""
+    return list(kv_cache.get("windows") or [None] * kv_cache["num_layers"])
+
+
 def kv_report(kv_cache: dict, context: int) -> dict:
     """What ``inspect``, ``eval`` and ``run`` report of a manifest's ``kv_cache`` at ``context`` positions:
     the scheme, the bytes per token, and those of a float32 cache of the same model."""
@@ -57,7 +79,10 @@ def kv_bytes_per_token(kv_cache: dict, context: int) -> float:
     """Bytes of cache per token of the manifest's ``kv_cache`` (its layers, and the buffers of one
     layer) at a capacity of ``context`` positions: all
     layers, keys and values, scales and zero points included, fixed-size buffers (kv4's float
-    window) amortized over ``context``."""
-    capacity = capacity_for(context, kv_cache["capacity_multiple"])
-    total = sum(CacheBuffer("", tuple(b["shape"]), b["dtype"]).bytes_at(capacity) for b in kv_cache["buffers"])
-    return kv_cache["num_layers"] * total / context
+    window) and rings (a sliding-window layer's fixed capacity) amortized over ``context``."""
+    multiple = kv_cache["capacity_multiple"]
+    capacity = capacity_for(context, multiple)
+    buffers = [CacheBuffer("", tuple(b["shape"]), b["dtype"]) for b in kv_cache["buffers"]]
+    total = sum(buffer.bytes_at(layer_capacity(capacity, window, multiple))
+                for window in layer_windows(kv_cache) for buffer in buffers)
+    return total / context

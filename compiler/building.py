@@ -52,7 +52,7 @@ class BuiltModel:
             "inputs": ir.input_names,
             "outputs": ir.output_names,
             "entry_functions": list(ENTRY_FUNCTIONS),
-            "kv_cache": dataclasses.asdict(ir.kv) | {"layout": CACHE_LAYOUT} | self.result.cache,
+            "kv_cache": ir.kv.as_dict() | {"layout": CACHE_LAYOUT} | self.result.cache,
             "vocab_size": ir.vocab_size,
             "max_context": ir.max_context,
             "eos_token_ids": [i for i in self.eos if i < ir.vocab_size],

@@ -15,6 +15,7 @@ import signal
 import sys
 import warnings
 
+from lowbit.codegen.cache_layout import RING_CALL_TOKENS, capacity_for, layer_capacity
 from lowbit.codegen.errors import LowbitError, LowbitWarning
 
 from .runtime.loading import runtime_only
@@ -341,6 +342,15 @@ def _print_manifest(m: dict) -> None:
           f"attention fused in {kv['attention_fused']} (decode) and {kv.get('prompt_attention_fused', 0)} (prompt) "
           f"of {kv['attention_layers']} layers")
     print("         per layer: " + ", ".join(f"{b['name']} {b['dtype']}{b['shape']}" for b in kv["buffers"]))
+    rings: dict[int, list[int]] = {}
+    for layer, window in enumerate(kv.get("windows") or []):
+        if window is not None:
+            rings.setdefault(window, []).append(layer)
+    multiple = kv["capacity_multiple"]
+    for window, layers in rings.items():
+        ring = layer_capacity(capacity_for(m["max_context"], multiple), window, multiple)
+        print(f"         sliding window {window}: layers {', '.join(map(str, layers))} keep a ring of {ring} positions "
+              f"(the window and {RING_CALL_TOKENS} tokens per call, in multiples of {multiple})")
     print(f"weights  {m['weight_bytes'] / 1e6:.1f} MB")
     formats: dict[str, int] = {}
     for fmt in m["layers"].values():

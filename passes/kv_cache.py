@@ -9,8 +9,8 @@ That is the form both frontends import (torch.export and ONNX decoders); nothing
 Guarantees entry functions that take ``input_ids, past_length: Shape([past])``, then every layer's
 key and value cache as the :class:`~lowbit.passes.schemes.kv.KVScheme` stores it (``cache.{i}.key``
 and ``cache.{i}.value``, each followed by the scheme's other tensors such as ``cache.{i}.key.scale``;
-one symbolic ``capacity >= past + seq`` for every cache), then the same weights, and return
-``(logits, cache tensors...)``:
+one symbolic ``capacity >= past + seq`` for every cache but the rings below), then the same
+weights, and return ``(logits, cache tensors...)``:
 
 * the new keys and values are written (quantized, if the scheme does) at positions
   ``[past, past + seq)`` of their cache in place by the scheme's append kernel; no step
@@ -26,7 +26,14 @@ one symbolic ``capacity >= past + seq`` for every cache), then the same weights,
 * every other reader of a concatenation (an attention a kernel does not compute) reads the cache's
   ``[0, past + seq)`` prefix back as floats (a slice, or the scheme's read-back kernel), so the
   function computes what it computed before, up to the cache's quantization, whether or not its
-  attention was recognized.
+  attention was recognized;
+* a layer with a sliding window (``KVLayout.windows``, from the model's config) keeps its cache as
+  a ring when the scheme ``rings``: positions at slots modulo the ring's own symbolic capacity
+  (``capacity_window{W}``, shared by the layers of window ``W``), which the caller allocates at
+  least ``W`` plus the tokens of one call, so the ring holds every position the call's queries may
+  see; its kernels are the scheme's ``ring`` variants, whose attention reads each slot with its
+  position's bias, so the graph's own mask still applies the window. The rewritten model's
+  ``KVLayout.windows`` name the layers kept as rings (all ``None`` when the scheme does not ring).
 
 Why not TVM's own KV cache (``relax.frontend.nn.llm``'s paged/flat cache and its builtins, what
 MLC-LLM runs on): it is driven by models written against ``relax.frontend.nn`` that call its
@@ -47,7 +54,7 @@ import tvm
 from tvm import relax, tirx
 
 from lowbit.codegen.attention import padded_cache_shape
-from lowbit.codegen.cache_layout import CAPACITY, ROLES
+from lowbit.codegen.cache_layout import ROLES, ring_capacity_name
 from lowbit.codegen.entry_points import PROMPT, STEP
 from lowbit.codegen.errors import LowbitError
 
@@ -95,10 +102,17 @@ def cache_in_place(ir: ModelIR, scheme: KVScheme) -> tuple[ModelIR, dict]:
     for name in ENTRY_FUNCTIONS:
         mod, summary[name] = _rewrite(mod, name, ir, scheme)
     names = cache_names(scheme, ir.kv.num_layers)
+    rings = tuple(_ring_window(ir.kv, scheme, layer) for layer in range(ir.kv.num_layers))
     new_ir = dataclasses.replace(ir, mod=mod, input_names=["input_ids", PAST_LENGTH] + names,
-                                 output_names=["logits"] + names)
+                                 output_names=["logits"] + names,
+                                 kv=dataclasses.replace(ir.kv, windows=rings if any(rings) else ()))
     return new_ir, {"attention_fused": summary[STEP], "prompt_attention_fused": summary[PROMPT],
                     "attention_layers": ir.kv.num_layers}
+
+
+def _ring_window(kv, scheme: KVScheme, layer: int) -> int | None:
+    """The window of ``layer`` if its cache is kept as a ring, else ``None``."""
+    return kv.window(layer) if scheme.rings else None
 
 
 def _rewrite(mod: tvm.IRModule, name: str, ir: ModelIR, scheme: KVScheme) -> tuple[tvm.IRModule, int]:
@@ -122,13 +136,17 @@ def _rewrite(mod: tvm.IRModule, name: str, ir: ModelIR, scheme: KVScheme) -> tup
             if found is not None:
                 attentions[found.output] = found
 
-    capacity = tirx.Var(CAPACITY, "int64")
+    windows = [_ring_window(ir.kv, scheme, index // 2) for index in range(len(pasts))]
+    capacities = {window: tirx.Var(ring_capacity_name(window), "int64") for window in set(windows)}
     names = iter(cache_names(scheme, ir.kv.num_layers))
-    caches = [[relax.Var(next(names), relax.TensorType(buffer.shape(capacity), buffer.dtype))
+    caches = [[relax.Var(next(names), relax.TensorType(buffer.shape(capacities[windows[index]]), buffer.dtype))
                for buffer in scheme.buffers(ROLES[index % 2])] for index in range(len(pasts))]
     params = [func.params[0], relax.Var(PAST_LENGTH, relax.ShapeType([past_length])),
               *(var for cache in caches for var in cache)]
-    rewriter = _CacheRewriter(mod, concats, attentions, caches, past_length, uses, ir.kv, scheme)
+    rings = [window is not None for window in windows]
+    attentions = {output: attention for output, attention in attentions.items()  # one kernel reads both alike
+                  if rings[concats[attention.key][0]] == rings[concats[attention.value][0]]}
+    rewriter = _CacheRewriter(mod, concats, attentions, caches, rings, past_length, uses, ir.kv, scheme)
     body = rewriter.visit_expr(func.body)
     new = relax.Function(params + list(func.params[num_input:]), body, None, func.is_pure, func.attrs).with_attr(
         "num_input", len(params))
@@ -307,9 +325,9 @@ def _bias_fits(bias, query, scores) -> bool:
 class _CacheRewriter(relax.PyExprMutator):
     """Emits the cache writes, the fused attentions and the prefix copies (see the module docstring)."""
 
-    def __init__(self, mod, concats, attentions, caches, past_length, uses, kv, scheme):
+    def __init__(self, mod, concats, attentions, caches, rings, past_length, uses, kv, scheme):
         super().__init__(mod)
-        self.concats, self.attentions, self.caches = concats, attentions, caches
+        self.concats, self.attentions, self.caches, self.rings = concats, attentions, caches, rings
         self.past_length, self.kv, self.scheme = past_length, kv, scheme
         self.fused_chain = set().union(*(a.chain for a in attentions.values())) if attentions else set()
         fused_sources = {a.key for a in attentions.values()} | {a.value for a in attentions.values()}
@@ -350,11 +368,11 @@ class _CacheRewriter(relax.PyExprMutator):
 
     def _write(self, var):
         index, new = self.concats[var]
-        role, kv = ROLES[index % 2], self.kv
+        role, kv, ring = ROLES[index % 2], self.kv, self.rings[index]
         buffers = self.caches[index]
         part = f"{role}_" if self.scheme.roles_differ else ""
-        append = self._kernel(f"kv_append_{part}h{kv.num_kv_heads}_d{kv.head_dim}",
-                              lambda: self.scheme.append_kernel(role))
+        shape = f"h{kv.num_kv_heads}_d{kv.head_dim}" + ("_ring" if ring else "")
+        append = self._kernel(f"kv_append_{part}{shape}", lambda: self.scheme.append_kernel(role, ring))
         types = [buffer.ty for buffer in buffers]
         call = self.builder_.emit(relax.call_tir_inplace(
             append, [*buffers, self.visit_expr(new), relax.prim_value(self.past_length)], list(range(len(buffers))),
@@ -366,11 +384,11 @@ class _CacheRewriter(relax.PyExprMutator):
             self.prompt_read[var] = self._prompt_layout(var, role, written)
         if var in self.copied:
             end = var.ty.shape[2]
-            read_back = self.scheme.prefix_kernel(role)
+            read_back = self.scheme.prefix_kernel(role, ring)
             if read_back is None:
                 self._bind(var, relax.op.strided_slice(written[0], [2], [0], [end], assume_inbound=True))
             else:
-                kernel = self._kernel(f"kv_read_{part}h{kv.num_kv_heads}_d{kv.head_dim}", lambda: read_back)
+                kernel = self._kernel(f"kv_read_{part}{shape}", lambda: read_back)
                 self._bind(var, relax.call_tir(kernel, [*written, relax.prim_value(end)],
                                                relax.TensorType([1, kv.num_kv_heads, end, kv.head_dim], kv.dtype)))
 
@@ -392,10 +410,12 @@ class _CacheRewriter(relax.PyExprMutator):
         q_heads = int(attention.query.ty.shape[1])
         bias_heads = None if attention.bias is None else int(attention.bias.ty.shape[1])
         kind = "decode" if attention.decodes else "prompt"
+        ring = self.rings[self.concats[attention.key][0]]
         key = (f"{kind}_attention_q{q_heads}_kv{kv.num_kv_heads}_d{kv.head_dim}"
-               f"_s{attention.scale:.6g}".replace(".", "p").replace("-", "m") + f"_b{bias_heads or 0}")
+               f"_s{attention.scale:.6g}".replace(".", "p").replace("-", "m") + f"_b{bias_heads or 0}"
+               + ("_ring" if ring else ""))
         make = self.scheme.attention_kernel if attention.decodes else self.scheme.prompt_attention_kernel
-        kernel = self._kernel(key, lambda: make(q_heads, attention.scale, bias_heads))
+        kernel = self._kernel(key, lambda: make(q_heads, attention.scale, bias_heads, ring))
         length = attention.key.ty.shape[2]
         read = self.written if attention.decodes else self.prompt_read
         args = [self.visit_expr(attention.query), *read[attention.key], *read[attention.value]]

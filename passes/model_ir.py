@@ -27,10 +27,22 @@ ENTRY_FUNCTIONS = (PROMPT, STEP)  # what the frontends make and the passes rewri
 
 @dataclasses.dataclass(frozen=True)
 class KVLayout:
+    """The imported cache: ``windows`` per layer the positions a query of that layer sees (its
+    sliding window, counting itself), ``None`` for a layer that sees every earlier position; empty
+    when no layer has a window."""
+
     num_layers: int
     num_kv_heads: int
     head_dim: int
     dtype: str = "float32"
+    windows: tuple = ()
+
+    def window(self, layer: int) -> int | None:
+        return self.windows[layer] if self.windows else None
+
+    def as_dict(self) -> dict:
+        """The manifest's record (lists, as JSON has them)."""
+        return dataclasses.asdict(self) | {"windows": list(self.windows)}
 
 
 @dataclasses.dataclass

@@ -10,7 +10,10 @@ window in the mask); w8a16-rtn, w4a16-rtn-g32, w8a8-smoothquant, w4a16-awq-g32 a
 ``qkv_proj`` / ``gate_up_proj`` and a mixture's expert tables included) and stay within
 :data:`MAX_KL` of float on random ids, prefill and a decode step; SmoothQuant's and AWQ's scales, and random scales in every fold target the graph analysis finds, folded into
 the float parameters leave the float logits unchanged (prefill and a decode step, 1e-4); the
-model exported to ONNX by torch.onnx (dynamo) compiles and matches onnxruntime.
+model exported to ONNX by torch.onnx (dynamo) compiles and matches onnxruntime. A layer with a
+sliding window keeps its cache as a ring of the window plus one call's tokens: over a prompt that
+wraps the ring (split into calls) and decode steps past it, the logits still match transformers',
+and an int8 ring matches the same cache kept whole.
 
 Tolerances: rtol 1e-4 with atol 1e-5 of the largest logit (measured at initializer_range 0.02: 3e-7
 to 1.4e-6, Gemma 2 the largest). transformers' default initializer_range 0.02 gives logits of std
@@ -50,6 +53,8 @@ from lowbit.codegen.errors import LowbitError
 
 PROMPT_LEN, DECODE_STEPS = 20, 8
 WINDOW = 8  # sliding window of the families that have one, well inside the prompt
+CONTEXT = 384  # what the builds are prepared for
+RING_PROMPT = 300  # past a ring's WINDOW + RING_CALL_TOKENS slots (192): its slots are reused
 RTOL = 1e-4
 ATOL = 1e-5  # times the largest |logit| of the compared logits
 # Mean KL of each recipe against float on random ids, in nats (see the module docstring).
@@ -63,7 +68,7 @@ FOLD_RTOL = 1e-4  # a fold changes the float logits by float rounding only
 # initializer_range 0.2 (transformers' default 0.02 gives logits of std 0.16 and near-uniform
 # distributions, where every KL is tiny): logits of std about 1.6, entropy 2.4-5 nats of ln 512 = 6.2
 _COMMON = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+               num_key_value_heads=2, max_position_embeddings=CONTEXT, bos_token_id=1, eos_token_id=2, pad_token_id=0,
                initializer_range=0.2)
 
 
@@ -153,7 +158,7 @@ def arch(request, tmp_path_factory) -> Arch:
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp(request.param)
     model_class(config).eval().save_pretrained(folder)
-    prepared = prepare(str(folder), max_context=64)
+    prepared = prepare(str(folder), max_context=CONTEXT)
     return Arch(request.param, prepared, prepared.build(get_recipe("fp32")).session())
 
 
@@ -198,6 +203,65 @@ def test_decode_attention_is_fused_where_it_is_plain_attention(arch):
     kv = arch.session.manifest["kv_cache"]
     want = 0 if arch.name in SOFT_CAPPED else kv["attention_layers"]
     assert kv["attention_fused"] == want
+
+
+# Per family, the layers with a sliding window as the config gives them (transformers' semantics)
+WINDOWS = {"mistral": [WINDOW, WINDOW], "gemma2": [WINDOW, None], "gemma3": [WINDOW, None]}
+
+
+def test_sliding_layers_keep_a_ring_that_matches_transformers_past_its_capacity(arch):
+    """The layers with a window (and only those) keep a ring of WINDOW + RING_CALL_TOKENS slots
+    rounded to whole chunks, less than the session's capacity; a prompt of RING_PROMPT tokens
+    (split into calls of RING_CALL_TOKENS) and 8 greedy decode steps past it match transformers'
+    logits: the positions a ring has overwritten are the ones the window masks."""
+    from lowbit.codegen.attention import CHUNK
+    from lowbit.codegen.cache_layout import RING_CALL_TOKENS, capacity_for
+
+    kv = arch.session.manifest["kv_cache"]
+    assert list(kv["windows"]) == WINDOWS.get(arch.name, [])
+    if arch.name not in WINDOWS:
+        return
+    ids = [int(t) for t in np.random.default_rng(4).integers(3, 512, RING_PROMPT)]
+    logits = arch.session.prefill(ids)
+    ring = capacity_for(WINDOW + RING_CALL_TOKENS, CHUNK)
+    sizes = [int(np.prod(c.shape)) for c in arch.session._cache]
+    per_layer = len(sizes) // kv["num_layers"]
+    for layer, window in enumerate(kv["windows"]):
+        want = (ring if window else arch.session.capacity) * kv["num_kv_heads"] * kv["head_dim"]
+        assert sum(sizes[layer * per_layer:(layer + 1) * per_layer]) == 2 * want, (layer, sizes)
+    assert ring < RING_PROMPT < arch.session.capacity
+    allocated = sum(c.numpy().nbytes for c in arch.session._cache)
+    assert arch.session.cache_bytes == allocated
+    report = arch.session.kv_report(arch.session.capacity)  # what inspect / eval / run --json report
+    assert report["kv_bytes_per_token"] == pytest.approx(allocated / arch.session.capacity, abs=0.1)
+    with torch.no_grad():
+        out = arch.reference(torch.tensor([ids]), use_cache=True)
+        _assert_close(logits, out.logits[0].numpy(), f"{arch.name}: prefill logits through the rings")
+        for step in range(DECODE_STEPS):
+            token = int(out.logits[0, -1].argmax())
+            out = arch.reference(torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
+            _assert_close(arch.session.decode(token), out.logits[0, -1].numpy(),
+                          f"{arch.name}: decode step {step} past the rings")
+
+
+@pytest.mark.parametrize("arch", ["mistral"], indirect=True)
+def test_int8_rings_match_the_same_cache_kept_whole(arch):
+    """Mistral (every layer sliding): kv8's rings (codes and per-position scales) give the logits
+    of kv8 caches kept whole (the window then only the mask's), over a prompt that wraps the rings
+    and decode steps past it, to float rounding (1e-5 of the largest logit)."""
+    from lowbit.compiler import get_recipe
+
+    prepared = arch.prepared
+    whole = dataclasses.replace(prepared, ir=dataclasses.replace(
+        prepared.ir, kv=dataclasses.replace(prepared.ir.kv, windows=())))
+    rings, kept = (p.build(get_recipe("fp32+kv8")).session() for p in (prepared, whole))
+    assert list(rings.manifest["kv_cache"]["windows"]) == WINDOWS["mistral"]
+    assert not kept.manifest["kv_cache"]["windows"]
+    ids = [int(t) for t in np.random.default_rng(4).integers(3, 512, RING_PROMPT)]
+    pairs = [(rings.prefill(ids), kept.prefill(ids))]
+    pairs += [(rings.decode(t), kept.decode(t)) for t in ids[:DECODE_STEPS]]
+    for got, want in pairs:
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
 
 
 @pytest.mark.parametrize("name", SLIDING)

@@ -243,6 +243,45 @@ def test_prompt_attention_matches_numpy_and_reads_only_the_prefix(stored, bias_h
     np.testing.assert_allclose(out.numpy(), want, rtol=1e-5, atol=1e-5)
 
 
+def _window_bias(seq: int, past: int, window: int) -> np.ndarray:
+    """A sliding-window causal mask ``[1, 1, seq, past + seq]``: row ``i`` (position ``past + i``)
+    sees the ``window`` positions up to itself, as transformers' sliding-window masks do."""
+    distance = past + np.arange(seq)[:, None] - np.arange(past + seq)[None, :]
+    return np.where((distance >= 0) & (distance < window), 0.0, -3.0e38).astype(np.float32)[None, None]
+
+
+def test_ring_kernels_hold_a_window_past_their_capacity():
+    """A sliding-window layer's ring of 64 slots (window 20) through 150 positions written by calls
+    of 1 to 44 tokens (at most the ring less the window): after each call, the ring's prompt or
+    decode attention equals numpy's over the whole history with the window's mask, and the
+    read-back holds the last 64 positions at their slots."""
+    rng = np.random.default_rng(11)
+    window, capacity, dim, scale = 20, CHUNK, 16, 0.25
+    calls = [30, 1, 44, 1, 1, 40, 1, 20, 12, 1]
+    history = [rng.standard_normal((1, 2, sum(calls), dim)).astype(np.float32) for _ in range(2)]
+    keys, values = (tvm.runtime.tensor(np.full(shape, np.nan, np.float32))
+                    for shape in ((1, 2, capacity // TILE, dim, TILE), (1, 2, capacity, dim)))
+    append_keys, append_values = (kv_append_kernel(2, dim, tiled, ring=True) for tiled in (True, False))
+    kernels = {decodes: (decode_attention_kernel if decodes else prompt_attention_kernel)(
+        6, 2, dim, scale, 1, float_cache(2, dim, "k", True), float_cache(2, dim, "v", False), ring=True)
+        for decodes in (True, False)}
+    past = 0
+    for seq in calls:
+        length = past + seq
+        _run_kernel(append_keys, keys, tvm.runtime.tensor(history[0][:, :, past:length]), past)
+        _run_kernel(append_values, values, tvm.runtime.tensor(history[1][:, :, past:length]), past)
+        q = rng.standard_normal((1, 6, seq, dim)).astype(np.float32)
+        bias = _window_bias(seq, past, window)
+        out = tvm.runtime.tensor(np.zeros((1, 6, seq, dim), np.float32))
+        _run_kernel(kernels[seq == 1], *map(tvm.runtime.tensor, [q, keys, values, bias]), length, out)
+        want = _attention_reference(q, history[0][:, :, :length], history[1][:, :, :length], scale, bias)
+        np.testing.assert_allclose(out.numpy(), want, rtol=1e-5, atol=1e-5, err_msg=f"{seq} tokens at {past}")
+        past = length
+    out = tvm.runtime.tensor(np.zeros((1, 2, past, dim), np.float32))
+    _run_kernel(kv_read_kernel(2, dim, True, ring=True), keys, past, out)
+    np.testing.assert_array_equal(out.numpy()[:, :, past - capacity:], history[0][:, :, past - capacity:past])
+
+
 def test_int8_prompt_attention_reads_codes_in_place():
     """kv8: the prompt's attention over the codes (scales applied per position) equals numpy's over
     the dequantized cache; positions past the length hold NaN scales."""

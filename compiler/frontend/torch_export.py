@@ -143,6 +143,7 @@ class _ExplicitCacheLM(torch.nn.Module):
     pick for the layer: every layer gets a full :class:`~transformers.cache_utils.DynamicLayer`,
     so a sliding-window layer keeps all of its past too and its window is applied by the attention
     mask the model computes from positions (what the window means), not by trimming the cache.
+    (The in-place cache, :mod:`lowbit.passes.kv_cache`, then keeps such a layer's cache as a ring.)
     """
 
     def __init__(self, model, num_layers: int):
@@ -173,7 +174,8 @@ class _ExplicitCacheLM(torch.nn.Module):
 def kv_layout_of(config) -> KVLayout:
     """The KV cache layout of a transformers config (its decoder's text config): ``head_dim`` as
     the config gives it (Gemma, Qwen3: not ``hidden_size / heads``) or else ``hidden_size / heads``;
-    ``num_key_value_heads``, or one KV head per query head where the config has none (GPT-NeoX)."""
+    ``num_key_value_heads``, or one KV head per query head where the config has none (GPT-NeoX);
+    the sliding windows as transformers applies them (:func:`_windows`)."""
     text = config.get_text_config(decoder=True)
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
@@ -181,7 +183,25 @@ def kv_layout_of(config) -> KVLayout:
         num_layers=text.num_hidden_layers,
         num_kv_heads=getattr(text, "num_key_value_heads", None) or heads,
         head_dim=head_dim,
+        windows=_windows(text),
     )
+
+
+def _windows(text) -> tuple:
+    """Per layer, the sliding window its attention mask applies, as transformers' models choose
+    their masks: ``layer_types`` names each layer's (``"sliding_attention"``: ``sliding_window``),
+    and without it a ``sliding_window`` applies to every layer (Mistral, Phi-3, Mixtral); empty
+    when no layer has one. The window only sizes the layer's cache (a ring): the mask itself is
+    imported with the graph, and the parity tests check the two agree."""
+    window = getattr(text, "sliding_window", None)
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        return ()
+    types = getattr(text, "layer_types", None)
+    if types is None:
+        windows = (window,) * text.num_hidden_layers
+    else:
+        windows = tuple(window if kind == "sliding_attention" else None for kind in types)
+    return windows if any(windows) else ()
 
 
 @contextlib.contextmanager

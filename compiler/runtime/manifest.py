@@ -57,6 +57,13 @@ class KVCacheInfo(_Record):
     attention_fused: _Size  # layers whose decode attention is one kernel over the cache
     prompt_attention_fused: _Size = 0  # layers whose prompt attention is one (absent from artifacts before it)
     attention_layers: _Count
+    windows: list[_Count | None] = []  # per layer, the window of a cache kept as a ring (empty: no rings)
+
+    @model_validator(mode="after")
+    def _one_window_per_layer(self) -> "KVCacheInfo":
+        if self.windows and len(self.windows) != self.num_layers:
+            raise ValueError(f"windows: {len(self.windows)} entries for {self.num_layers} layers")
+        return self
 
 
 class WeightInfo(_Record):

@@ -13,7 +13,8 @@ import numpy as np
 from .artifact import LIBRARY, WEIGHTS, read_manifest
 from .threads import use_available_cores
 from lowbit.codegen.errors import LowbitError
-from lowbit.codegen.cache_layout import CacheBuffer, capacity_for, kv_report
+from lowbit.codegen.cache_layout import (RING_CALL_TOKENS, CacheBuffer, capacity_for, kv_report, layer_capacity,
+                                         layer_windows)
 from lowbit.codegen.entry_points import ENTRY_FUNCTIONS, PROMPT, PROMPT_LAST, STEP
 from lowbit.codegen.host_cpu import missing_here
 
@@ -50,7 +51,10 @@ class Session:
 
     ``context``: the cache is allocated once, for that many positions (at most the model's
     context), and a conversation longer than it is refused; by default it is allocated for
-    ``INITIAL_CAPACITY`` positions and grows by doubling, up to the model's context.
+    ``INITIAL_CAPACITY`` positions and grows by doubling, up to the model's context. A layer whose
+    cache is a ring (a sliding window, ``kv_cache.windows``) stops growing at its window plus
+    ``RING_CALL_TOKENS``, and calls then write at most that many tokens each (longer ones are
+    split).
     """
 
     def __init__(self, artifact_dir: str | Path, trusted_keys=None, context: int | None = None):
@@ -98,7 +102,10 @@ class Session:
         self._weights = [tvm.runtime.tensor(arrays[name], self.device) for name in self._weight_names]
         kv = manifest["kv_cache"]
         self.num_layers = kv["num_layers"]
-        self._buffers = [CacheBuffer("", tuple(b["shape"]), b["dtype"]) for b in kv["buffers"]] * self.num_layers
+        # every cache tensor in the entry functions' order, with its layer's ring window (or None)
+        self._buffers = [(CacheBuffer("", tuple(b["shape"]), b["dtype"]), window)
+                         for window in layer_windows(kv) for b in kv["buffers"]]
+        self._rings = any(window is not None for _, window in self._buffers)
         self._capacity_multiple = int(kv["capacity_multiple"])
         self.max_context = int(manifest["max_context"])
         if context is not None and not (_is_whole(context) and 1 <= context <= self.max_context):
@@ -157,7 +164,12 @@ class Session:
     @property
     def cache_bytes(self) -> int:
         """Bytes the cache holds now."""
-        return sum(buffer.bytes_at(self.capacity) for buffer in self._buffers) if self.capacity else 0
+        if not self.capacity:
+            return 0
+        return sum(buffer.bytes_at(self._layer_capacity(window)) for buffer, window in self._buffers)
+
+    def _layer_capacity(self, window: int | None, capacity: int | None = None) -> int:
+        return layer_capacity(capacity or self.capacity, window, self._capacity_multiple)
 
     def _reserve(self, tokens: int) -> None:
         """Caches that hold ``tokens`` positions: allocated once (for ``context`` positions when the
@@ -172,13 +184,17 @@ class Session:
         wanted = tokens if self.fixed_context is not None else max(tokens, 2 * self.capacity, INITIAL_CAPACITY)
         capacity = capacity_for(min(wanted, self.max_context), self._capacity_multiple)
         grown = []
-        for index, buffer in enumerate(self._buffers):
+        for index, (buffer, window) in enumerate(self._buffers):
+            layer = self._layer_capacity(window, capacity)
+            if self._cache and layer == self._layer_capacity(window):
+                grown.append(self._cache[index])  # a ring at its full size
+                continue
             # kernels use only positions a call wrote (decode attention masks the rest of its last chunk):
-            # new memory needs no clearing
-            tensor = self._tvm.runtime.empty(buffer.shape(capacity), buffer.dtype, self.device)
+            # new memory needs no clearing; a ring that grows has not wrapped yet (its capacity was the session's)
+            tensor = self._tvm.runtime.empty(buffer.shape(layer), buffer.dtype, self.device)
             if self._cache and self.position:
                 old = self._cache[index].numpy()
-                array = np.zeros(buffer.shape(capacity), buffer.dtype)
+                array = np.zeros(buffer.shape(layer), buffer.dtype)
                 array[tuple(slice(0, n) for n in old.shape)] = old  # capacity axes grow; fixed ones match
                 tensor.copyfrom(array)
             grown.append(tensor)
@@ -223,6 +239,10 @@ class Session:
 
     def _run(self, entry: str, ids: np.ndarray) -> np.ndarray:
         count = ids.shape[1]
+        if self._rings and count > RING_CALL_TOKENS:  # a ring holds its window and one call's tokens
+            pieces = [self._run(entry, ids[:, first:first + RING_CALL_TOKENS])
+                      for first in range(0, count, RING_CALL_TOKENS)]
+            return pieces[-1] if entry == PROMPT_LAST else np.concatenate(pieces)
         if self.position + count > self.max_context:
             raise LowbitError(
                 f"{self.position + count} tokens exceed the context of {self.max_context} tokens of "

@@ -5,7 +5,9 @@ A scheme says which tensors one cache (a layer's keys, or its values) is made of
 which kernels the in-place cache rewrite (:mod:`lowbit.passes.kv_cache`) calls on them: the
 append that writes (and quantizes) new positions, the read of a prefix back as floats (for any
 reader that is not a fused attention), and decode's and a prompt's attention over the cache as
-stored (kv4's prompt attention: over its prefix read back in the float cache's layout). Recipes select a scheme with ``+kv16`` / ``+kv8`` / ``+kv4``; adding one is a class
+stored (kv4's prompt attention: over its prefix read back in the float cache's layout). A scheme
+that ``rings`` has ``ring`` variants of its kernels for a sliding-window layer's cache kept as a
+ring of slots (:mod:`lowbit.codegen.attention`). Recipes select a scheme with ``+kv16`` / ``+kv8`` / ``+kv4``; adding one is a class
 here plus its kernels in :mod:`lowbit.codegen`.
 """
 
@@ -21,11 +23,13 @@ from ..recipe import KVQuant
 
 class KVScheme:
     """A KV-cache scheme (see the module docstring); ``capacity_multiple`` is what every allocated
-    capacity must be a multiple of; ``roles_differ``: keys and values are stored differently."""
+    capacity must be a multiple of; ``roles_differ``: keys and values are stored differently;
+    ``rings``: a sliding-window layer's cache may be a ring (the kernels take ``ring=True``)."""
 
     name: str
     capacity_multiple: int
     roles_differ: bool
+    rings: bool = True
 
     def __init__(self, kv: KVLayout):
         self.kv = kv
@@ -33,21 +37,21 @@ class KVScheme:
     def buffers(self, role: str) -> tuple[CacheBuffer, ...]:
         raise NotImplementedError
 
-    def append_kernel(self, role: str):
+    def append_kernel(self, role: str, ring: bool = False):
         """Arguments ``(*buffers, new[1, kv_heads, seq, head_dim], past)``, in place on the buffers."""
         raise NotImplementedError
 
-    def prefix_kernel(self, role: str):
+    def prefix_kernel(self, role: str, ring: bool = False):
         """Arguments ``(*buffers, length, out[1, kv_heads, length, head_dim])``; ``None`` when the
         cache is one float tensor whose prefix is a slice."""
         raise NotImplementedError
 
-    def attention_kernel(self, q_heads: int, scale: float, bias_heads: int | None):
+    def attention_kernel(self, q_heads: int, scale: float, bias_heads: int | None, ring: bool = False):
         """Decode's attention (see :func:`lowbit.codegen.attention.decode_attention_kernel`) with
         arguments ``(q, *key buffers, *value buffers[, bias], length, out)``."""
         raise NotImplementedError
 
-    def prompt_attention_kernel(self, q_heads: int, scale: float, bias_heads: int | None):
+    def prompt_attention_kernel(self, q_heads: int, scale: float, bias_heads: int | None, ring: bool = False):
         """A prompt's attention (see :func:`lowbit.codegen.attention.prompt_attention_kernel`), same
         arguments as :meth:`attention_kernel` but each cache's tensors as :meth:`prompt_layout_kernel`
         gives them."""
@@ -85,15 +89,15 @@ class _TiledCache(KVScheme):
     def reader(self, role: str) -> attention.CacheReader:
         raise NotImplementedError
 
-    def attention_kernel(self, q_heads, scale, bias_heads):
+    def attention_kernel(self, q_heads, scale, bias_heads, ring=False):
         kv = self.kv
         return attention.decode_attention_kernel(q_heads, kv.num_kv_heads, kv.head_dim, scale, bias_heads,
-                                                 *(self.reader(role) for role in ROLES), kv.dtype)
+                                                 *(self.reader(role) for role in ROLES), kv.dtype, ring)
 
-    def prompt_attention_kernel(self, q_heads, scale, bias_heads):
+    def prompt_attention_kernel(self, q_heads, scale, bias_heads, ring=False):
         kv = self.kv
         return attention.prompt_attention_kernel(q_heads, kv.num_kv_heads, kv.head_dim, scale, bias_heads,
-                                                 *(self.reader(role) for role in ROLES), kv.dtype)
+                                                 *(self.reader(role) for role in ROLES), kv.dtype, ring)
 
 
 class FloatCache(_TiledCache):
@@ -109,15 +113,15 @@ class FloatCache(_TiledCache):
     def buffers(self, role):
         return (CacheBuffer("", _cache_dims(self.kv, role), self.storage),)
 
-    def append_kernel(self, role):
+    def append_kernel(self, role, ring=False):
         return attention.kv_append_kernel(self.kv.num_kv_heads, self.kv.head_dim, role == "key", self.kv.dtype,
-                                          self.storage)
+                                          self.storage, ring)
 
-    def prefix_kernel(self, role):
-        if role == "value" and self.storage == self.kv.dtype:
+    def prefix_kernel(self, role, ring=False):
+        if role == "value" and self.storage == self.kv.dtype and not ring:
             return None
         return attention.kv_read_kernel(self.kv.num_kv_heads, self.kv.head_dim, role == "key", self.kv.dtype,
-                                        self.storage)
+                                        self.storage, ring)
 
     def reader(self, role):
         return attention.float_cache(self.kv.num_kv_heads, self.kv.head_dim, f"{role}_cache", role == "key",
@@ -142,11 +146,13 @@ class Int8Cache(_TiledCache):
         return (CacheBuffer("", _cache_dims(kv, role), "int8"),
                 CacheBuffer(".scale", (1, kv.num_kv_heads, CAPACITY), "float32"))
 
-    def append_kernel(self, role):
-        return attention.kv8_append_kernel(self.kv.num_kv_heads, self.kv.head_dim, role == "key", self.kv.dtype)
+    def append_kernel(self, role, ring=False):
+        return attention.kv8_append_kernel(self.kv.num_kv_heads, self.kv.head_dim, role == "key", self.kv.dtype,
+                                           ring)
 
-    def prefix_kernel(self, role):
-        return attention.kv8_dequantize_kernel(self.kv.num_kv_heads, self.kv.head_dim, role == "key", self.kv.dtype)
+    def prefix_kernel(self, role, ring=False):
+        return attention.kv8_dequantize_kernel(self.kv.num_kv_heads, self.kv.head_dim, role == "key", self.kv.dtype,
+                                               ring)
 
     def reader(self, role):
         return attention.int8_cache(self.kv.num_kv_heads, self.kv.head_dim, f"{role}_cache", role == "key",
@@ -154,9 +160,12 @@ class Int8Cache(_TiledCache):
 
 
 class Int4Cache(KVScheme):
-    """``kv4``: KIVI-style int4 (see :mod:`lowbit.codegen.kivi` for the layout and rounding)."""
+    """``kv4``: KIVI-style int4 (see :mod:`lowbit.codegen.kivi` for the layout and rounding). Not a
+    ring: its groups of positions and its float window are laid out by position from 0, so a
+    sliding-window layer keeps every position (its window still applied by the graph's mask)."""
 
     roles_differ = True
+    rings = False
 
     def __init__(self, kv: KVLayout, quant: KVQuant):
         super().__init__(kv)
@@ -172,17 +181,21 @@ class Int4Cache(KVScheme):
     def buffers(self, role):
         return tuple(CacheBuffer(*entry) for entry in self.layout.buffers(role))
 
-    def append_kernel(self, role):
+    def append_kernel(self, role, ring=False):
+        assert not ring, "kv4 does not ring"
         return self.layout.append_kernel(role, self.kv.dtype)
 
-    def prefix_kernel(self, role):
+    def prefix_kernel(self, role, ring=False):
+        assert not ring, "kv4 does not ring"
         return self.layout.dequantize_kernel(role, self.kv.dtype)
 
-    def attention_kernel(self, q_heads, scale, bias_heads):
+    def attention_kernel(self, q_heads, scale, bias_heads, ring=False):
+        assert not ring, "kv4 does not ring"
         return self.layout.attention_kernel(q_heads, scale, bias_heads, self.kv.dtype)
 
-    def prompt_attention_kernel(self, q_heads, scale, bias_heads):
+    def prompt_attention_kernel(self, q_heads, scale, bias_heads, ring=False):
         """The float cache's prompt attention, over the prefix :meth:`prompt_layout_kernel` reads back."""
+        assert not ring, "kv4 does not ring"
         return FloatCache(self.kv).prompt_attention_kernel(q_heads, scale, bias_heads)
 
     def prompt_layout_kernel(self, role):
