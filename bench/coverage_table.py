@@ -118,7 +118,7 @@ def table(results: dict[str, tuple[str, str]]) -> str:
     lines = rows + ["", LEGEND + "."]
     if onnx:
         lines += ["", "ONNX frontend (tests/test_onnx_frontend.py: a TorchScript Llama export, optimum-style exports "
-                  "of Llama, Qwen2 and Qwen3, ONNX Runtime contrib ops named in the error): "
+                  "of Llama, Qwen2, Qwen3, Phi-3 and GPT-NeoX, ONNX Runtime contrib ops named in the error): "
                   f"{onnx.count('passed')} of {len(onnx)} passed."]
     lines += [""] + [f"[^{i}]: {reason}" for i, reason in enumerate(footnotes, 1)] if footnotes else []
     return "\n".join(lines).rstrip() + "\n"

@@ -63,15 +63,22 @@ def _export(model, path, optimum_style: bool):
 
 
 def _tiny(family: str):
-    """A random 2-layer model of ``family`` with the cache layout of this module's constants."""
+    """A random 2-layer model of ``family`` with the cache layout of this module's constants (GPT-NeoX,
+    which has a KV head per query head: 2 heads of ``HEAD_DIM``)."""
     import transformers as T
 
-    config_class, model_class = {"llama": (T.LlamaConfig, T.LlamaForCausalLM), "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM),
-                                 "qwen3": (T.Qwen3Config, T.Qwen3ForCausalLM)}[family]
+    common = dict(vocab_size=512, intermediate_size=128, num_hidden_layers=NUM_LAYERS, max_position_embeddings=256,
+                  pad_token_id=0)
+    grouped = dict(common, hidden_size=64, num_attention_heads=4, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM)
+    config, model_class = {
+        "llama": (T.LlamaConfig(**grouped), T.LlamaForCausalLM),
+        "qwen2": (T.Qwen2Config(**grouped), T.Qwen2ForCausalLM),
+        "qwen3": (T.Qwen3Config(**grouped), T.Qwen3ForCausalLM),
+        "phi3": (T.Phi3Config(**grouped, partial_rotary_factor=0.5), T.Phi3ForCausalLM),
+        "gpt_neox": (T.GPTNeoXConfig(**common, hidden_size=KV_HEADS * HEAD_DIM, num_attention_heads=KV_HEADS,
+                                     rotary_pct=0.5), T.GPTNeoXForCausalLM),
+    }[family]
     torch.manual_seed(0)
-    config = config_class(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=NUM_LAYERS,
-                          num_attention_heads=4, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM,
-                          max_position_embeddings=256)
     return model_class(config).eval()
 
 
@@ -128,12 +135,13 @@ def test_fp32_matches_onnxruntime(exported, request, tmp_path):
     assert _relative_error(step, want_step) < 1e-4
 
 
-@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "phi3", "gpt_neox"])
 def test_optimum_style_exports_of_other_families_match_onnxruntime(family, tmp_path):
     """optimum-style exports (``attention_mask`` and ``position_ids`` inputs, TorchScript) of Qwen2
-    (q/k/v biases) and Qwen3 (QK-norm) compile, fp32, and match onnxruntime. Not yet: Phi-3's and
-    GPT-NeoX's TorchScript exports compute reshape sizes at run time from ``Shape`` of tensors whose
-    sizes TVM's importer leaves unknown, and the import stops there (lowbit names TVM's error)."""
+    (q/k/v biases), Qwen3 (QK-norm), Phi-3 (fused projections, partial rotary) and GPT-NeoX
+    (interleaved fused qkv, partial rotary) compile, fp32, and match onnxruntime. Phi-3's and
+    GPT-NeoX's exports slice by bounds read from ``Shape`` ops (``x.shape[-1:]``), which the
+    frontend resolves to constants where the dims are static."""
     path = _export(_tiny(family), tmp_path / f"tiny-{family}-optimum.onnx", optimum_style=True)
     want_prefill, want_step = _onnxruntime_logits(path)
     prefill, step = _compiled_logits(path, "fp32", tmp_path / "art")

@@ -110,6 +110,9 @@ class _Importer(ONNXGraphImporter):
       broadcast the one-element ``value`` to rank 0 and fails.
     * ``Reshape`` of a symbolic size (``past + seq``, which TVM keeps as an integer expression) to
       one element, as the dynamo exporter builds the mask's shape: TVM's converter takes only tensors.
+    * ``Gather`` of static dims of a known shape by a 1-D index (``x.shape[-1:]``, a slice's bound
+      in TorchScript exports of fused projections and partial rotary): TVM computes a tensor at
+      run time, and the ``Slice`` it bounds gets an unknown shape that later ``Shape`` ops fail on.
     * Calls a converter hands on untyped (``Unsqueeze``) are typed before the next one reads them
       (``Expand`` reads its input's shape).
     """
@@ -163,8 +166,26 @@ def _reshape_symbolic_scalar(inputs, attrs, params):
     return relax.ShapeExpr([inputs[0]]) if shape else inputs[0]
 
 
+def _gather_of_shape(inputs, attrs, params):
+    """``Gather`` of static dims of a shape TVM knows (a ``ShapeExpr``) by a constant 1-D index, as
+    TorchScript exports write ``x.shape[-1:]`` for a slice's bound: those dims as a constant, where
+    TVM's converter computes a tensor at run time whose value a later ``Slice`` cannot see (its
+    result's shape then unknown); else ``None`` (TVM's converter)."""
+    shape, indices = inputs[0], get_constant(inputs[1], params)
+    if not isinstance(shape, relax.ShapeExpr) or not isinstance(indices, tvm.ir.GenericConst):
+        return None
+    index = indices.value.numpy()
+    if index.ndim != 1 or int(attrs.get("axis", 0)) != 0:
+        return None
+    dims = list(shape.values)
+    picked = [dims[int(i)] for i in index if -len(dims) <= int(i) < len(dims)]
+    if len(picked) != index.size or not all(isinstance(d, tirx.IntImm) for d in picked):
+        return None
+    return relax.const(np.array([int(d) for d in picked], np.int64))
+
+
 _FIXED_CONVERTERS = {"Range": _symbolic_range, "ConstantOfShape": _constant_of_shape,
-                     "Reshape": _reshape_symbolic_scalar}
+                     "Reshape": _reshape_symbolic_scalar, "Gather": _gather_of_shape}
 
 
 def _int_scalar(value):
