@@ -15,7 +15,7 @@ import signal
 import sys
 import warnings
 
-from lowbit.codegen.cache_layout import RING_CALL_TOKENS, capacity_for, layer_capacity
+from lowbit.codegen.cache_layout import RING_CALL_TOKENS, capacity_for, layer_capacity, layer_windows
 from lowbit.codegen.errors import LowbitError, LowbitWarning
 
 from .runtime.loading import runtime_only
@@ -343,7 +343,7 @@ def _print_manifest(m: dict) -> None:
           f"of {kv['attention_layers']} layers")
     print("         per layer: " + ", ".join(f"{b['name']} {b['dtype']}{b['shape']}" for b in kv["buffers"]))
     rings: dict[int, list[int]] = {}
-    for layer, window in enumerate(kv.get("windows") or []):
+    for layer, window in enumerate(layer_windows(kv)):
         if window is not None:
             rings.setdefault(window, []).append(layer)
     multiple = kv["capacity_multiple"]

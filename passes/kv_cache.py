@@ -98,11 +98,11 @@ def cache_in_place(ir: ModelIR, scheme: KVScheme) -> tuple[ModelIR, dict]:
     summary ``{"attention_fused": layers whose decode attention is one kernel,
     "prompt_attention_fused": layers whose prompt attention is one kernel, "attention_layers": layers}``."""
     mod = ir.mod
+    rings = tuple(ir.kv.window(layer) if scheme.rings else None for layer in range(ir.kv.num_layers))
     summary = {}
     for name in ENTRY_FUNCTIONS:
-        mod, summary[name] = _rewrite(mod, name, ir, scheme)
+        mod, summary[name] = _rewrite(mod, name, ir, scheme, rings)
     names = cache_names(scheme, ir.kv.num_layers)
-    rings = tuple(_ring_window(ir.kv, scheme, layer) for layer in range(ir.kv.num_layers))
     new_ir = dataclasses.replace(ir, mod=mod, input_names=["input_ids", PAST_LENGTH] + names,
                                  output_names=["logits"] + names,
                                  kv=dataclasses.replace(ir.kv, windows=rings if any(rings) else ()))
@@ -110,13 +110,10 @@ def cache_in_place(ir: ModelIR, scheme: KVScheme) -> tuple[ModelIR, dict]:
                     "attention_layers": ir.kv.num_layers}
 
 
-def _ring_window(kv, scheme: KVScheme, layer: int) -> int | None:
-    """The window of ``layer`` if its cache is kept as a ring, else ``None``."""
-    return kv.window(layer) if scheme.rings else None
-
-
-def _rewrite(mod: tvm.IRModule, name: str, ir: ModelIR, scheme: KVScheme) -> tuple[tvm.IRModule, int]:
-    """``mod`` with entry function ``name`` rewritten (its kernels added), and its fused attentions' count."""
+def _rewrite(mod: tvm.IRModule, name: str, ir: ModelIR, scheme: KVScheme,
+             rings: tuple) -> tuple[tvm.IRModule, int]:
+    """``mod`` with entry function ``name`` rewritten (its kernels added), and its fused attentions'
+    count; ``rings``: per layer, the window of its cache kept as a ring, or ``None``."""
     func = mod[name]
     num_input = int(func.attrs["num_input"])
     pasts = list(func.params[1:num_input])
@@ -136,17 +133,17 @@ def _rewrite(mod: tvm.IRModule, name: str, ir: ModelIR, scheme: KVScheme) -> tup
             if found is not None:
                 attentions[found.output] = found
 
-    windows = [_ring_window(ir.kv, scheme, index // 2) for index in range(len(pasts))]
+    windows = [rings[index // 2] for index in range(len(pasts))]
     capacities = {window: tirx.Var(ring_capacity_name(window), "int64") for window in set(windows)}
     names = iter(cache_names(scheme, ir.kv.num_layers))
     caches = [[relax.Var(next(names), relax.TensorType(buffer.shape(capacities[windows[index]]), buffer.dtype))
                for buffer in scheme.buffers(ROLES[index % 2])] for index in range(len(pasts))]
     params = [func.params[0], relax.Var(PAST_LENGTH, relax.ShapeType([past_length])),
               *(var for cache in caches for var in cache)]
-    rings = [window is not None for window in windows]
+    ringed = [window is not None for window in windows]
     attentions = {output: attention for output, attention in attentions.items()  # one kernel reads both alike
-                  if rings[concats[attention.key][0]] == rings[concats[attention.value][0]]}
-    rewriter = _CacheRewriter(mod, concats, attentions, caches, rings, past_length, uses, ir.kv, scheme)
+                  if ringed[concats[attention.key][0]] == ringed[concats[attention.value][0]]}
+    rewriter = _CacheRewriter(mod, concats, attentions, caches, ringed, past_length, uses, ir.kv, scheme)
     body = rewriter.visit_expr(func.body)
     new = relax.Function(params + list(func.params[num_input:]), body, None, func.is_pure, func.attrs).with_attr(
         "num_input", len(params))
