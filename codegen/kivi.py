@@ -11,11 +11,17 @@ asymmetric to 16 levels, ``x = code * scale + minimum``, ``scale = (max - min) /
 * values per token: one per position and ``group`` consecutive channels
   (``[1, kv_heads, capacity, head_dim / group]``).
 
-Codes are packed two per byte, channel ``d`` in the low nibble and channel ``d + head_dim / 2`` in
-the high one, so that a vector of bytes unpacks with one shift for a whole half of the head: values
-``uint8[1, kv_heads, capacity, head_dim / 2]``, keys in tiles of ``TILE`` positions, position
-innermost, ``uint8[1, kv_heads, capacity / TILE, head_dim / 2, TILE]`` (as the float keys of
-:mod:`.attention`: decode's scores for a tile are one vector; ``group`` is a multiple of ``TILE``).
+Codes are packed two per byte, in nibble quads (4 bytes holding 8 codes: byte ``i`` the ``i``-th in
+its low nibble and the ``4 + i``-th in its high one, as the ``w4a8`` weights of
+:func:`.packing.pack_int4_quads`), so that decode's attention runs on a target's byte dot product
+(its ``int4_dot`` step: one vector of int32 sums over a quad per lane):
+
+* keys in tiles of ``TILE`` positions, ``uint8[1, kv_heads, capacity / TILE, head_dim / 8, TILE, 4]``:
+  per block of 8 channels, each position's quad, so that a tile's scores are one vector (lanes are
+  positions; ``group`` is a multiple of ``TILE``);
+* values in blocks of 8 positions, ``uint8[1, kv_heads, capacity / 8, head_dim, 4]``: per block,
+  each channel's quad over the block's positions (lanes are channels).
+
 The window ``fp16[1, kv_heads, residual + group, head_dim]`` holds position ``p`` at
 ``p % (residual + group)``.
 
@@ -30,12 +36,14 @@ import dataclasses
 from tvm import te, tirx, topi
 from tvm.script import tirx as T
 
-from .attention import (APPEND_TAG, DEQUANTIZE_TAG, HEADS_PER_KV_ATTR, TILE, cache_index, cache_shape,
-                        padded_cache_shape)
+from .attention import APPEND_TAG, DEQUANTIZE_TAG, HEADS_PER_KV_ATTR, TILE, padded_cache_shape
 from .kernels import KERNEL_ATTR
 
 KIVI_ATTENTION_TAG = "decode_attention_kivi"
+KIVI_GROUP_ATTR = "lowbit.kv4_group"  # the attention kernel's group size, for its schedule
 LEVELS = 15
+QUERY_LEVELS = 127  # decode's query, times the keys' scales, in int8 per key group (see attention_kernel)
+QUAD = 4  # bytes of a key's nibble quad: 8 channels
 SCALE_DTYPE = "float16"
 
 
@@ -56,9 +64,14 @@ class Kivi:
         """``(suffix, dims, dtype)`` of each tensor of a ``key`` or ``value`` cache, in argument order."""
         h, d, g = self.kv_heads, self.head_dim, self.group
         stats = (1, h, f"capacity/{g}", d) if role == "key" else (1, h, "capacity", d // g)
-        codes = (1, h, f"capacity/{TILE}", d // 2, TILE) if role == "key" else (1, h, "capacity", d // 2)
-        return (("", codes, "uint8"), (".scale", stats, SCALE_DTYPE),
+        return (("", self._codes_shape(role, f"capacity/{TILE if role == 'key' else 2 * QUAD}"), "uint8"), (".scale", stats, SCALE_DTYPE),
                 (".min", stats, SCALE_DTYPE), (".window", (1, h, self.window, d), SCALE_DTYPE))
+
+    def _codes_shape(self, role: str, extent) -> tuple:
+        """The codes' shape whose capacity axis has ``extent`` entries: tiles (keys) or blocks of
+        ``2 * QUAD`` positions (values)."""
+        h, d = self.kv_heads, self.head_dim
+        return (1, h, extent, d // (2 * QUAD), TILE, QUAD) if role == "key" else (1, h, extent, d, QUAD)
 
     def quantized_end(self, length):
         """Positions ``[0, quantized_end)`` of a conversation of ``length`` are quantized."""
@@ -102,7 +115,7 @@ class Kivi:
             capacity = T.int64()
             seq = T.int64()
             rows = T.int64()
-            codes = T.match_buffer(var_codes, cache_shape(heads, half, capacity, keys), "uint8")
+            codes = T.match_buffer(var_codes, self._codes_shape(role, capacity), "uint8")
             scale = T.match_buffer(var_scale, (1, heads, rows, columns), SCALE_DTYPE)
             low = T.match_buffer(var_min, (1, heads, rows, columns), SCALE_DTYPE)
             win = T.match_buffer(var_window, (1, heads, window, dim), SCALE_DTYPE)
@@ -128,12 +141,22 @@ class Kivi:
                     scale[0, vh, start // row_positions + vr, vc] = T.Cast(SCALE_DTYPE, (
                         T.Cast("float32", scale[0, vh, start // row_positions + vr, vc])
                         - T.Cast("float32", low[0, vh, start // row_positions + vr, vc])) / T.float32(LEVELS))
-            for h, p, c in T.grid(heads, end - start, half):
-                with T.sblock("quantize"):
-                    vh, vp, vc = T.axis.remap("SSS", [h, p, c])
-                    codes[cache_index(keys, vh, start + vp, vc)] = (
-                        quantized(win, new, scale, low, vh, start + vp, vc, past)
-                        | (quantized(win, new, scale, low, vh, start + vp, vc + half, past) << T.uint8(4)))
+            if keys:  # byte ``c`` of a position: two channels
+                for h, p, c in T.grid(heads, end - start, half):
+                    with T.sblock("quantize"):
+                        vh, vp, vc = T.axis.remap("SSS", [h, p, c])
+                        codes[0, vh, (start + vp) // TILE, vc // QUAD, (start + vp) % TILE, vc % QUAD] = (
+                            quantized(win, new, scale, low, vh, start + vp, vc // QUAD * 2 * QUAD + vc % QUAD, past)
+                            | (quantized(win, new, scale, low, vh, start + vp,
+                                         vc // QUAD * 2 * QUAD + QUAD + vc % QUAD, past) << T.uint8(4)))
+            else:  # byte ``i`` of a channel in a block of ``2 * QUAD`` positions: two positions
+                for h, b, c, i in T.grid(heads, (end - start) // (2 * QUAD), dim, QUAD):
+                    with T.sblock("quantize"):
+                        vh, vb, vc, vi = T.axis.remap("SSSS", [h, b, c, i])
+                        codes[0, vh, start // (2 * QUAD) + vb, vc, vi] = (
+                            quantized(win, new, scale, low, vh, start + vb * 2 * QUAD + vi, vc, past)
+                            | (quantized(win, new, scale, low, vh, start + vb * 2 * QUAD + QUAD + vi, vc, past)
+                               << T.uint8(4)))
             for h, i, c in T.grid(heads, seq, dim):
                 with T.sblock("window"):
                     vh, vi, vc = T.axis.remap("SSS", [h, i, c])
@@ -145,9 +168,8 @@ class Kivi:
     # -- read back ---------------------------------------------------------------------------------
     def _reader(self, role: str):
         """Placeholders of a ``key`` or ``value`` cache's tensors, each capacity axis its own variable."""
-        keys, half = role == "key", self.head_dim // 2
-        codes = te.placeholder(cache_shape(self.kv_heads, half, tirx.Var("capacity", "int64"), keys), "uint8",
-                               f"{role}_codes")
+        keys = role == "key"
+        codes = te.placeholder(self._codes_shape(role, tirx.Var("capacity", "int64")), "uint8", f"{role}_codes")
         rows = tirx.Var("rows", "int64")
         stat_shape = (1, self.kv_heads, rows, self.head_dim if keys else self.head_dim // self.group)
         scale = te.placeholder(stat_shape, SCALE_DTYPE, f"{role}_scale")
@@ -155,10 +177,14 @@ class Kivi:
         win = te.placeholder((1, self.kv_heads, self.window, self.head_dim), SCALE_DTYPE, f"{role}_window")
         return (codes, scale, low, win)
 
-    def _code(self, codes, h, j, channel, dtype):
-        half = self.head_dim // 2
-        byte = codes[cache_index(len(codes.shape) == 5, h, j, channel % half)]
-        return ((byte >> (channel // half * 4).astype("uint8")) & tirx.const(LEVELS, "uint8")).astype(dtype)
+    def _code(self, role, codes, h, j, channel, dtype):
+        """The code of position ``j``, ``channel`` (see the module docstring)."""
+        if role == "key":
+            byte = codes[0, h, j // TILE, channel // (2 * QUAD), j % TILE, channel % QUAD]
+            high = channel // QUAD % 2
+        else:
+            byte, high = codes[0, h, j // (2 * QUAD), channel, j % QUAD], j // QUAD % 2
+        return ((byte >> (high * 4).astype("uint8")) & tirx.const(LEVELS, "uint8")).astype(dtype)
 
     def _stat_index(self, role, j, channel):
         return (j // self.group, channel) if role == "key" else (j, channel // self.group)
@@ -176,7 +202,7 @@ class Kivi:
 
         def element(h, j, c):
             row, column = self._stat_index(role, j, c)
-            quantized = (self._code(codes, h, j, c, dtype) * scale[0, h, row, column].astype(dtype)
+            quantized = (self._code(role, codes, h, j, c, dtype) * scale[0, h, row, column].astype(dtype)
                          + low[0, h, row, column].astype(dtype))
             return tirx.if_then_else(j < end, quantized, win[0, h, j % self.window, c].astype(dtype))
 
@@ -200,14 +226,21 @@ class Kivi:
         *value buffers[, bias], length, out)`` as :func:`~lowbit.codegen.attention.decode_attention_kernel`.
 
         Quantized keys: ``q . k = sum_c (q_c scale_c) code_c + sum_c q_c min_c`` with both per-group
-        terms computed once per key group; quantized values: the softmax weight times the value's
-        scale once per position and channel group, the minimums' share once per head. Positions in
+        terms computed once per key group; the first as integer dot products: per query head and key
+        group, ``q_c scale_c`` is quantized to int8, symmetric (``step = max_c |q_c scale_c| / 127``,
+        codes rounded half to even), and ``step * sum_c qcode_c code_c`` summed in int32.
+        Quantized values: the softmax weight times the value's scale (once per position and channel
+        group) the same way, int8 with one step per block of 8 positions and channel group (so a
+        block's small weights keep their share next to a large one elsewhere), ``step * sum_j
+        wcode_j code_j`` per block in int32; the minimums' share once per head in float. (llama.cpp
+        also quantizes the query against its quantized caches; here the int8 steps cost SmolLM2's
+        kv4 perplexity far less than the cache's own quantization: see bench/RESULTS.md.) Positions in
         the window are read in fp16 and widened. Before the first group is quantized some reductions
         are empty: a schedule must give every reduction its initialization outside its loop
         (:mod:`lowbit.targets.simd` does), as TIR otherwise initializes in the first iteration.
         """
         heads, dim, group, window = self.kv_heads, self.head_dim, self.group, self.window
-        half, per = dim // 2, q_heads // heads
+        per = q_heads // heads
         length = tirx.Var("length", "int64")
         end = self.quantized_end(length)
         recent = length - end
@@ -224,11 +257,22 @@ class Kivi:
         c = te.reduce_axis((0, dim), "c")
         offset = te.compute((q_heads, end // group),
                             lambda h, g: te.sum(q[0, h, 0, c] * f32(key_min[0, h // per, g, c]), axis=c), "offset")
-        nibble, c = te.reduce_axis((0, 2), "nibble"), te.reduce_axis((0, half), "c")
+        c = te.reduce_axis((0, dim), "c")
+        q_peak = te.compute((q_heads, end // group), lambda h, g: te.max(tirx.abs(scaled_q[h, g, c]), axis=c),
+                            "q_peak")
+        q_step = te.compute((q_heads, end // group), lambda h, g: q_peak[h, g] / tirx.const(QUERY_LEVELS, dtype),
+                            "q_step")
+        q_codes = te.compute((q_heads, end // group, dim), lambda h, g, c: tirx.Select(
+            q_step[h, g] > tirx.const(0, dtype), tirx.nearbyint(scaled_q[h, g, c] / q_step[h, g]),
+            tirx.const(0, dtype)).astype("int8"), "q_codes")
+        quad, nibble, i = (te.reduce_axis((0, dim // (2 * QUAD)), "quad"), te.reduce_axis((0, 2), "nibble"),
+                           te.reduce_axis((0, QUAD), "i"))
         # the key group as tile // tiles-per-group: one index for a whole vectorized tile (not a gather)
         dots = te.compute((q_heads, end), lambda h, j: te.sum(
-            scaled_q[h, j // TILE // (group // TILE), nibble * half + c]
-            * self._code(key_codes, h // per, j, nibble * half + c, dtype), axis=[c, nibble]), "dots")
+            ((key_codes[0, h // per, j // TILE, quad, j % TILE, i] >> (nibble * 4).astype("uint8"))
+             & tirx.const(LEVELS, "uint8")).astype("int32")
+            * q_codes[h, j // TILE // (group // TILE), quad * 2 * QUAD + nibble * QUAD + i].astype("int32"),
+            axis=[quad, nibble, i]), "dots")
         c = te.reduce_axis((0, dim), "c")
         recent_dots = te.compute((q_heads, recent), lambda h, i: te.sum(
             q[0, h, 0, c] * f32(key_win[0, h // per, (end + i) % window, c]), axis=c), "recent_dots")
@@ -238,7 +282,8 @@ class Kivi:
             return score if bias is None else score + bias[0, h if bias_heads > 1 else 0, 0, j]
 
         # the softmax over both parts: one peak and one total, each part's exponentials apart
-        logits = te.compute((q_heads, end), lambda h, j: biased(dots[h, j] + offset[h, j // group], h, j), "logits")
+        logits = te.compute((q_heads, end), lambda h, j: biased(
+            f32(dots[h, j]) * q_step[h, j // group] + offset[h, j // group], h, j), "logits")
         recent_logits = te.compute((q_heads, recent), lambda h, i: biased(recent_dots[h, i], h, end + i),
                                    "recent_logits")
         peak = _combined(te.max, tirx.max, logits, recent_logits, "peak")
@@ -248,24 +293,40 @@ class Kivi:
         total = _combined(te.sum, lambda a, b: a + b, weights, recent_weights, "total")
 
         groups = dim // group  # the probabilities (normalized before the accumulation) times the value scale
-        weighted_scale = te.compute((q_heads, end, groups), lambda h, j, g: weights[h, j] / total[h] * f32(
+        weighted_scale = te.compute((q_heads, groups, end), lambda h, g, j: weights[h, j] / total[h] * f32(
             value_scale[0, h // per, j, g]), "weighted_scale")
         j = te.reduce_axis((0, end), "j")
         weighted_min = te.compute((q_heads, groups), lambda h, g: te.sum(
             weights[h, j] * f32(value_min[0, h // per, j, g]), axis=j), "weighted_min")
-        j = te.reduce_axis((0, end), "j")
-        mixed = te.compute((q_heads, 2, half), lambda h, n, e: te.sum(
-            weighted_scale[h, j, (n * half + e) // group] * self._code(value_codes, h // per, j, n * half + e, dtype),
-            axis=j), "mixed")
+        # those in int8, one step per block of ``2 * QUAD`` positions, in int32 dot products per block
+        block = 2 * QUAD
+        j = te.reduce_axis((0, block), "j")
+        p_peak = te.compute((q_heads, groups, end // block), lambda h, g, b: te.max(
+            weighted_scale[h, g, b * block + j], axis=j), "p_peak")
+        p_step = te.compute((q_heads, groups, end // block), lambda h, g, b: p_peak[h, g, b] / tirx.const(
+            QUERY_LEVELS, dtype), "p_step")
+        p_codes = te.compute((q_heads, groups, end), lambda h, g, j: tirx.Select(
+            p_step[h, g, j // block] > tirx.const(0, dtype), tirx.nearbyint(weighted_scale[h, g, j] / p_step[
+                h, g, j // block]), tirx.const(0, dtype)).astype("int8"), "p_codes")
+        nibble, i = (te.reduce_axis((tirx.const(0, "int64"), tirx.const(2, "int64")), "nibble"),
+                     te.reduce_axis((tirx.const(0, "int64"), tirx.const(QUAD, "int64")), "i"))
+        mixed_blocks = te.compute((q_heads, end // block, groups, group), lambda h, b, g, e: te.sum(
+            ((value_codes[0, h // per, b, g * group + e, i] >> (nibble * 4).astype("uint8"))
+             & tirx.const(LEVELS, "uint8")).astype("int32")
+            * p_codes[h, g, b * block + nibble * QUAD + i].astype("int32"), axis=[nibble, i]), "mixed_blocks")
+        b = te.reduce_axis((0, end // block), "b")
+        mixed = te.compute((q_heads, dim), lambda h, e: te.sum(
+            f32(mixed_blocks[h, b, e // group, e % group]) * p_step[h, e // group, b], axis=b), "mixed")
         i = te.reduce_axis((0, recent), "i")
         recent_mixed = te.compute((q_heads, dim), lambda h, e: te.sum(
             recent_weights[h, i] * f32(value_win[0, h // per, (end + i) % window, e]), axis=i), "recent_mixed")
         # (the terms in this order keep every softmax stage before the accumulation in the function)
         out = te.compute((1, q_heads, 1, dim), lambda _b, h, _s, e: (
-            weighted_min[h, e // group] + recent_mixed[h, e]) / total[h] + mixed[h, e // half, e % half], "out")
+            weighted_min[h, e // group] + recent_mixed[h, e]) / total[h] + mixed[h, e], "out")
         inputs = [q, key_codes, key_scale, key_min, key_win, value_codes, value_scale, value_min, value_win]
         func = te.create_prim_func([*inputs, *([] if bias is None else [bias]), length, out])
-        return func.with_attr(KERNEL_ATTR, KIVI_ATTENTION_TAG).with_attr(HEADS_PER_KV_ATTR, per)
+        return (func.with_attr(KERNEL_ATTR, KIVI_ATTENTION_TAG).with_attr(HEADS_PER_KV_ATTR, per)
+                .with_attr(KIVI_GROUP_ATTR, group))
 
 
 def _combined(reduce, combine, first: te.Tensor, second: te.Tensor, name: str) -> te.Tensor:
