@@ -305,15 +305,15 @@ class Kivi:
             weighted_scale[h, g, b * block + j], axis=j), "p_peak")
         p_step = te.compute((q_heads, groups, end // block), lambda h, g, b: p_peak[h, g, b] / tirx.const(
             QUERY_LEVELS, dtype), "p_step")
-        p_codes = te.compute((q_heads, groups, end), lambda h, g, j: tirx.Select(
-            p_step[h, g, j // block] > tirx.const(0, dtype), tirx.nearbyint(weighted_scale[h, g, j] / p_step[
-                h, g, j // block]), tirx.const(0, dtype)).astype("int8"), "p_codes")
+        p_codes = te.compute((q_heads, groups, end // block, block), lambda h, g, b, j: tirx.Select(
+            p_step[h, g, b] > tirx.const(0, dtype), tirx.nearbyint(weighted_scale[h, g, b * block + j] / p_step[
+                h, g, b]), tirx.const(0, dtype)).astype("int8"), "p_codes")
         nibble, i = (te.reduce_axis((tirx.const(0, "int64"), tirx.const(2, "int64")), "nibble"),
                      te.reduce_axis((tirx.const(0, "int64"), tirx.const(QUAD, "int64")), "i"))
         mixed_blocks = te.compute((q_heads, end // block, groups, group), lambda h, b, g, e: te.sum(
             ((value_codes[0, h // per, b, g * group + e, i] >> (nibble * 4).astype("uint8"))
              & tirx.const(LEVELS, "uint8")).astype("int32")
-            * p_codes[h, g, b * block + nibble * QUAD + i].astype("int32"), axis=[nibble, i]), "mixed_blocks")
+            * p_codes[h, g, b, nibble * QUAD + i].astype("int32"), axis=[nibble, i]), "mixed_blocks")
         b = te.reduce_axis((0, end // block), "b")
         mixed = te.compute((q_heads, dim), lambda h, e: te.sum(
             f32(mixed_blocks[h, b, e // group, e % group]) * p_step[h, e // group, b], axis=b), "mixed")

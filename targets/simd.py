@@ -183,9 +183,9 @@ class CacheKernels(ScheduleRule):
     accumulation, parallel over chunks of positions and KV heads, each chunk's values read (and a
     quantized cache's codes unpacked) once for the query heads that share them, the heads' partial
     sums in registers, then summed over the chunks. Measured on SmolLM2's shape (9 query heads, 3
-    KV heads, 4,000 positions, 2 threads, AMD Zen 4): float 75 us per layer with the cache in L3
-    (Xeon, cold: ~360 us, ~17 GB/s of cache read; 672 us while its loops over positions carried
-    predicates); int4 on the byte dot products 58 us (85 us with float dot products).
+    KV heads, 4,000 positions, 2 threads, AMD Zen 4, best of 21): float 63 us per layer with the
+    cache in L3 (Xeon, cold: ~360 us, ~17 GB/s of cache read; 672 us while its loops over positions
+    carried predicates); int4 on the byte dot products 44 us (85 us with float dot products).
 
     A prompt's attention is two GEMMs around a row-wise softmax (:func:`_schedule_prompt_attention`):
     75 us per layer for SmolLM2's 64-token prompt, against ~400 us for the imported graph's
@@ -245,17 +245,16 @@ def _schedule_kivi_attention(sch: s_tir.Schedule, lanes: int, heads_per_kv: int,
     scores as integer dot products (:func:`_tile_int_dot`), after the query's quantization per head
     and key group (vectorized over channels). The quantized part's length is a multiple of the
     group (so of ``lanes``): its reductions run as lane partials."""
-    sch.vectorize(sch.get_loops(sch.get_sblock("scaled_q"))[-1])
     _tile_int_dot(sch, "dots", dot_lanes, int4_dot)
-    for name in ("shifted", "recent_shifted"):
+    for name in ("scaled_q", "shifted", "recent_shifted"):
         sch.compute_inline(sch.get_sblock(name))
     partials = {name: _lane_partials(sch, name, lanes)
                 for name in ("q_peak", "offset", "peak_0", "total_0", "weighted_min", "recent_dots")}
     _accumulate_blocks_in_chunks(sch, heads_per_kv, group, dot_lanes, int4_dot)
     _per_head(sch)
-    sch.vectorize(sch.get_loops(sch.get_sblock("q_codes"))[-1])
-    for name in ("weighted_scale", "p_codes"):  # (loops: head, channel group, position)
-        sch.vectorize(sch.split(sch.get_loops(sch.get_sblock(name))[-1], [None, lanes])[-1])
+    for name in ("q_codes", "p_codes"):  # (channels; positions in a block)
+        sch.vectorize(sch.get_loops(sch.get_sblock(name))[-1])
+    sch.vectorize(sch.split(sch.get_loops(sch.get_sblock("weighted_scale"))[-1], [None, lanes])[-1])
     sch.unroll(sch.get_loops(sch.get_sblock("p_peak"))[-1])
     _vectorize_positions(sch, ("logits", "T_fast_exp"), lanes)
     for name, partial in partials.items():
@@ -479,7 +478,7 @@ def _per_head(sch: s_tir.Schedule) -> None:
             nests.append((top, [sch.get(block).name_hint]))
     stages, current = [], []
     for top, names in nests:
-        if any(name == "scaled_q" or name.startswith(("dots", "mixed", "out")) for name in names):
+        if any(name.startswith(("dots", "mixed", "out")) for name in names):
             stages.append(current)
             current = []
         else:
