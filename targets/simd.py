@@ -366,6 +366,13 @@ def _tile_int_dot(sch: s_tir.Schedule, name: str, lanes: int, intrinsic: str | N
     sch.parallel(tile)
     init = sch.decompose_reduction(block, quad)
     sch.vectorize(sch.get_loops(init)[-1])
+    _quad_dot(sch, lane, nibble, byte, intrinsic)
+
+
+def _quad_dot(sch: s_tir.Schedule, lane, nibble, byte, intrinsic: str | None) -> None:
+    """The loops ``(lane, nibble, byte)`` of an int32 sum over nibble quads (one vector of lanes):
+    tensorized with the target's ``int4_dot`` ``intrinsic``, or, where it names none, vectorized
+    over the lanes by LLVM with the quad unrolled."""
     if intrinsic is not None:
         sch.tensorize(lane, intrinsic)
     else:
@@ -412,6 +419,12 @@ def _accumulate_in_chunks(sch: s_tir.Schedule, name: str, heads_per_kv: int) -> 
         sch.unroll(loop)
     sch.vectorize(channels[-1])
     sch.decompose_reduction(partial, position)
+    _sum_chunks(sch, block)
+
+
+def _sum_chunks(sch: s_tir.Schedule, block: s_tir.SBlockRV) -> None:
+    """``block`` (loops: head, channels..., chunk) summing the chunks' partial sums, the last
+    channel loop vectorized under the chunk loop."""
     head, *channels, chunk = sch.get_loops(block)
     sch.reorder(chunk, channels[-1])
     sch.vectorize(channels[-1])
@@ -435,31 +448,18 @@ def _accumulate_blocks_in_chunks(sch: s_tir.Schedule, heads_per_kv: int, group: 
     kv_head, shared = sch.split(head, [None, heads_per_kv])
     sch.reorder(chunk, kv_head, inner, shared, channel)
     sch.parallel(chunk)  # (not fused with the KV heads: a block under a fused loop is no reduction to TIR)
-    sums = sch.cache_write(partial, 0, REGISTERS)
-    sch.reverse_compute_at(sums, kv_head)
-    sch.vectorize(sch.get_loops(sums)[-1])
-    products = sch.get_sblock("mixed_blocks")
-    sch.compute_at(products, inner)
-    sch.set_scope(products, 0, REGISTERS)
+    products = _partials_in_registers(sch, partial, kv_head, inner, "mixed_blocks")
     *_, heads, groups, channels, nibble, byte = sch.get_loops(products)
     vectors, lane = sch.split(channels, [None, lanes])
     init = sch.decompose_reduction(products, lane)
-    if intrinsic is not None:
-        sch.tensorize(lane, intrinsic)
-    else:
-        sch.vectorize(lane)
-        sch.unroll(nibble)
-        sch.unroll(byte)
+    _quad_dot(sch, lane, nibble, byte, intrinsic)
     sch.vectorize(sch.get_loops(init)[-1])
     for loop in (heads, groups, vectors):
         sch.unroll(loop)
     sch.unroll(shared)
     sch.vectorize(channel)
     sch.decompose_reduction(partial, inner)
-    head, channel, chunk = sch.get_loops(block)
-    sch.reorder(chunk, channel)
-    sch.vectorize(channel)
-    sch.decompose_reduction(block, chunk)
+    _sum_chunks(sch, block)
 
 
 def _per_head(sch: s_tir.Schedule) -> None:
@@ -616,14 +616,15 @@ def _group_partials_per_tile(sch: s_tir.Schedule, tile: int):
     return matmul, _partials_in_registers(sch, matmul, m, g), g, n_inner
 
 
-def _partials_in_registers(sch: s_tir.Schedule, matmul: s_tir.SBlockRV, outputs, group) -> s_tir.SBlockRV:
+def _partials_in_registers(sch: s_tir.Schedule, matmul: s_tir.SBlockRV, outputs, group,
+                           name: str = "partial") -> s_tir.SBlockRV:
     """``matmul``'s float outputs accumulated in registers under loop ``outputs`` (written back
-    after it), each group's ``partial`` sums computed in registers under loop ``group``; returns the
-    ``partial`` block."""
+    after it), each group's partial sums (block ``name``) computed in registers under loop
+    ``group``; returns the partial sums' block."""
     acc = sch.cache_write(matmul, 0, REGISTERS)
     sch.reverse_compute_at(acc, outputs)
     sch.vectorize(sch.get_loops(acc)[-1])
-    partial = sch.get_sblock("partial")
+    partial = sch.get_sblock(name)
     sch.compute_at(partial, group)
     sch.set_scope(partial, 0, REGISTERS)
     return partial
