@@ -43,7 +43,8 @@ KIVI_ATTENTION_TAG = "decode_attention_kivi"
 KIVI_GROUP_ATTR = "lowbit.kv4_group"  # the attention kernel's group size, for its schedule
 LEVELS = 15
 QUERY_LEVELS = 127  # decode's query, times the keys' scales, in int8 per key group (see attention_kernel)
-QUAD = 4  # bytes of a key's nibble quad: 8 channels
+QUAD = 4  # bytes of a nibble quad: 8 codes (a key's channels, or a value channel's positions)
+VALUE_BLOCK = 2 * QUAD  # positions of a value block: one quad per channel
 SCALE_DTYPE = "float16"
 
 
@@ -64,14 +65,23 @@ class Kivi:
         """``(suffix, dims, dtype)`` of each tensor of a ``key`` or ``value`` cache, in argument order."""
         h, d, g = self.kv_heads, self.head_dim, self.group
         stats = (1, h, f"capacity/{g}", d) if role == "key" else (1, h, "capacity", d // g)
-        return (("", self._codes_shape(role, f"capacity/{TILE if role == 'key' else 2 * QUAD}"), "uint8"), (".scale", stats, SCALE_DTYPE),
+        codes = self._codes_shape(role, f"capacity/{TILE if role == 'key' else VALUE_BLOCK}")
+        return (("", codes, "uint8"), (".scale", stats, SCALE_DTYPE),
                 (".min", stats, SCALE_DTYPE), (".window", (1, h, self.window, d), SCALE_DTYPE))
 
     def _codes_shape(self, role: str, extent) -> tuple:
         """The codes' shape whose capacity axis has ``extent`` entries: tiles (keys) or blocks of
-        ``2 * QUAD`` positions (values)."""
+        ``VALUE_BLOCK`` positions (values)."""
         h, d = self.kv_heads, self.head_dim
         return (1, h, extent, d // (2 * QUAD), TILE, QUAD) if role == "key" else (1, h, extent, d, QUAD)
+
+    def _byte(self, role: str, h, position, channel) -> tuple:
+        """Where the code of ``position``, ``channel`` is (see the module docstring): the index of
+        its byte, and 1 if it is the byte's high nibble, else 0."""
+        if role == "key":
+            return ((0, h, position // TILE, channel // (2 * QUAD), position % TILE, channel % QUAD),
+                    channel // QUAD % 2)
+        return (0, h, position // VALUE_BLOCK, channel, position % QUAD), position // QUAD % 2
 
     def quantized_end(self, length):
         """Positions ``[0, quantized_end)`` of a conversation of ``length`` are quantized."""
@@ -109,6 +119,12 @@ class Kivi:
                 step > T.float32(0), T.nearbyint((x - minimum) / step), T.float32(0)), T.float32(LEVELS)),
                 T.float32(0)))
 
+        def low_channel(byte):  # the channel in a key byte's low nibble
+            return byte // QUAD * 2 * QUAD + byte % QUAD
+
+        def first(start, block, byte):  # the position in a value byte's low nibble
+            return start + block * VALUE_BLOCK + byte
+
         @T.prim_func(private=True, s_tir=True)
         def append(var_codes: T.handle, var_scale: T.handle, var_min: T.handle, var_window: T.handle,
                    var_new: T.handle, past: T.int64):
@@ -141,21 +157,21 @@ class Kivi:
                     scale[0, vh, start // row_positions + vr, vc] = T.Cast(SCALE_DTYPE, (
                         T.Cast("float32", scale[0, vh, start // row_positions + vr, vc])
                         - T.Cast("float32", low[0, vh, start // row_positions + vr, vc])) / T.float32(LEVELS))
-            if keys:  # byte ``c`` of a position: two channels
+            if keys:  # byte ``c`` of a position: channels ``low_channel(c)`` and ``low_channel(c) + QUAD``
                 for h, p, c in T.grid(heads, end - start, half):
                     with T.sblock("quantize"):
                         vh, vp, vc = T.axis.remap("SSS", [h, p, c])
-                        codes[0, vh, (start + vp) // TILE, vc // QUAD, (start + vp) % TILE, vc % QUAD] = (
-                            quantized(win, new, scale, low, vh, start + vp, vc // QUAD * 2 * QUAD + vc % QUAD, past)
-                            | (quantized(win, new, scale, low, vh, start + vp,
-                                         vc // QUAD * 2 * QUAD + QUAD + vc % QUAD, past) << T.uint8(4)))
-            else:  # byte ``i`` of a channel in a block of ``2 * QUAD`` positions: two positions
-                for h, b, c, i in T.grid(heads, (end - start) // (2 * QUAD), dim, QUAD):
+                        codes[self._byte(role, vh, start + vp, low_channel(vc))[0]] = (
+                            quantized(win, new, scale, low, vh, start + vp, low_channel(vc), past)
+                            | (quantized(win, new, scale, low, vh, start + vp, low_channel(vc) + QUAD, past)
+                               << T.uint8(4)))
+            else:  # byte ``i`` of a channel in block ``b``: positions ``first(b, i)`` and ``first(b, i) + QUAD``
+                for h, b, c, i in T.grid(heads, (end - start) // VALUE_BLOCK, dim, QUAD):
                     with T.sblock("quantize"):
                         vh, vb, vc, vi = T.axis.remap("SSSS", [h, b, c, i])
-                        codes[0, vh, start // (2 * QUAD) + vb, vc, vi] = (
-                            quantized(win, new, scale, low, vh, start + vb * 2 * QUAD + vi, vc, past)
-                            | (quantized(win, new, scale, low, vh, start + vb * 2 * QUAD + QUAD + vi, vc, past)
+                        codes[self._byte(role, vh, first(start, vb, vi), vc)[0]] = (
+                            quantized(win, new, scale, low, vh, first(start, vb, vi), vc, past)
+                            | (quantized(win, new, scale, low, vh, first(start, vb, vi) + QUAD, vc, past)
                                << T.uint8(4)))
             for h, i, c in T.grid(heads, seq, dim):
                 with T.sblock("window"):
@@ -178,13 +194,9 @@ class Kivi:
         return (codes, scale, low, win)
 
     def _code(self, role, codes, h, j, channel, dtype):
-        """The code of position ``j``, ``channel`` (see the module docstring)."""
-        if role == "key":
-            byte = codes[0, h, j // TILE, channel // (2 * QUAD), j % TILE, channel % QUAD]
-            high = channel // QUAD % 2
-        else:
-            byte, high = codes[0, h, j // (2 * QUAD), channel, j % QUAD], j // QUAD % 2
-        return ((byte >> (high * 4).astype("uint8")) & tirx.const(LEVELS, "uint8")).astype(dtype)
+        """The code of position ``j``, ``channel``."""
+        index, high = self._byte(role, h, j, channel)
+        return ((codes[index] >> (high * 4).astype("uint8")) & tirx.const(LEVELS, "uint8")).astype(dtype)
 
     def _stat_index(self, role, j, channel):
         return (j // self.group, channel) if role == "key" else (j, channel // self.group)
@@ -298,8 +310,8 @@ class Kivi:
         j = te.reduce_axis((0, end), "j")
         weighted_min = te.compute((q_heads, groups), lambda h, g: te.sum(
             weights[h, j] * f32(value_min[0, h // per, j, g]), axis=j), "weighted_min")
-        # those in int8, one step per block of ``2 * QUAD`` positions, in int32 dot products per block
-        block = 2 * QUAD
+        # those in int8, one step per value block, in int32 dot products per block
+        block = VALUE_BLOCK
         j = te.reduce_axis((0, block), "j")
         p_peak = te.compute((q_heads, groups, end // block), lambda h, g, b: te.max(
             weighted_scale[h, g, b * block + j], axis=j), "p_peak")
@@ -308,8 +320,7 @@ class Kivi:
         p_codes = te.compute((q_heads, groups, end // block, block), lambda h, g, b, j: tirx.Select(
             p_step[h, g, b] > tirx.const(0, dtype), tirx.nearbyint(weighted_scale[h, g, b * block + j] / p_step[
                 h, g, b]), tirx.const(0, dtype)).astype("int8"), "p_codes")
-        nibble, i = (te.reduce_axis((tirx.const(0, "int64"), tirx.const(2, "int64")), "nibble"),
-                     te.reduce_axis((tirx.const(0, "int64"), tirx.const(QUAD, "int64")), "i"))
+        nibble, i = te.reduce_axis((0, 2), "nibble"), te.reduce_axis((0, QUAD), "i")
         mixed_blocks = te.compute((q_heads, end // block, groups, group), lambda h, b, g, e: te.sum(
             ((value_codes[0, h // per, b, g * group + e, i] >> (nibble * 4).astype("uint8"))
              & tirx.const(LEVELS, "uint8")).astype("int32")

@@ -26,7 +26,7 @@ from tvm.target.codegen import llvm_get_vector_width
 
 from lowbit.codegen.attention import (APPEND_TAG, CHUNK, DECODE_ATTENTION_TAG, DEQUANTIZE_TAG, HEADS_PER_KV_ATTR,
                                       PROMPT_ATTENTION_TAG, ROWS, TILE)
-from lowbit.codegen.kivi import KIVI_ATTENTION_TAG, KIVI_GROUP_ATTR
+from lowbit.codegen.kivi import KIVI_ATTENTION_TAG, KIVI_GROUP_ATTR, VALUE_BLOCK
 from lowbit.codegen.formats import W8A8_KINDS
 from lowbit.codegen.kernels import GEMV_ATTR, KERNEL_ATTR, ROW_BLOCK, TILE_ATTR
 
@@ -433,8 +433,8 @@ def _sum_chunks(sch: s_tir.Schedule, block: s_tir.SBlockRV) -> None:
 
 def _accumulate_blocks_in_chunks(sch: s_tir.Schedule, heads_per_kv: int, group: int, lanes: int,
                                  intrinsic: str | None) -> None:
-    """kv4's value accumulation (``mixed``: per query head and channel, a sum over blocks of 8
-    positions of an int32 dot product ``mixed_blocks`` times the block's step) as partial sums over
+    """kv4's value accumulation (``mixed``: per query head and channel, a sum over blocks of
+    ``VALUE_BLOCK`` positions of an int32 dot product ``mixed_blocks`` times the block's step) as partial sums over
     chunks of ``gcd(CHUNK, group)`` positions (the quantized positions are whole groups: no chunk
     is partial), parallel over chunks: per KV head and block, the KV head's
     query heads' int32 sums in registers, ``lanes`` channels at a time tensorized with the target's
@@ -442,7 +442,7 @@ def _accumulate_blocks_in_chunks(sch: s_tir.Schedule, heads_per_kv: int, group: 
     sums, also in registers; then the chunks' sums added, channels vectorized."""
     block = sch.get_sblock("mixed")
     head, channel, blocks = sch.get_loops(block)
-    chunk, inner = sch.split(blocks, [None, math.gcd(CHUNK, group) // 8])
+    chunk, inner = sch.split(blocks, [None, math.gcd(CHUNK, group) // VALUE_BLOCK])
     partial = sch.rfactor(chunk, 0)
     head, channel, chunk, inner = sch.get_loops(partial)
     kv_head, shared = sch.split(head, [None, heads_per_kv])
