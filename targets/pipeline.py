@@ -1,8 +1,10 @@
 """The CPU families' lowering pipeline and the build driver: Relax with lowbit kernels -> a library.
 
 :func:`cpu_pipeline` is TVM's CPU pipeline (library dispatch, legalization, fusion, dataflow
-lowering, finalization) with fast polynomial exponentials before legalization
-(:mod:`lowbit.targets.fast_math`) and one scheduling step after fusion: ``dlight.ApplyDefaultSchedule`` with
+lowering, finalization) with common subexpressions merged first (an imported graph recomputes what
+every layer shares, e.g. the attention mask and the rotary tables, once per layer: 30 ``where``
+kernels over the whole context per token in SmolLM2's decode), fast polynomial exponentials before
+legalization (:mod:`lowbit.targets.fast_math`) and one scheduling step after fusion: ``dlight.ApplyDefaultSchedule`` with
 the target's own rules first (lowbit's linear kernels, marked opaque so fusion leaves them whole,
 and the attention products; see :mod:`lowbit.targets.simd`), then dlight's generic CPU rules for
 the remaining generated kernels (norms, softmax, elementwise). A family whose targets have no rules
@@ -58,7 +60,8 @@ def cpu_pipeline(chip) -> tvm.transform.Pass:
     def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         with target:
             passes = (
-                cpu_generic.library_dispatch_passes(target)
+                [relax.transform.EliminateCommonSubexpr()]
+                + cpu_generic.library_dispatch_passes(target)
                 + fast_math_passes()
                 + [
                     relax.transform.LegalizeOps(),
