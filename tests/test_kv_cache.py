@@ -12,6 +12,7 @@ from lowbit.codegen.attention import (CHUNK, TILE, decode_attention_kernel, floa
                                      kv8_append_kernel, kv8_dequantize_kernel, kv_append_kernel, kv_read_kernel,
                                      prompt_attention_kernel)
 from lowbit.codegen.kivi import Kivi
+from lowbit.compiler.runtime.host_memory import ALIGNMENT, HUGE_PAGE, arena_tensors
 from lowbit.passes.kv_cache import cache_in_place
 from lowbit.passes.model_ir import KVLayout, ModelIR, kv_names, make_entry_module
 from lowbit.passes.recipe import KVQuant
@@ -552,6 +553,22 @@ def test_an_unexpected_cache_reader_is_named():
                      ["logits"], KVLayout(1, KV_HEADS, DIM), VOCAB, 64)
     with pytest.raises(LowbitError, match=r"KV-cache input past_key_values\.0\.key is read by relax\.sum"):
         cache_in_place(broken, kv_scheme(None, broken.kv))
+
+
+def test_host_arena_tensors_are_aligned_zero_and_shared_with_their_views():
+    """The session's weights and caches live in one arena each (compiler/runtime/host_memory.py): every
+    tensor 64-byte aligned (the first on a huge-page boundary), zero, of its shape and dtype, and the
+    same memory as its numpy view (filling the view fills the tensor, no copy)."""
+    specs = [((3, 5), "float32"), ((0, 4), "uint8"), ((7,), "float16"), ((2, 3, 64), "int8")]
+    tensors, views = arena_tensors(specs)
+    assert [(tuple(t.shape), str(t.dtype)) for t in tensors] == specs
+    assert views[0].ctypes.data % HUGE_PAGE == 0
+    assert all(view.ctypes.data % ALIGNMENT == 0 for view in views)
+    assert all(not t.numpy().any() for t in tensors)
+    views[3][...] = np.arange(6 * 64).reshape(2, 3, 64) % 127
+    views[0][1] = 1.5
+    np.testing.assert_array_equal(tensors[3].numpy(), np.arange(6 * 64).reshape(2, 3, 64) % 127)
+    np.testing.assert_array_equal(tensors[0].numpy()[:, 0], [0, 1.5, 0])
 
 
 # -- SmolLM2 ------------------------------------------------------------------------------------

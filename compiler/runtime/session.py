@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from .artifact import LIBRARY, WEIGHTS, read_manifest
+from .host_memory import arena_tensors
 from .threads import use_available_cores
 from lowbit.codegen.errors import LowbitError
 from lowbit.codegen.cache_layout import (RING_CALL_TOKENS, CacheBuffer, capacity_for, kv_report, layer_capacity,
@@ -99,7 +100,9 @@ class Session:
         self._weight_names = [entry["name"] for entry in manifest["weights"]]
         if verify:
             self._check_signature()
-        self._weights = [tvm.runtime.tensor(arrays[name], self.device) for name in self._weight_names]
+        self._weights, views = arena_tensors([(arrays[name].shape, arrays[name].dtype) for name in self._weight_names])
+        for view, name in zip(views, self._weight_names):
+            np.copyto(view, arrays[name])
         kv = manifest["kv_cache"]
         self.num_layers = kv["num_layers"]
         # every cache tensor in the entry functions' order, with its layer's ring window (or None)
@@ -183,22 +186,22 @@ class Session:
                               f"allocated (--max-context); start it with a larger one, up to {self.max_context}")
         wanted = tokens if self.fixed_context is not None else max(tokens, 2 * self.capacity, INITIAL_CAPACITY)
         capacity = capacity_for(min(wanted, self.max_context), self._capacity_multiple)
-        grown = []
-        for index, (buffer, window) in enumerate(self._buffers):
-            layer = self._layer_capacity(window, capacity)
-            if self._cache and layer == self._layer_capacity(window):
-                grown.append(self._cache[index])  # a ring at its full size
-                continue
-            # kernels use only positions a call wrote (decode attention masks the rest of its last chunk):
-            # new memory needs no clearing; a ring that grows has not wrapped yet (its capacity was the session's)
-            tensor = self._tvm.runtime.empty(buffer.shape(layer), buffer.dtype, self.device)
-            if self._cache and self.position:
+        layers = [self._layer_capacity(window, capacity) for _, window in self._buffers]
+        kept = {index for index, (_, window) in enumerate(self._buffers)  # rings at their full size
+                if self._cache and layers[index] == self._layer_capacity(window)}
+        fresh = [index for index in range(len(self._buffers)) if index not in kept]
+        # kernels use only positions a call wrote (decode attention masks the rest of its last chunk);
+        # a ring that grows has not wrapped yet (its capacity was the session's)
+        tensors, views = arena_tensors([(self._buffers[index][0].shape(layers[index]), self._buffers[index][0].dtype)
+                                        for index in fresh])
+        if self._cache and self.position:
+            for index, view in zip(fresh, views):  # capacity axes grow; fixed ones match
                 old = self._cache[index].numpy()
-                array = np.zeros(buffer.shape(layer), buffer.dtype)
-                array[tuple(slice(0, n) for n in old.shape)] = old  # capacity axes grow; fixed ones match
-                tensor.copyfrom(array)
-            grown.append(tensor)
-        self._cache, self.capacity = grown, capacity
+                view[tuple(slice(0, n) for n in old.shape)] = old
+        allocated = dict(zip(fresh, tensors))
+        self._cache = [allocated[index] if index in allocated else self._cache[index]
+                       for index in range(len(self._buffers))]
+        self.capacity = capacity
 
     @contextlib.contextmanager
     def weights_replaced(self, arrays: dict[str, np.ndarray]):
