@@ -29,17 +29,13 @@ def arena_tensors(specs: list[tuple[tuple[int, ...], str]]) -> tuple[list, list[
     the tensors and numpy views of the same memory (for filling them)."""
     import tvm
 
-    offsets, size = [], 0
-    for shape, dtype in specs:
-        offsets.append(size)
-        size += -(-int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize // ALIGNMENT) * ALIGNMENT
-    region = mmap.mmap(-1, size + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    sizes = [int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize for shape, dtype in specs]
+    offsets = np.cumsum([0] + [-(-size // ALIGNMENT) * ALIGNMENT for size in sizes])
+    region = mmap.mmap(-1, int(offsets[-1]) + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     raw = np.frombuffer(region, np.uint8)
     start = -raw.ctypes.data % HUGE_PAGE
-    if hasattr(mmap, "MADV_HUGEPAGE") and size:
-        region.madvise(mmap.MADV_HUGEPAGE, start, size)
-    views = []
-    for (shape, dtype), offset in zip(specs, offsets):
-        count = int(np.prod(shape, dtype=np.int64))
-        views.append(raw[start + offset:start + offset + count * np.dtype(dtype).itemsize].view(dtype).reshape(shape))
+    if hasattr(mmap, "MADV_HUGEPAGE") and offsets[-1]:
+        region.madvise(mmap.MADV_HUGEPAGE, start, int(offsets[-1]))
+    views = [raw[start + offset:start + offset + size].view(dtype).reshape(shape)
+             for (shape, dtype), offset, size in zip(specs, offsets, sizes)]
     return [tvm.runtime.from_dlpack(view) for view in views], views

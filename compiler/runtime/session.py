@@ -187,20 +187,19 @@ class Session:
         wanted = tokens if self.fixed_context is not None else max(tokens, 2 * self.capacity, INITIAL_CAPACITY)
         capacity = capacity_for(min(wanted, self.max_context), self._capacity_multiple)
         layers = [self._layer_capacity(window, capacity) for _, window in self._buffers]
-        kept = {index for index, (_, window) in enumerate(self._buffers)  # rings at their full size
-                if self._cache and layers[index] == self._layer_capacity(window)}
-        fresh = [index for index in range(len(self._buffers)) if index not in kept]
+        fresh = [index for index, (_, window) in enumerate(self._buffers)  # (a ring at its full size is kept)
+                 if not self._cache or layers[index] != self._layer_capacity(window)]
         # kernels use only positions a call wrote (decode attention masks the rest of its last chunk);
         # a ring that grows has not wrapped yet (its capacity was the session's)
         tensors, views = arena_tensors([(self._buffers[index][0].shape(layers[index]), self._buffers[index][0].dtype)
                                         for index in fresh])
-        if self._cache and self.position:
-            for index, view in zip(fresh, views):  # capacity axes grow; fixed ones match
+        cache = list(self._cache) or [None] * len(self._buffers)
+        for index, tensor, view in zip(fresh, tensors, views):
+            if self._cache and self.position:  # capacity axes grow; fixed ones match
                 old = self._cache[index].numpy()
                 view[tuple(slice(0, n) for n in old.shape)] = old
-        allocated = dict(zip(fresh, tensors))
-        self._cache = [allocated[index] if index in allocated else self._cache[index]
-                       for index in range(len(self._buffers))]
+            cache[index] = tensor
+        self._cache = cache
         self.capacity = capacity
 
     @contextlib.contextmanager
