@@ -92,12 +92,15 @@ class LowbitLinear:
         from tvm import tirx
 
         from lowbit.compiler import get_recipe
+        from lowbit.codegen.host_cpu import TILE_CAPABILITY, request_tile_state
         from lowbit.codegen.kernels import linear_kernel
         from lowbit.passes.quantize_linears import pack_linear
         from lowbit.targets import get_target, schedule
 
         self.tvm, self.pack_linear, self.recipe = tvm, pack_linear, get_recipe(recipe)
         self.chip = get_target("host")
+        if TILE_CAPABILITY in self.chip.capabilities:  # AMX: the OS grants the tile state on request
+            request_tile_state()
         probe = pack_linear(np.zeros((n, k), np.float32) + 0.01, self.recipe, "w", self.chip)
         m_arg = 1 if m == 1 else tirx.Var("m", "int64")
         func = linear_kernel(probe.fmt, probe.layout, m_arg, probe.layout.padded(n), k)

@@ -15,6 +15,7 @@ from .packing import from_column_tiles, pack_byte_quads, pack_int4_quads, to_col
 
 FORMAT_KINDS = ("f32", "int8", "int4", "w8a8", "w8a8_static", "w4a8")
 W8A8_KINDS = ("w8a8", "w8a8_static")  # int8 activations: per-token dynamic scales / one static scale
+ROW_BLOCK = 4  # by default a GEMM's integer dot products run over its rows padded to a multiple of this
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,13 +50,16 @@ class LinearFormat:
 @dataclasses.dataclass(frozen=True)
 class ColumnTiles:
     """Every weight tensor as ``[ceil(N / tile), K', tile]``: each tile of ``tile`` output channels
-    contiguous, so a kernel streams a tile front to back and vectorizes across its channels."""
+    contiguous, so a kernel streams a tile front to back and vectorizes across its channels.
+    ``row_block``: the integer-dot GEMMs (``w8a8``) run over their rows padded with zero rows to a
+    multiple of this, the row block of the chip's tile or register tile (it changes no weight)."""
 
     tile: int
+    row_block: int = ROW_BLOCK
 
     @property
     def tag(self) -> str:
-        return f"t{self.tile}"
+        return f"t{self.tile}" + (f"r{self.row_block}" if self.row_block != ROW_BLOCK else "")
 
     def pack(self, matrix: np.ndarray) -> np.ndarray:
         """``[R, N]`` -> ``[ceil(N / tile), R, tile]`` (columns past ``N`` are zero padding)."""

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 from tvm import te, tirx
 
-from .formats import W8A8_KINDS, ColumnTiles, LinearFormat
+from .formats import ROW_BLOCK, W8A8_KINDS, ColumnTiles, LinearFormat
 from .packing import INT4_PER_WORD
 
 KERNEL_ATTR = "lowbit.kernel"  # the weight format tag; marks a PrimFunc as a lowbit linear kernel
 TILE_ATTR = "lowbit.tile"  # output channels per column tile of the weights' layout
 GEMV_ATTR = "lowbit.gemv"  # True when M == 1 (decode)
+ROW_BLOCK_ATTR = "lowbit.row_block"  # the integer-dot GEMM's row padding (ColumnTiles.row_block)
 INT8_QMAX = 127  # int8 activation codes are clipped to [-127, 127]
 
 
@@ -46,14 +47,15 @@ def linear_kernel(fmt: LinearFormat, layout: ColumnTiles, m, n: int, k: int, dty
         raise ValueError(f"n={n} is not a multiple of the column tile {t}")
     tiles = n // t
     if fmt.kind in W8A8_KINDS:
-        func = w8a8_kernel(fmt, t, m, k, tiles, dtype)
+        func = w8a8_kernel(fmt, t, m, k, tiles, dtype, layout.row_block)
     elif fmt.kind == "w4a8":
         func = w4a8_kernel(fmt, t, m, k, tiles, dtype)
     elif fmt.kind == "int4" and isinstance(m, int) and m == 1:
         func = int4_gemv_kernel(fmt, t, k, tiles, dtype)
     else:
         func = _dequant_matmul_kernel(fmt, t, m, k, tiles, dtype)
-    return func.with_attrs({KERNEL_ATTR: fmt.tag, TILE_ATTR: t, GEMV_ATTR: isinstance(m, int) and m == 1})
+    return func.with_attrs({KERNEL_ATTR: fmt.tag, TILE_ATTR: t, GEMV_ATTR: isinstance(m, int) and m == 1,
+                            ROW_BLOCK_ATTR: layout.row_block})
 
 
 def _dequant_matmul_kernel(fmt: LinearFormat, t: int, m, k: int, tiles: int, dtype: str) -> tirx.PrimFunc:
@@ -149,16 +151,15 @@ def int4_gemv_kernel(fmt: LinearFormat, t: int, k: int, tiles: int, dtype: str =
     return te.create_prim_func([x, *inputs, y])
 
 
-ROW_BLOCK = 4  # a GEMM's integer dot products run over its rows padded to a multiple of this (zero rows)
 W8A8_ZERO = 128  # the zero point of w8a8 weight codes (unsigned bytes): weight = scale * (code - 128)
 QUAD = 4  # inputs per byte quad (the 4-way byte dot product's depth)
 
 
-def padded_rows(m):
-    """The rows a GEMM's integer dot product covers: ``m`` rounded up to a multiple of ``ROW_BLOCK``
-    (a GEMV's single row as it is), so that a schedule blocking the rows by ``ROW_BLOCK`` has no
+def padded_rows(m, row_block: int = ROW_BLOCK):
+    """The rows a GEMM's integer dot product covers: ``m`` rounded up to a multiple of ``row_block``
+    (a GEMV's single row as it is), so that a schedule blocking the rows by ``row_block`` has no
     partial block: a tensorized loop nest cannot carry a bounds predicate."""
-    return m if isinstance(m, int) and m == 1 else (m + ROW_BLOCK - 1) // ROW_BLOCK * ROW_BLOCK
+    return m if isinstance(m, int) and m == 1 else (m + row_block - 1) // row_block * row_block
 
 
 def _input_row(i, m, rows) -> tuple:
@@ -175,7 +176,8 @@ def w8a8_padded_k(k: int) -> int:
     return -(-k // QUAD) * QUAD
 
 
-def w8a8_kernel(fmt: LinearFormat, t: int, m, k: int, tiles: int, dtype: str = "float32") -> tirx.PrimFunc:
+def w8a8_kernel(fmt: LinearFormat, t: int, m, k: int, tiles: int, dtype: str = "float32",
+                row_block: int = ROW_BLOCK) -> tirx.PrimFunc:
     """W8A8: int8 activations times int8 weights, a byte dot product accumulated exactly in int32.
 
     Arguments, in order: ``X[M, K]`` float, ``W[N/t, Kp/4, t, 4]`` uint8 byte quads
@@ -194,12 +196,12 @@ def w8a8_kernel(fmt: LinearFormat, t: int, m, k: int, tiles: int, dtype: str = "
     The unsigned codes times the signed activations are the operands of x86's ``vpdpbusd`` as they
     are; the zero point is taken out once per row and channel. The dot product reduces over
     ``(ko, j)`` with ``k = 4 ko + j``, so a target can tensorize ``(channels, j)`` as one vector load
-    and one 4-way byte dot product; ``xq``, ``xsum`` and ``acc`` cover :func:`padded_rows` rows
-    (the padding rows zero). Blocks: ``act_absmax`` and ``act_scale`` (``w8a8`` only),
+    and one 4-way byte dot product; ``xq``, ``xsum`` and ``acc`` cover :func:`padded_rows` rows for
+    ``row_block`` (the padding rows zero). Blocks: ``act_absmax`` and ``act_scale`` (``w8a8`` only),
     ``act_quant``, ``act_sum``, ``matmul`` (int32) and ``output``. Exact for ``K < 2^31 / (255 * 127)``.
     """
     k_padded = w8a8_padded_k(k)
-    rows = padded_rows(m)
+    rows = padded_rows(m, row_block)
     x = te.placeholder((m, k), dtype, name="X")
     w = te.placeholder((tiles, k_padded // QUAD, t, QUAD), "uint8", name="W")
     w_scale = te.placeholder((tiles, t), dtype, name="scale")

@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from lowbit.codegen.errors import LowbitError
-from lowbit.codegen.formats import W8A8_KINDS, ColumnTiles, LinearFormat
+from lowbit.codegen.formats import ROW_BLOCK, W8A8_KINDS, ColumnTiles, LinearFormat
 from lowbit.codegen.host_cpu import missing_here
 
 
@@ -40,6 +40,8 @@ class ChipTarget:
             with the codes ahead prefetched); ``None``: ``int4_dot``.
         int8_dot, int8_dot_gemv: the same for the ``w8a8`` kernels' byte quads
             (:mod:`lowbit.targets.dot_intrinsics`).
+        int8_gemm_rows: the row block the ``w8a8`` GEMMs pad their rows to
+            (:attr:`~lowbit.codegen.formats.ColumnTiles.row_block`; 32 for AMX's two 16-row tiles).
         machines: ``platform.machine()`` values of hosts that run this target's code.
         cpu_flags: the host CPU flag (``/proc/cpuinfo``) that proves each capability, where its name differs.
         cross_compiler: the C++ compiler that links ``model.so`` when the target is not this
@@ -59,6 +61,7 @@ class ChipTarget:
     int4_dot_gemv: str | None = None
     int8_dot: str | None = None
     int8_dot_gemv: str | None = None
+    int8_gemm_rows: int = ROW_BLOCK
     machines: tuple[str, ...] = ()
     cpu_flags: Mapping[str, str] = dataclasses.field(default_factory=dict)
     cross_compiler: str | None = None
@@ -78,7 +81,9 @@ class ChipTarget:
         """The memory layout this chip's kernels want for a linear weight of format ``fmt``: for the
         byte dot product (``w4a8``, ``w8a8``), ``DOT_ACCUMULATORS`` vectors of ``dot_lanes`` channels
         per tile (independent accumulator chains hide the instruction's latency)."""
-        if fmt.kind in ("w4a8", *W8A8_KINDS):
+        if fmt.kind in W8A8_KINDS:
+            return ColumnTiles(DOT_ACCUMULATORS * self.dot_lanes, self.int8_gemm_rows)
+        if fmt.kind == "w4a8":
             return ColumnTiles(DOT_ACCUMULATORS * self.dot_lanes)
         return ColumnTiles(self.linear_tile)
 

@@ -28,7 +28,7 @@ from lowbit.codegen.attention import (APPEND_TAG, CHUNK, DECODE_ATTENTION_TAG, D
                                       PROMPT_ATTENTION_TAG, ROWS, TILE)
 from lowbit.codegen.kivi import KIVI_ATTENTION_TAG, KIVI_GROUP_ATTR, VALUE_BLOCK
 from lowbit.codegen.formats import W8A8_KINDS
-from lowbit.codegen.kernels import GEMV_ATTR, KERNEL_ATTR, ROW_BLOCK, TILE_ATTR
+from lowbit.codegen.kernels import GEMV_ATTR, KERNEL_ATTR, ROW_BLOCK, ROW_BLOCK_ATTR, TILE_ATTR
 
 from .pipeline import cpu_pipeline
 from .registry import ChipTarget
@@ -546,7 +546,7 @@ class W8A8Linear(_LinearRule):
     parallel over column tiles, tensorized with the target's ``int8_dot`` intrinsic (``int8_dot_gemv``
     for the GEMV) where it names one, into a register tile of int32 accumulators: the tile's vectors
     of ``lanes`` channels (independent chains) times one row (GEMV) or ``ROW_BLOCK`` rows (GEMM: the
-    rows its dot product is padded to a multiple of, so the tensorized loops carry no predicate),
+    kernel pads its rows to its row block, a multiple of this, so the tensorized loops carry no predicate),
     each vector of codes loaded once for the block's rows. The GEMM runs the inputs in chunks of
     ``K_CHUNK_QUADS`` quads, all row blocks per chunk, so the tile's codes for a chunk are read from
     L2 by every row block (a whole 4,096-input tile is 256 KiB: with both cores streaming their own,
@@ -563,12 +563,11 @@ class W8A8Linear(_LinearRule):
 
     def schedule(self, sch, gemv, tile, tunable):
         if not gemv:
-            static = str(sch.mod["main"].attrs[KERNEL_ATTR]) == "w8a8_static"
-            for name in ("act_quant", "act_sum") if static else ("act_absmax", "act_quant", "act_sum"):
-                sch.parallel(sch.get_loops(sch.get_sblock(name))[0])
+            quantize_rows_in_parallel(sch)
         output = sch.get_sblock("output")
         rows, channels = sch.get_loops(output)
-        row_outer, row_inner = sch.split(rows, [None, 1 if gemv else ROW_BLOCK])
+        # the output's rows in blocks of the kernel's row padding: the int32 sums cover them whole
+        row_outer, row_inner = sch.split(rows, [None, 1 if gemv else int(sch.mod["main"].attrs[ROW_BLOCK_ATTR])])
         n_outer, n_inner = sch.split(channels, [None, tile])
         sch.reorder(n_outer, row_outer, row_inner, n_inner)
         sch.parallel(n_outer)
@@ -601,6 +600,13 @@ class W8A8Linear(_LinearRule):
         for loop in (*rows, vectors):
             sch.unroll(loop)
         sch.vectorize(sch.get_loops(init)[-1])
+
+
+def quantize_rows_in_parallel(sch: s_tir.Schedule) -> None:
+    """A W8A8 GEMM's activation quantization (absmax, codes, code sums) parallel over rows."""
+    static = str(sch.mod["main"].attrs[KERNEL_ATTR]) == "w8a8_static"
+    for name in ("act_quant", "act_sum") if static else ("act_absmax", "act_quant", "act_sum"):
+        sch.parallel(sch.get_loops(sch.get_sblock(name))[0])
 
 
 def _group_partials_per_tile(sch: s_tir.Schedule, tile: int):
@@ -767,14 +773,15 @@ class W4A8Linear(_LinearRule):
 LINEAR_RULES = (Int4Gemv(), DequantLinear())  # the most specific first
 
 
-def simd_target(**fields) -> ChipTarget:
+def simd_target(first_rules: tuple = (), **fields) -> ChipTarget:
     """A CPU target on these rules and the CPU pipeline; ``fields`` as :class:`ChipTarget` takes them
     (``dot_lanes``, ``int4_dot``, ``int8_dot`` and their ``_gemv`` variants also configure the
-    ``w4a8`` and ``w8a8`` rules)."""
+    ``w4a8`` and ``w8a8`` rules). ``first_rules`` are tried before these (a kernel they decline
+    falls through to the SIMD rules)."""
     lanes = fields.get("dot_lanes", 4)
     w8a8 = W8A8Linear(lanes, fields.get("int8_dot"), fields.get("int8_dot_gemv"))
     w4a8 = W4A8Linear(lanes, fields.get("int4_dot"), fields.get("int4_dot_gemv"))
     cache = CacheKernels(lanes, fields.get("int4_dot"))
-    return ChipTarget(rules=(w8a8, *LINEAR_RULES, w4a8, cache, BatchMatmul(), SingleRowReduction()),
+    return ChipTarget(rules=(*first_rules, w8a8, *LINEAR_RULES, w4a8, cache, BatchMatmul(), SingleRowReduction()),
                       pipeline=cpu_pipeline,
                       **fields)

@@ -1,4 +1,5 @@
-"""x86-64 targets: AVX2 (+FMA), AVX-VNNI, AVX-512 with VNNI, on the SIMD rules of :mod:`lowbit.targets.simd`.
+"""x86-64 targets: AVX2 (+FMA), AVX-VNNI, AVX-512 with VNNI, and the latter with AMX tiles for the
+W8A8 GEMMs (:mod:`lowbit.targets.x86_amx`), on the SIMD rules of :mod:`lowbit.targets.simd`.
 
 The ``w4a8`` kernels' byte dot product (:mod:`lowbit.targets.dot_intrinsics`) runs on AVX-512 VNNI
 ``vpdpbusd`` (16 int32 lanes: 4 unsigned codes times 4 signed activations per lane and instruction),
@@ -24,6 +25,7 @@ from tvm.script import tirx as T
 from .dot_intrinsics import register_byte_dot, register_nibble_dot
 from .registry import register_target
 from .simd import simd_target
+from .x86_amx import BLOCK, AmxW8A8Gemm
 
 MACHINES = ("x86_64", "AMD64")
 PREFETCH_BYTES = 1024
@@ -164,4 +166,16 @@ X86_VNNI = register_target(simd_target(
     tvm_target={"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "cascadelake"},
     capabilities=("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni"),
     description="x86-64 with AVX-512 and VNNI (Cascade Lake, Ice Lake, Zen 4 and newer)",
+))
+
+X86_AMX = register_target(simd_target(
+    first_rules=(AmxW8A8Gemm(),),
+    name="x86-amx", family="x86", machines=MACHINES, linear_tile=32, dot_lanes=16, int4_dot=NIBBLE_DOT_VNNI,
+    int4_dot_gemv=NIBBLE_DOT_VNNI_STREAM, int8_dot=BYTE_DOT_VNNI, int8_dot_gemv=BYTE_DOT_VNNI_STREAM,
+    int8_gemm_rows=BLOCK,
+    # x86-vnni's code generation plus the tile instructions: only the W8A8 GEMMs differ
+    tvm_target={"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "cascadelake",
+                "mattr": ["+amx-tile", "+amx-int8"]},
+    capabilities=("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "amx_tile", "amx_int8"),
+    description="x86-64 with AVX-512 VNNI and AMX-INT8 tiles for the W8A8 prefill GEMMs (Sapphire Rapids and later)",
 ))

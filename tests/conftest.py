@@ -4,8 +4,10 @@ an artifact and loaded)."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -105,6 +107,35 @@ def eval_tokens(smol_folder):
     start = text.index("CHAPTER I")
     tokenizer = Tokenizer.from_file(str(smol_folder / "tokenizer.json"))
     return tokenizer.encode(text[start:start + 6000]).ids[:513]
+
+
+class ModelledTiles:
+    """The ``instruction`` of :class:`lowbit.targets.x86_amx.AmxW8A8Gemm` that makes each AMX tile
+    instruction a call into a software model of it (tests/amx_model.c), so that code with AMX's
+    kernels runs on any x86-64 CPU: the kernels' addresses, strides, tile configuration and operand
+    roles are checked against the instructions' definitions on every machine, and the tile products
+    they run are counted."""
+
+    def __init__(self, folder: Path):
+        library = folder / "amx_model.so"
+        source = Path(__file__).with_name("amx_model.c")
+        subprocess.run(["gcc", "-O2", "-shared", "-fPIC", "-o", str(library), str(source)], check=True)
+        self._library = ctypes.CDLL(str(library), mode=ctypes.RTLD_GLOBAL)  # TVM's code resolves amx_model_* here
+        self._library.amx_model_tile_products.restype = ctypes.c_long
+
+    def __call__(self, op: str, *args):
+        from tvm.script import tirx as T
+
+        return T.call_extern("int32", f"amx_model_{op}", *args)
+
+    def products(self) -> int:
+        """The tile products (``tdpbsud``) run so far in this process."""
+        return self._library.amx_model_tile_products()
+
+
+@pytest.fixture(scope="session")
+def modelled_tiles(tmp_path_factory) -> ModelledTiles:
+    return ModelledTiles(tmp_path_factory.mktemp("amx"))
 
 
 @pytest.fixture(scope="session")

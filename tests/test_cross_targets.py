@@ -1,5 +1,6 @@
 """Targets other than this machine: AArch64 code generation, calibrated recipes compiled for a chip the
-host cannot run (calibration runs on the host), and what happens without a linker.
+host cannot run (calibration runs on the host), what happens without a linker, and a model built
+with x86-amx's kernels run on modelled tiles.
 
 Nothing here runs AArch64 code; the tests check that the kernels are lowered to NEON vector
 instructions, that an ARM artifact of a calibrated recipe holds the same quantized weights as an x86
@@ -7,6 +8,7 @@ build (so calibration ran on the host, not the chip), and that a missing cross c
 error. CI installs ``g++-aarch64-linux-gnu`` so that the ARM libraries are linked for real.
 """
 
+import dataclasses
 import re
 import shutil
 from collections import Counter
@@ -19,6 +21,7 @@ from lowbit.codegen.packing import from_column_tiles, unpack_byte_quads, unpack_
 from lowbit.compiler import CalibrationText, compile as lowbit_compile, get_recipe, prepare
 from lowbit.compiler.runtime.artifact import read_manifest
 from lowbit.targets import get_target
+from lowbit.targets.x86_amx import AmxW8A8Gemm
 
 from .conftest import lowbit_cli
 
@@ -98,3 +101,24 @@ def test_missing_cross_compiler_is_named_before_compiling(tmp_path, tiny_model_d
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "cross compiler no-such-aarch64-g++" in done.stderr and "LOWBIT_CROSS_CXX" in done.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(get_target("host").family != "x86", reason="the AMX model is called from x86-64 code")
+def test_amx_build_matches_vnni_on_modelled_tiles(tiny_prepared, modelled_tiles):
+    """x86-amx's rules on a whole w8a8 model (its prefill GEMMs on AMX tiles, run by the software
+    model; the host's instructions otherwise): the same logits as the x86-vnni build, prompt and
+    decode, since both add the same integer products and apply the same float epilogue."""
+    amx, vnni = get_target("x86-amx"), get_target("x86-vnni")
+    modelled = dataclasses.replace(amx, rules=(AmxW8A8Gemm(modelled_tiles), *amx.rules[1:]),
+                                   tvm_target=vnni.tvm_target, capabilities=vnni.capabilities)
+    if not modelled.runs_on_this_machine():
+        pytest.skip(f"needs {', '.join(vnni.capabilities)} besides the modelled tiles")
+    recipe = get_recipe("w8a8-naive")
+    built = tiny_prepared.build(recipe, modelled)
+    assert "amx_model_tdpbsud" in _assembly(built.executable)
+    ids = list(range(100, 137))  # 37 tokens: a whole block of 32 rows and a partial one
+    sessions = [built.session(), tiny_prepared.build(recipe, vnni).session()]
+    prompt = [s.prefill(ids) for s in sessions]
+    np.testing.assert_allclose(prompt[0], prompt[1], rtol=1e-5, atol=1e-5 * np.abs(prompt[1]).max())
+    step = [s.decode(7) for s in sessions]
+    np.testing.assert_allclose(step[0], step[1], rtol=1e-5, atol=1e-5 * np.abs(step[1]).max())

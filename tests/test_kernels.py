@@ -6,14 +6,17 @@ import tvm
 from tvm import te, tirx
 
 from lowbit.codegen.errors import LowbitError
+from lowbit.codegen.host_cpu import cpu_flags, request_tile_state
 from lowbit.codegen.formats import LinearFormat
 from lowbit.codegen.kernels import W8A8_ZERO, linear_kernel
 from lowbit.codegen.packing import unpack_byte_quads
+from lowbit.compiler.runtime.session import _request_cpu_state
 from lowbit.passes.quantize_linears import pack_linear
 from lowbit.passes.recipe import ActQuant, Recipe, WeightQuant
 from lowbit.passes.schemes import linear_scheme
 from lowbit.passes.statistics import LinearStatistics
 from lowbit.targets import get_target, schedule
+from lowbit.targets.x86_amx import AmxW8A8Gemm
 
 CHIP = get_target("host")
 RECIPES = {
@@ -110,7 +113,7 @@ def test_w8a8_kernel_matches_integer_reference(kind, m_rows, n, k):
 
 
 DOT_PATHS = {"x86-vnni": "vpdpbusd", "x86-avxvnni": "{vex}\tvpdpbusd", "x86-avx2": None,
-             "arm-dotprod": None}  # target -> its byte dot instruction
+             "arm-dotprod": None, "x86-amx": "vpdpbusd"}  # target -> its byte dot instruction (AMX: K % 64)
 
 
 @pytest.mark.parametrize("target", sorted(DOT_PATHS))
@@ -135,6 +138,71 @@ def test_w8a8_kernel_per_isa_path(target, m_rows):
     executable.jit()["kernel"](*[tvm.runtime.tensor(a) for a in [x, *packed.tensors.values()]], out)
     want = _w8a8_reference(packed, x)
     np.testing.assert_allclose(out.numpy()[:, :n], want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+AMX = get_target("x86-amx")
+def _amx_case(kind: str, m_rows: int):
+    """A W8A8 layer whose GEMM AMX takes (K a multiple of 64), its input and its kernel for ``x86-amx``."""
+    rng = np.random.default_rng(m_rows)
+    n, k = 96, 192  # N padded to two column tiles of 64; three 64-input steps
+    weight = rng.standard_normal((n, k)).astype(np.float32)
+    x = rng.standard_normal((m_rows, k)).astype(np.float32)
+    x[0, 1] = 9.0
+    calibration = rng.standard_normal((16, k)).astype(np.float32)
+    packed = pack_linear(weight, W8A8_RECIPES[kind], "layer", AMX, _statistics(calibration))
+    assert packed.layout.row_block == 32
+    func = linear_kernel(packed.fmt, packed.layout, tirx.Var("m", "int64"), packed.layout.padded(n), k)
+    return packed, x, func.with_attr("global_symbol", "kernel")
+
+
+def _check_amx_run(executable, packed, x):
+    out = tvm.runtime.tensor(np.zeros((x.shape[0], packed.layout.padded(packed.n)), np.float32))
+    executable.jit()["kernel"](*[tvm.runtime.tensor(a) for a in [x, *packed.tensors.values()]], out)
+    want = _w8a8_reference(packed, x)
+    np.testing.assert_allclose(out.numpy()[:, : packed.n], want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.skipif(CHIP.family != "x86", reason="the AMX model is called from x86-64 code")
+@pytest.mark.parametrize("kind", sorted(W8A8_RECIPES))
+@pytest.mark.parametrize("m_rows", [5, 40])  # one partial row block; a whole one and a partial one
+def test_amx_w8a8_gemm_on_modelled_tiles_matches_integer_reference(modelled_tiles, kind, m_rows):
+    """Also counts the tile products: one per 16 x 16 x 64 product of the padded GEMM, none redone."""
+    packed, x, func = _amx_case(kind, m_rows)
+    sch = AmxW8A8Gemm(modelled_tiles).apply(func, AMX.tvm(), False)
+    assert sch is not None
+    executable = tvm.compile(sch.mod, target=CHIP.tvm())
+    before = modelled_tiles.products()
+    _check_amx_run(executable, packed, x)
+    row_tiles, channel_tiles, steps = -(-m_rows // 32) * 2, packed.layout.padded(packed.n) // 16, packed.k // 64
+    assert modelled_tiles.products() - before == row_tiles * channel_tiles * steps
+
+
+@pytest.mark.parametrize("m_rows", [5, 40])
+def test_amx_w8a8_gemm_per_isa_path(m_rows):
+    """The AMX GEMM as built for ``x86-amx`` (its tile instructions checked in the assembly), run
+    where the CPU has AMX; the GEMV and inputs not a multiple of 64 stay on VNNI (DOT_PATHS)."""
+    packed, x, func = _amx_case("w8a8", m_rows)
+    executable = tvm.compile(schedule(func, AMX).mod, target=AMX.tvm())
+    asm = executable.mod.inspect_source("asm")
+    for instruction in ("ldtilecfg", "tileloadd", "tdpbsud", "tilestored", "tilerelease"):
+        assert instruction in asm
+    if not AMX.runs_on_this_machine():
+        pytest.skip(f"x86-amx code does not run on this CPU (needs {', '.join(AMX.capabilities)})")
+    request_tile_state()
+    _check_amx_run(executable, packed, x)
+
+
+def test_tile_state_is_granted_where_the_cpu_has_amx():
+    """Linux grants the AMX tile state exactly where the CPU has AMX; elsewhere the request is
+    refused with an OSError (which the runtime turns into a message naming the artifact)."""
+    if {"amx_tile", "amx_int8"} <= cpu_flags():
+        request_tile_state()
+        _request_cpu_state("artifact a", AMX.as_dict())
+    else:
+        with pytest.raises(OSError):
+            request_tile_state()
+        with pytest.raises(LowbitError, match=r"^artifact a: its kernels use AMX tiles .*-t x86-vnni$"):
+            _request_cpu_state("artifact a", AMX.as_dict())
 
 
 @pytest.mark.parametrize("kind", sorted(W8A8_RECIPES))

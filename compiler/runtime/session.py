@@ -17,7 +17,7 @@ from lowbit.codegen.errors import LowbitError
 from lowbit.codegen.cache_layout import (RING_CALL_TOKENS, CacheBuffer, capacity_for, kv_report, layer_capacity,
                                          layer_windows)
 from lowbit.codegen.entry_points import ENTRY_FUNCTIONS, PROMPT, PROMPT_LAST, STEP
-from lowbit.codegen.host_cpu import missing_here
+from lowbit.codegen.host_cpu import TILE_CAPABILITY, missing_here, request_tile_state
 
 INITIAL_CAPACITY = 256  # cache positions allocated for a new session that fixes no capacity
 PREFILL_CHUNK = 128  # the most prompt tokens per prefill call in generate
@@ -88,6 +88,7 @@ class Session:
         from tvm.runtime.vm import VirtualMachine
 
         use_available_cores()
+        _request_cpu_state(where, manifest.get("target", {}))
         self.where = where
         self.manifest = manifest
         self.device = tvm.cpu()
@@ -371,6 +372,18 @@ def _check_cpu(path: Path, target: dict) -> None:
         raise LowbitError(f"artifact {path} was compiled for target {target['name']}, which needs "
                           f"{', '.join(missing)}; this CPU lacks it: recompile it here with -t host "
                           "(`lowbit targets` lists what runs here)")
+
+
+def _request_cpu_state(where: str, target: dict) -> None:
+    """Ask the OS for the CPU state the code needs before any of it runs: AMX tiles
+    (:func:`~lowbit.codegen.host_cpu.request_tile_state`)."""
+    if TILE_CAPABILITY not in target.get("capabilities", ()):
+        return
+    try:
+        request_tile_state()
+    except OSError as exc:
+        raise LowbitError(f"{where}: its kernels use AMX tiles (target {target.get('name')}), which this system "
+                          f"does not grant ({exc.strerror}); recompile it with -t x86-vnni") from None
 
 
 def _load_library(path: Path):
