@@ -513,14 +513,20 @@ class _LinearRule(ScheduleRule):
         raise NotImplementedError
 
     def apply(self, func, target: Target, tunable: bool) -> s_tir.Schedule | None:
-        if not isinstance(func, tirx.PrimFunc) or func.attrs is None or TILE_ATTR not in func.attrs:
-            return None
-        gemv = bool(func.attrs[GEMV_ATTR])
-        if not self.matches(str(func.attrs[KERNEL_ATTR]), gemv):
+        kernel = linear_kernel_attrs(func)
+        if kernel is None or not self.matches(kernel[0], kernel[1]):
             return None
         sch = s_tir.Schedule(func)
-        self.schedule(sch, gemv, int(func.attrs[TILE_ATTR]), tunable)
+        self.schedule(sch, kernel[1], kernel[2], tunable)
         return sch
+
+
+def linear_kernel_attrs(func) -> tuple[str, bool, int] | None:
+    """``(format tag, gemv, column tile)`` of one of lowbit's linear kernels
+    (:func:`lowbit.codegen.kernels.linear_kernel`); ``None`` for any other function."""
+    if not isinstance(func, tirx.PrimFunc) or func.attrs is None or TILE_ATTR not in func.attrs:
+        return None
+    return str(func.attrs[KERNEL_ATTR]), bool(func.attrs[GEMV_ATTR]), int(func.attrs[TILE_ATTR])
 
 
 def _row_tile(sch: s_tir.Schedule, tunable: bool, fixed: int):

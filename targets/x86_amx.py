@@ -26,15 +26,15 @@ instruction kills the process with SIGILL.
 
 from __future__ import annotations
 
-from tvm import s_tir, tirx
+from tvm import s_tir
 from tvm.s_tir import TensorIntrin
 from tvm.s_tir.dlight import ScheduleRule
 from tvm.script import tirx as T
 
 from lowbit.codegen.formats import W8A8_KINDS
-from lowbit.codegen.kernels import GEMV_ATTR, KERNEL_ATTR, ROW_BLOCK_ATTR, TILE_ATTR
+from lowbit.codegen.kernels import ROW_BLOCK_ATTR
 
-from .simd import REGISTERS, quantize_rows_in_parallel
+from .simd import REGISTERS, linear_kernel_attrs, quantize_rows_in_parallel
 
 BLOCK = 32  # rows and channels of a block: 2 x 2 accumulator tiles of 16 x 16
 K_STEP = 64  # inputs per tile product (a tile row holds 64 bytes)
@@ -150,11 +150,11 @@ class AmxW8A8Gemm(ScheduleRule):
         self.instruction = instruction
 
     def apply(self, func, _target, _tunable: bool) -> s_tir.Schedule | None:
-        if not isinstance(func, tirx.PrimFunc) or func.attrs is None or TILE_ATTR not in func.attrs:
+        kernel = linear_kernel_attrs(func)
+        if kernel is None:
             return None
-        tile = int(func.attrs[TILE_ATTR])
-        if (str(func.attrs[KERNEL_ATTR]) not in W8A8_KINDS or bool(func.attrs[GEMV_ATTR]) or tile % BLOCK
-                or int(func.attrs[ROW_BLOCK_ATTR]) % BLOCK):
+        tag, gemv, tile = kernel
+        if tag not in W8A8_KINDS or gemv or tile % BLOCK or int(func.attrs[ROW_BLOCK_ATTR]) % BLOCK:
             return None
         sch = s_tir.Schedule(func)
         matmul = sch.get_sblock("matmul")
